@@ -1,0 +1,84 @@
+"""Checkpoints: weights and optimiser state in safetensors, configuration in JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import GPTConfig
+from .io import atomic_path, write_text_atomic
+from .model import GPT
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+
+
+def save_model(directory: Path, model: GPT) -> None:
+    """Write `model.safetensors` and `config.json` into `directory`, each atomically."""
+    directory = Path(directory)
+    weights = dict(tree_flatten(model.parameters()))
+    with atomic_path(directory / WEIGHTS) as tmp:
+        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
+    write_text_atomic(directory / CONFIG, json.dumps(model.config.to_dict(), indent=2))
+
+
+def load_model(directory: Path) -> GPT:
+    """Rebuild a GPT from `config.json` and load `model.safetensors`, checking they agree."""
+    directory = Path(directory)
+    cfg = GPTConfig.from_dict(json.loads((directory / CONFIG).read_text()))
+    model = GPT(cfg)
+    weights = mx.load(str(directory / WEIGHTS))
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as err:
+        raise ValueError(
+            f"checkpoint {directory / WEIGHTS} does not match its {CONFIG}: {err}"
+        ) from None
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def save_train_state(
+    directory: Path, model: GPT, optimizer: optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Write everything needed to resume: weights, optimiser moments, step, RNG key.
+
+    `state.json` is written last; a checkpoint without it is incomplete and ignored.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / STATE).unlink(missing_ok=True)
+    save_model(directory, model)
+    opt_state = dict(tree_flatten(optimizer.state))
+    opt_state["__rng__"] = mx.random.state[0]
+    with atomic_path(directory / OPTIMIZER) as tmp:
+        mx.save_safetensors(str(tmp), opt_state)
+    write_text_atomic(directory / STATE, json.dumps(state, indent=2))
+
+
+def load_train_state(
+    directory: Path, model: GPT, optimizer: optim.Optimizer
+) -> dict[str, Any] | None:
+    """Restore a checkpoint written by `save_train_state` into `model` and `optimizer`.
+
+    Returns its state dict, or None when there is no complete checkpoint.
+    """
+    directory = Path(directory)
+    if not (directory / STATE).exists():
+        return None
+    state = json.loads((directory / STATE).read_text())
+    restored = load_model(directory)
+    model.update(restored.parameters())
+    opt_state = mx.load(str(directory / OPTIMIZER))
+    mx.random.state[0] = opt_state.pop("__rng__")
+    optimizer.state = tree_unflatten(list(opt_state.items()))
+    mx.eval(model.parameters(), optimizer.state)
+    return state

@@ -1,0 +1,155 @@
+"""GPT-2-shaped language model in pure MLX, with a KV cache for generation."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import GPTConfig
+
+KVCache = list[tuple[mx.array, mx.array] | None]
+
+
+class Linear(nn.Module):
+    """y = x W^T + b, computing in the input's dtype while the weights stay float32."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool, std: float = 0.02):
+        super().__init__()
+        self.weight = mx.random.normal((n_out, n_in)) * std
+        if bias:
+            self.bias = mx.zeros((n_out,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self.weight.astype(x.dtype)
+        if "bias" in self:
+            return mx.addmm(self.bias.astype(x.dtype), x, w.T)
+        return x @ w.T
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dims: int, bias: bool, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones((dims,))
+        if bias:
+            self.bias = mx.zeros((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        bias = self.bias.astype(x.dtype) if "bias" in self else None
+        return mx.fast.layer_norm(x, self.weight.astype(x.dtype), bias, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, proj_std: float):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = Linear(cfg.n_emb, 3 * cfg.n_emb, cfg.bias)  # fused q, k, v
+        self.c_proj = Linear(cfg.n_emb, cfg.n_emb, cfg.bias, std=proj_std)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def __call__(
+        self, x: mx.array, cache: tuple[mx.array, mx.array] | None = None
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        B, T, C = x.shape
+        q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
+        if cache is not None:
+            k = mx.concatenate([cache[0], k], axis=2)
+            v = mx.concatenate([cache[1], v], axis=2)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        # "causal" aligns the mask to the last query, so cached decoding sees every past key.
+        mask = "causal" if T > 1 else None
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        return self.resid_drop(self.c_proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig, proj_std: float):
+        super().__init__()
+        self.c_fc = Linear(cfg.n_emb, 4 * cfg.n_emb, cfg.bias)
+        self.c_proj = Linear(4 * cfg.n_emb, cfg.n_emb, cfg.bias, std=proj_std)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.drop(self.c_proj(nn.gelu_approx(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, proj_std: float):
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.n_emb, cfg.bias)
+        self.attn = CausalSelfAttention(cfg, proj_std)
+        self.ln_2 = LayerNorm(cfg.n_emb, cfg.bias)
+        self.mlp = MLP(cfg, proj_std)
+
+    def __call__(self, x, cache=None):
+        a, cache = self.attn(self.ln_1(x), cache)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, cache
+
+
+class GPT(nn.Module):
+    """Token + learned position embeddings, pre-LN blocks, final LN, LM head.
+
+    Initialised as GPT-2: weights N(0, 0.02), residual projections scaled by
+    1/sqrt(2 * n_layer), biases zero.
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_emb)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_emb)
+        self.wte.weight = mx.random.normal(self.wte.weight.shape) * 0.02
+        self.wpe.weight = mx.random.normal(self.wpe.weight.shape) * 0.02
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = [Block(cfg, proj_std) for _ in range(cfg.n_layer)]
+        self.ln_f = LayerNorm(cfg.n_emb, cfg.bias)
+        if not cfg.tie_weights:
+            self.lm_head = Linear(cfg.n_emb, cfg.vocab_size, bias=False)
+
+    def __call__(
+        self,
+        idx: mx.array,
+        cache: KVCache | None = None,
+        dtype: mx.Dtype = mx.float32,
+    ) -> tuple[mx.array, KVCache]:
+        """Logits (B, T, vocab) in float32 for token ids (B, T), and the updated cache.
+
+        With a cache, `idx` continues the sequence the cache holds; positions
+        start after the cached length.
+        """
+        B, T = idx.shape
+        offset = 0 if cache is None or cache[0] is None else cache[0][0].shape[2]
+        if offset + T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {offset + T} exceeds block_size {self.config.block_size}"
+            )
+        cache = cache if cache is not None else [None] * len(self.h)
+        pos = mx.arange(offset, offset + T)
+        x = self.drop((self.wte(idx) + self.wpe(pos)).astype(dtype))  # (B, T, C)
+        new_cache: KVCache = []
+        for block, layer_cache in zip(self.h, cache):
+            x, layer_cache = block(x, layer_cache)
+            new_cache.append(layer_cache)
+        x = self.ln_f(x)
+        head = self.wte.weight if self.config.tie_weights else self.lm_head.weight
+        logits = x @ head.astype(dtype).T  # (B, T, vocab)
+        return logits.astype(mx.float32), new_cache
+
+    def num_params(self) -> int:
+        from mlx.utils import tree_flatten
+
+        return sum(v.size for _, v in tree_flatten(self.parameters()))
+
+
+def loss_fn(model: GPT, x: mx.array, y: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """Mean next-token cross-entropy of targets y (B, T) given inputs x (B, T)."""
+    logits, _ = model(x, dtype=dtype)
+    return nn.losses.cross_entropy(logits, y, reduction="mean")

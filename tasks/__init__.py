@@ -1,0 +1,1 @@
+"""One Prefect task per pipeline stage: thin typed wrappers over mlx_model."""

@@ -1,0 +1,41 @@
+"""Validation loss of the trained model over the whole validation split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mlx_model.checkpoint import load_model
+from mlx_model.data import read_tokens
+from mlx_model.evaluate import evaluate
+from mlx_model.io import write_text_atomic
+
+from .prepare import VAL
+from .store import ArtifactStore, StageOutput, code_version
+from .train import WEIGHTS
+
+RESULT = "eval.json"
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_model(
+    store: ArtifactStore, model: StageOutput, tokens: StageOutput, force: bool = False
+) -> StageOutput:
+    """Compute loss, perplexity and bits per character on the validation split."""
+    key = {
+        "weights": model.digest(WEIGHTS),
+        "val": tokens.digest(VAL),
+        "code": code_version("mlx_model.model", "mlx_model.evaluate", "mlx_model.data"),
+    }
+
+    def compute(directory: Path) -> dict:
+        gpt = load_model(Path(model.path) / "best")
+        val_ids, _ = read_tokens(tokens.file(VAL))
+        result = evaluate(gpt, val_ids)
+        write_text_atomic(directory / RESULT, json.dumps(result, indent=2))
+        return result
+
+    return store.run("evaluate", key, compute, [RESULT], force)

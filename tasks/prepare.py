@@ -1,0 +1,77 @@
+"""Vocabulary and Arrow token files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from mlx_model.config import DataConfig
+from mlx_model.data import Vocab, split_tokens, write_tokens
+
+from .store import ArtifactStore, StageOutput, code_version
+
+VOCAB = "vocab.json"
+TRAIN = "train.arrow"
+VAL = "val.arrow"
+
+
+def read_corpus(path: Path) -> str:
+    """The corpus as text; raises naming the file if it is empty or not UTF-8 text."""
+    raw = Path(path).read_bytes()
+    if not raw.strip():
+        raise ValueError(f"corpus {path} is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"corpus {path} is not UTF-8 text: {err}") from None
+    if "\x00" in text:
+        raise ValueError(f"corpus {path} is not text: it contains NUL bytes")
+    return text
+
+
+@task(name="vocab", cache_policy=NO_CACHE)
+def build_vocab(store: ArtifactStore, corpus: StageOutput, force: bool = False) -> StageOutput:
+    """Build the sorted character vocabulary of the corpus."""
+    key = {"corpus": corpus.digest("input.txt"), "code": code_version("mlx_model.data")}
+
+    def compute(directory: Path) -> dict:
+        vocab = Vocab.from_text(read_corpus(corpus.file("input.txt")))
+        vocab.save(directory / VOCAB)
+        return {"size": vocab.size}
+
+    return store.run("vocab", key, compute, [VOCAB], force)
+
+
+@task(name="tokenize", cache_policy=NO_CACHE)
+def tokenize(
+    store: ArtifactStore,
+    corpus: StageOutput,
+    vocab: StageOutput,
+    data: DataConfig,
+    force: bool = False,
+) -> StageOutput:
+    """Encode the corpus and write train/val Arrow IPC files."""
+    key = {
+        "corpus": corpus.digest("input.txt"),
+        "vocab": vocab.digest(VOCAB),
+        "data": data.to_dict(),
+        "code": code_version("mlx_model.data", __name__),
+    }
+
+    def compute(directory: Path) -> dict:
+        v = Vocab.load(vocab.file(VOCAB))
+        ids = v.encode(read_corpus(corpus.file("input.txt")))
+        train_ids, val_ids = split_tokens(ids, data.val_fraction)
+        for name, split in ((TRAIN, train_ids), (VAL, val_ids)):
+            meta = {
+                "corpus_sha256": corpus.digest("input.txt"),
+                "vocab_sha256": vocab.digest(VOCAB),
+                "split": name.removesuffix(".arrow"),
+                "val_fraction": data.val_fraction,
+            }
+            write_tokens(directory / name, split, meta)
+        return {"train_tokens": len(train_ids), "val_tokens": len(val_ids), "dtype": str(ids.dtype)}
+
+    return store.run("tokenize", key, compute, [TRAIN, VAL], force)

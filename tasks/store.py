@@ -1,0 +1,169 @@
+"""Content-addressed artifact store: one folder per (stage, cache key), a meta.json written last.
+
+Layout under the root (default `artifacts/`, or $SHAKESPEARE_GPT_ARTIFACTS):
+
+    <stage>/<key16>/...files...    a stage's outputs, one folder per distinct input
+    <stage>/<key16>/meta.json      written last: key, inputs, parameters, file digests
+    runs/<run name>/manifest.json  what one flow run used and produced
+    .locks/                        advisory locks so concurrent runs never share a write
+
+A folder without meta.json is unfinished and never trusted (training resumes from it).
+A file whose digest no longer matches meta.json makes the stage recompute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlx_model.data import file_sha256
+from mlx_model.io import write_text_atomic
+
+ENV_ROOT = "SHAKESPEARE_GPT_ARTIFACTS"
+DEFAULT_ROOT = "artifacts"
+META = "meta.json"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+log = logging.getLogger(__name__)
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(ENV_ROOT) or DEFAULT_ROOT)
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """Return `name` if it is a single safe path component; raise naming it otherwise."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise ValueError(
+            f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-' "
+            "(no path separators, no leading dot)"
+        )
+    return name
+
+
+def digest_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_version(*modules: str) -> str:
+    """Digest of the source of `modules`: editing the code a stage runs invalidates its cache."""
+    h = hashlib.sha256()
+    for name in modules:
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """A finished stage: where its files are and their digests."""
+
+    stage: str
+    key: str
+    path: str
+    files: dict[str, str]
+    cached: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def file(self, name: str) -> Path:
+        return Path(self.path) / name
+
+    def digest(self, name: str) -> str:
+        return self.files[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ArtifactStore:
+    def __init__(self, root: os.PathLike | str | None = None):
+        self.root = Path(root) if root is not None else default_root()
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        return self.root / safe_name(stage, "stage") / key[:16]
+
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str) -> Iterator[None]:
+        """Hold an exclusive advisory lock on (stage, key) so two runs never compute it at once."""
+        lock_dir = self.root / ".locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / f"{stage}-{key[:16]}.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def lookup(self, stage: str, key: str, verify: bool = True) -> StageOutput | None:
+        """The finished output for (stage, key), or None if absent, incomplete or corrupted."""
+        directory = self.stage_dir(stage, key)
+        meta_path = directory / META
+        if not meta_path.exists():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("%s is unreadable; recomputing %s", meta_path, stage)
+            return None
+        if meta.get("key") != key:
+            return None
+        for name, digest in meta["files"].items():
+            path = directory / name
+            if not path.exists():
+                log.warning("%s is missing; recomputing %s", path, stage)
+                return None
+            if verify and file_sha256(path) != digest:
+                log.warning("%s does not match its recorded digest; recomputing %s", path, stage)
+                return None
+        return StageOutput(stage, key, str(directory), meta["files"], True, meta.get("info", {}))
+
+    def run(
+        self,
+        stage: str,
+        key_inputs: dict[str, Any],
+        compute: Callable[[Path], dict[str, Any]],
+        outputs: list[str],
+        force: bool = False,
+    ) -> StageOutput:
+        """Return the cached output for these inputs, or compute it into the stage folder.
+
+        `compute(directory)` writes the files named in `outputs` and returns an info
+        dict kept in meta.json. The cache key is the digest of `key_inputs`, which
+        callers build from input digests, parameters and code version.
+        """
+        key = digest_json({"stage": stage, **key_inputs})
+        if not force and (hit := self.lookup(stage, key)):
+            return hit
+        with self.lock(stage, key):
+            if not force and (hit := self.lookup(stage, key)):
+                return hit  # another run finished it while we waited
+            directory = self.stage_dir(stage, key)
+            (directory / META).unlink(missing_ok=True)
+            directory.mkdir(parents=True, exist_ok=True)
+            started = time.time()
+            info = compute(directory)
+            missing = [name for name in outputs if not (directory / name).exists()]
+            if missing:
+                raise RuntimeError(f"stage {stage!r} did not write {missing}")
+            files = {name: file_sha256(directory / name) for name in outputs}
+            info = {**info, "seconds": round(time.time() - started, 3)}
+            meta = {"stage": stage, "key": key, "inputs": key_inputs, "files": files, "info": info}
+            write_text_atomic(directory / META, json.dumps(meta, indent=2, default=str))
+        return StageOutput(stage, key, str(directory), files, False, info)
+
+    def clear_incomplete(self, stage: str, key: str) -> None:
+        directory = self.stage_dir(stage, key)
+        if directory.exists() and not (directory / META).exists():
+            shutil.rmtree(directory)

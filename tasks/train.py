@@ -1,0 +1,88 @@
+"""Train the GPT on the token files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from mlx_model.config import GPTConfig, TrainConfig
+from mlx_model.data import Vocab, read_tokens
+from mlx_model.io import write_text_atomic
+from mlx_model.train import Progress, train
+
+from .prepare import TRAIN, VAL, VOCAB
+from .store import ArtifactStore, StageOutput, code_version
+
+WEIGHTS = "best/model.safetensors"
+CONFIG = "best/config.json"
+METRICS = "metrics.json"
+MODEL_CODE = ("mlx_model.model", "mlx_model.train", "mlx_model.data", "mlx_model.checkpoint")
+
+
+def _log_progress(p: Progress) -> None:
+    logger = get_run_logger()
+    if p.kind == "eval":
+        logger.info(
+            "step %d/%d  train %.4f  val %.4f  lr %.2e  %.0f tok/s",
+            p.step,
+            p.max_iters,
+            p.train_loss,
+            p.val_loss,
+            p.lr,
+            p.tokens_per_sec,
+        )
+    elif p.kind == "log":
+        logger.info(
+            "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s",
+            p.step,
+            p.max_iters,
+            p.train_loss,
+            p.lr,
+            p.tokens_per_sec,
+        )
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_model(
+    store: ArtifactStore,
+    tokens: StageOutput,
+    vocab: StageOutput,
+    model: GPTConfig,
+    training: TrainConfig,
+    force: bool = False,
+) -> StageOutput:
+    """Train the GPT; resumes from the stage's latest checkpoint if one exists."""
+    v = Vocab.load(vocab.file(VOCAB))
+    cfg = model.replace(vocab_size=v.size)
+    key = {
+        "train": tokens.digest(TRAIN),
+        "val": tokens.digest(VAL),
+        "vocab": vocab.digest(VOCAB),
+        "model": cfg.to_dict(),
+        "training": training.to_dict(),
+        "code": code_version(*MODEL_CODE),
+    }
+
+    def compute(directory: Path) -> dict:
+        if force:
+            shutil.rmtree(directory / "latest", ignore_errors=True)
+        train_ids, _ = read_tokens(tokens.file(TRAIN))
+        val_ids, _ = read_tokens(tokens.file(VAL))
+        result = train(cfg, training, train_ids, val_ids, directory, callback=_log_progress)
+        shutil.copyfile(vocab.file(VOCAB), directory / VOCAB)
+        metrics = {
+            "best_val_loss": result.best_val_loss,
+            "best_step": result.best_step,
+            "final_step": result.final_step,
+            "resumed_from": result.resumed_from,
+            "tokens_per_sec": result.tokens_per_sec,
+            "history": result.history,
+        }
+        write_text_atomic(directory / METRICS, json.dumps(metrics, indent=2))
+        return {k: v for k, v in metrics.items() if k != "history"}
+
+    return store.run("train", key, compute, [WEIGHTS, CONFIG, VOCAB, METRICS], force)
