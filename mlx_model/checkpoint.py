@@ -49,7 +49,7 @@ def load_model(directory: Path) -> GPT:
 def save_train_state(
     directory: Path, model: GPT, optimizer: optim.Optimizer, state: dict[str, Any]
 ) -> None:
-    """Write everything needed to resume: weights, optimiser moments, step, RNG key.
+    """Write everything needed to resume: weights, optimiser moments and step.
 
     `state.json` is written last; a checkpoint without it is incomplete and ignored.
     """
@@ -58,7 +58,6 @@ def save_train_state(
     (directory / STATE).unlink(missing_ok=True)
     save_model(directory, model)
     opt_state = dict(tree_flatten(optimizer.state))
-    opt_state["__rng__"] = mx.random.state[0]
     with atomic_path(directory / OPTIMIZER) as tmp:
         mx.save_safetensors(str(tmp), opt_state)
     write_text_atomic(directory / STATE, json.dumps(state, indent=2))
@@ -78,7 +77,6 @@ def load_train_state(
     restored = load_model(directory)
     model.update(restored.parameters())
     opt_state = mx.load(str(directory / OPTIMIZER))
-    mx.random.state[0] = opt_state.pop("__rng__")
     optimizer.state = tree_unflatten(list(opt_state.items()))
     mx.eval(model.parameters(), optimizer.state)
     return state

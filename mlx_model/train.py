@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -15,9 +16,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from .checkpoint import load_train_state, save_model, save_train_state
+from .checkpoint import STATE, WEIGHTS, load_train_state, save_model, save_train_state
 from .config import GPTConfig, TrainConfig
-from .data import fixed_windows, get_batch, train_batch
+from .data import file_sha256, fixed_windows, get_batch, train_batch
 from .model import GPT, loss_fn
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -86,6 +87,18 @@ def estimate_loss(model: GPT, ids: np.ndarray, starts: np.ndarray, block: int, b
     return total / len(starts)
 
 
+def _best_checkpoint_intact(out_dir: Path) -> bool:
+    """Resuming needs the best checkpoint the latest one refers to, unchanged."""
+    state_path = out_dir / "latest" / STATE
+    if not state_path.exists():
+        return False
+    best = json.loads(state_path.read_text())["best"]
+    if best["step"] < 0:
+        return True
+    weights = out_dir / "best" / WEIGHTS
+    return weights.exists() and file_sha256(weights) == best["sha256"]
+
+
 def train(
     cfg: GPTConfig,
     tc: TrainConfig,
@@ -110,7 +123,9 @@ def train(
     optimizer.init(model.trainable_parameters())
     mx.eval(model.parameters(), optimizer.state)
 
-    state = load_train_state(out_dir / "latest", model, optimizer)
+    state = None
+    if _best_checkpoint_intact(out_dir):
+        state = load_train_state(out_dir / "latest", model, optimizer)
     if state is not None and state.get("train_config") != tc.to_dict():
         raise ValueError(f"{out_dir / 'latest'} was written with a different training config")
     start = state["step"] if state else 0
@@ -141,6 +156,7 @@ def train(
     end = tc.max_iters if stop_after is None else min(stop_after, tc.max_iters)
     for step in range(start, end):
         x, y = train_batch(train_ids, cfg.block_size, tc.batch_size, tc.seed, step)
+        mx.random.seed(tc.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only
         losses.append(step_fn(mx.array(x), mx.array(y)))
         mx.async_eval(losses[-1], model.parameters(), optimizer.state)
         done = step + 1
@@ -164,8 +180,9 @@ def train(
                 )
             history.append(record)
             if record["val_loss"] < best["val_loss"]:
-                best = {"val_loss": record["val_loss"], "step": done}
                 save_model(out_dir / "best", model)
+                sha = file_sha256(out_dir / "best" / WEIGHTS)
+                best = {"val_loss": record["val_loss"], "step": done, "sha256": sha}
             if callback:
                 callback(
                     Progress(

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mlx_model.config import GPTConfig, TrainConfig
@@ -15,6 +15,7 @@ from mlx_model.io import write_text_atomic
 from mlx_model.train import Progress, train
 
 from .prepare import TRAIN, VAL, VOCAB
+from .logs import stage_logger
 from .store import ArtifactStore, StageOutput, code_version
 
 WEIGHTS = "best/model.safetensors"
@@ -24,7 +25,7 @@ MODEL_CODE = ("mlx_model.model", "mlx_model.train", "mlx_model.data", "mlx_model
 
 
 def _log_progress(p: Progress) -> None:
-    logger = get_run_logger()
+    logger = stage_logger()
     if p.kind == "eval":
         logger.info(
             "step %d/%d  train %.4f  val %.4f  lr %.2e  %.0f tok/s",

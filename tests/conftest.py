@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = Path(os.environ.get("SHAKESPEARE_CORPUS", ROOT.parent / "shared/data/tinyshakespeare/input.txt"))
+
+
+@pytest.fixture(scope="session")
+def corpus_path() -> Path:
+    if not CORPUS.exists():
+        pytest.fail(f"corpus not found at {CORPUS}; set SHAKESPEARE_CORPUS")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def corpus_sha(corpus_path) -> str:
+    return hashlib.sha256(corpus_path.read_bytes()).hexdigest()
+
+
+class FaultyHandler(http.server.BaseHTTPRequestHandler):
+    """Serves `payload`; `plan` is a list of behaviours consumed one per request."""
+
+    payload = b""
+    plan: list[str] = []
+    requests = 0
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        cls = type(self)
+        cls.requests += 1
+        mode = cls.plan.pop(0) if cls.plan else "ok"
+        if mode == "500":
+            self.send_error(500, "boom")
+            return
+        if mode == "404":
+            self.send_error(404, "nope")
+            return
+        body = cls.payload
+        if mode == "corrupt":
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if mode == "truncate":
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def http_server(corpus_path):
+    """A local HTTP server on 127.0.0.1 serving the corpus at /input.txt; yields (url, handler)."""
+    handler = type("Handler", (FaultyHandler,), {"payload": corpus_path.read_bytes(), "plan": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/input.txt", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

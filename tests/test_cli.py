@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from flows.cli import main
+
+
+def test_unknown_stage_exits_2_naming_it():
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows", "stage", "smaple"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "unknown stage 'smaple'" in proc.stderr
+
+
+def test_unknown_preset_is_refused():
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows", "run", "--preset", "huge"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "invalid choice: 'huge'" in proc.stderr
+
+
+def test_run_then_rerun_sample_stage(tmp_path, corpus_path, corpus_sha, capsys, prefect_harness):
+    common = ["--preset", "tiny", "--artifacts", str(tmp_path), "--source", str(corpus_path),
+              "--sha256", corpus_sha, "--max-tokens", "30"]
+    assert main(["run", *common]) == 0
+    out = capsys.readouterr().out
+    assert "----- sample -----" in out and "val_loss " in out
+    assert main(["sample", *common, "--prompt", "JULIET:", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "JULIET:" in out
+    cached = json.loads(out.split("cached: ")[1].splitlines()[0])
+    assert cached == {"download": True, "vocab": True, "tokenize": True, "train": True,
+                      "evaluate": True, "sample": False}
+    manifest_path = out.split("manifest: ")[1].splitlines()[0]
+    manifest = json.loads(open(manifest_path).read())
+    assert manifest["stages"]["train"]["cached"] is True
+    assert manifest["params"]["sampling"]["prompt"] == "JULIET:"
