@@ -6,10 +6,28 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
+from . import fastops
 from .config import GPTConfig
 
 KVCache = list[tuple[mx.array, mx.array] | None]
+
+
+def _cpu_float32(x: mx.array) -> bool:
+    """MLX's CPU kernels for exp/tanh are slow; use the multiply-add versions there."""
+    return x.dtype == mx.float32 and mx.default_device() == mx.cpu
+
+
+def _attention_weights(q: mx.array, k: mx.array, scale: float) -> mx.array:
+    """Causal softmax(q k^T * scale), (B, H, Tq, Tk)."""
+    if _cpu_float32(q):
+        return fastops.causal_weights(q, k, scale)
+    tq, tk = q.shape[2], k.shape[2]
+    future = mx.arange(tk)[None, :] > (mx.arange(tq)[:, None] + tk - tq)
+    scores = (q * scale) @ k.transpose(0, 1, 3, 2)
+    scores = mx.where(future, mx.array(-mx.inf, scores.dtype), scores)
+    return mx.softmax(scores, axis=-1, precise=True)
 
 
 class Linear(nn.Module):
@@ -47,6 +65,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.c_attn = Linear(cfg.n_emb, 3 * cfg.n_emb, cfg.bias)  # fused q, k, v
         self.c_proj = Linear(cfg.n_emb, cfg.n_emb, cfg.bias, std=proj_std)
+        self.dropout = cfg.dropout
+        self.attn_drop = nn.Dropout(cfg.dropout)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def __call__(
@@ -60,9 +80,15 @@ class CausalSelfAttention(nn.Module):
             k = mx.concatenate([cache[0], k], axis=2)
             v = mx.concatenate([cache[1], v], axis=2)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        # "causal" aligns the mask to the last query, so cached decoding sees every past key.
-        mask = "causal" if T > 1 else None
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        if self.training and self.dropout > 0:
+            # dropout on the attention weights, as GPT-2: the fused kernel has no such option
+            y = self.attn_drop(_attention_weights(q, k, scale)) @ v
+        elif _cpu_float32(q):
+            y = fastops.causal_attention(q, k, v, scale)
+        else:
+            # "causal" aligns the mask to the last query, so cached decoding sees every past key.
+            mask = "causal" if T > 1 else None
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_drop(self.c_proj(y)), (k, v)
 
@@ -75,7 +101,9 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.drop(self.c_proj(nn.gelu_approx(self.c_fc(x))))
+        h = self.c_fc(x)
+        h = fastops.gelu(h) if _cpu_float32(h) else nn.gelu_approx(h)
+        return self.drop(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -135,7 +163,7 @@ class GPT(nn.Module):
         pos = mx.arange(offset, offset + T)
         x = self.drop((self.wte(idx) + self.wpe(pos)).astype(dtype))  # (B, T, C)
         new_cache: KVCache = []
-        for block, layer_cache in zip(self.h, cache):
+        for block, layer_cache in zip(self.h, cache, strict=True):
             x, layer_cache = block(x, layer_cache)
             new_cache.append(layer_cache)
         x = self.ln_f(x)
@@ -144,8 +172,6 @@ class GPT(nn.Module):
         return logits.astype(mx.float32), new_cache
 
     def num_params(self) -> int:
-        from mlx.utils import tree_flatten
-
         return sum(v.size for _, v in tree_flatten(self.parameters()))
 
 

@@ -14,8 +14,8 @@ from mlx_model.data import Vocab, read_tokens
 from mlx_model.io import write_text_atomic
 from mlx_model.train import Progress, train
 
-from .prepare import TRAIN, VAL, VOCAB
 from .logs import stage_logger
+from .prepare import TRAIN, VAL, VOCAB
 from .store import ArtifactStore, StageOutput, code_version
 
 WEIGHTS = "best/model.safetensors"

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = Path(os.environ.get("SHAKESPEARE_CORPUS", ROOT.parent / "shared/data/tinyshakespeare/input.txt"))
+CORPUS = Path(
+    os.environ.get("SHAKESPEARE_CORPUS", ROOT.parent / "shared/data/tinyshakespeare/input.txt")
+)
 
 
 @pytest.fixture(scope="session")

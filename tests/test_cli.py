@@ -23,8 +23,18 @@ def test_unknown_preset_is_refused():
 
 
 def test_run_then_rerun_sample_stage(tmp_path, corpus_path, corpus_sha, capsys, prefect_harness):
-    common = ["--preset", "tiny", "--artifacts", str(tmp_path), "--source", str(corpus_path),
-              "--sha256", corpus_sha, "--max-tokens", "30"]
+    common = [
+        "--preset",
+        "tiny",
+        "--artifacts",
+        str(tmp_path),
+        "--source",
+        str(corpus_path),
+        "--sha256",
+        corpus_sha,
+        "--max-tokens",
+        "30",
+    ]
     assert main(["run", *common]) == 0
     out = capsys.readouterr().out
     assert "----- sample -----" in out and "val_loss " in out
@@ -32,8 +42,14 @@ def test_run_then_rerun_sample_stage(tmp_path, corpus_path, corpus_sha, capsys, 
     out = capsys.readouterr().out
     assert "JULIET:" in out
     cached = json.loads(out.split("cached: ")[1].splitlines()[0])
-    assert cached == {"download": True, "vocab": True, "tokenize": True, "train": True,
-                      "evaluate": True, "sample": False}
+    assert cached == {
+        "download": True,
+        "vocab": True,
+        "tokenize": True,
+        "train": True,
+        "evaluate": True,
+        "sample": False,
+    }
     manifest_path = out.split("manifest: ")[1].splitlines()[0]
     manifest = json.loads(open(manifest_path).read())
     assert manifest["stages"]["train"]["cached"] is True

@@ -78,7 +78,9 @@ def test_train_batch_is_a_function_of_seed_and_step():
 
 
 def test_context_longer_than_split_is_rejected():
-    with pytest.raises(ValueError, match=r"split of 10 tokens is shorter than block_size \+ 1 = 17"):
+    with pytest.raises(
+        ValueError, match=r"split of 10 tokens is shorter than block_size \+ 1 = 17"
+    ):
         train_batch(np.arange(10), 16, 2, seed=0, step=0)
 
 

@@ -65,15 +65,21 @@ def test_download_task_plain_path_and_file_url(corpus_path, corpus_sha, tmp_path
     assert download_corpus.fn(store, str(corpus_path), corpus_sha).cached
 
 
-def test_download_task_retries_a_500_then_succeeds(http_server, corpus_sha, tmp_path, prefect_harness):
+def test_download_task_retries_a_500_then_succeeds(
+    http_server, corpus_sha, tmp_path, prefect_harness
+):
     url, handler = http_server
     handler.plan = ["500", "500"]
-    out = download_corpus.with_options(retry_delay_seconds=0)(ArtifactStore(tmp_path), url, corpus_sha)
+    out = download_corpus.with_options(retry_delay_seconds=0)(
+        ArtifactStore(tmp_path), url, corpus_sha
+    )
     assert out.digest("input.txt") == corpus_sha
     assert handler.requests == 3
 
 
-def test_download_task_does_not_retry_a_checksum_error(http_server, corpus_sha, tmp_path, prefect_harness):
+def test_download_task_does_not_retry_a_checksum_error(
+    http_server, corpus_sha, tmp_path, prefect_harness
+):
     url, handler = http_server
     handler.plan = ["corrupt"]
     task = download_corpus.with_options(retry_delay_seconds=0)

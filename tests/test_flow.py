@@ -15,8 +15,11 @@ STAGES = ["download", "vocab", "tokenize", "train", "evaluate", "sample"]
 def run(tmp_path, corpus_path, corpus_sha, prefect_harness):
     def _run(**overrides):
         params = dict(
-            preset="tiny", artifacts=str(tmp_path / "artifacts"), source=corpus_path.as_uri(),
-            sha256=corpus_sha, max_tokens=40,
+            preset="tiny",
+            artifacts=str(tmp_path / "artifacts"),
+            source=corpus_path.as_uri(),
+            sha256=corpus_sha,
+            max_tokens=40,
         )
         return pipeline(**{**params, **overrides})
 

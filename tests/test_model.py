@@ -146,3 +146,13 @@ def test_config_round_trip():
     assert GPTConfig.from_dict(CFG.to_dict()) == CFG
     with pytest.raises(ValueError, match="unknown GPTConfig fields"):
         GPTConfig.from_dict({**CFG.to_dict(), "n_embd": 3})
+
+
+def test_attention_dropout_path_matches_fused_path_without_dropout():
+    from mlx_model.model import _attention_weights
+
+    q, k, v = (mx.random.normal((2, 2, 6, 4)) for _ in range(3))
+    explicit = _attention_weights(q, k, 0.5) @ v
+    with mx.stream(mx.cpu):
+        fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, mask="causal")
+    assert mx.allclose(explicit, fused, atol=1e-5).item()
