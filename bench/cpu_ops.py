@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mlx_model  # noqa: E402,F401  (loads the fast BLAS first)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
+import mlx_model  # noqa: E402,F401  (loads the fast BLAS first)
 from mlx_model import fastops  # noqa: E402
 
 
