@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -162,8 +161,3 @@ class ArtifactStore:
             meta = {"stage": stage, "key": key, "inputs": key_inputs, "files": files, "info": info}
             write_text_atomic(directory / META, json.dumps(meta, indent=2, default=str))
         return StageOutput(stage, key, str(directory), files, False, info)
-
-    def clear_incomplete(self, stage: str, key: str) -> None:
-        directory = self.stage_dir(stage, key)
-        if directory.exists() and not (directory / META).exists():
-            shutil.rmtree(directory)
