@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from mlx_model.config import DEFAULT_PRESET, PRESETS
+from tasks.config import DEFAULT_PRESET, PRESETS
 from tasks.download import CANONICAL_URL, TINY_SHAKESPEARE_SHA256
 
 from .pipeline import STAGES, pipeline

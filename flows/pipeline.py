@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from mlx_model.config import DEFAULT_PRESET, DataConfig, SampleConfig, get_preset
+from tasks.config import DEFAULT_PRESET, DataConfig, SampleConfig, get_preset
 from tasks.download import CANONICAL_URL, TINY_SHAKESPEARE_SHA256, download_corpus
 from tasks.evaluate import evaluate_model
 from tasks.manifest import write_manifest
