@@ -4,6 +4,7 @@ python bench/cpu_ops.py            # with the fast BLAS preload (the default)
 SHAKESPEARE_GPT_BLAS=off python bench/cpu_ops.py   # the wheel's reference BLAS
 """
 
+# ruff: noqa: I001
 from __future__ import annotations
 
 import sys
@@ -12,10 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import mlx_model  # noqa: E402,F401,I001  (must come before mlx.core: it preloads OpenBLAS)
+
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-import mlx_model  # noqa: E402,F401  (loads the fast BLAS first)
 from mlx_model import fastops  # noqa: E402
 
 

@@ -6,6 +6,7 @@ Prints one JSON line: best and final estimated val loss, full-split val loss, tr
 tokens/s, ms/step, peak memory, device.
 """
 
+# ruff: noqa: I001
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import mlx_model  # noqa: E402,F401,I001  (must come before mlx.core: it preloads OpenBLAS)
+
 import mlx.core as mx  # noqa: E402
 
-import mlx_model  # noqa: E402,F401  (loads the fast BLAS first)
 from mlx_model.checkpoint import load_model  # noqa: E402
 from mlx_model.config import get_preset  # noqa: E402
 from mlx_model.data import Vocab, split_tokens  # noqa: E402

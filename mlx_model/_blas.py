@@ -25,6 +25,12 @@ def load_fast_blas() -> str | None:
     if loaded or not sys.platform.startswith("linux") or os.environ.get(ENV) == "off":
         return loaded
     if "mlx.core" in sys.modules:
+        warnings.warn(
+            "mlx.core was imported before mlx_model, so MLX already bound the reference "
+            "BLAS; import mlx_model first to get the fast CPU path.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     names = [os.environ[ENV]] if os.environ.get(ENV) else list(CANDIDATES)
     for name in names:
@@ -43,3 +49,4 @@ def load_fast_blas() -> str | None:
         stacklevel=2,
     )
     return None
+

@@ -1,13 +1,22 @@
-"""Sampling with a KV cache: temperature, top-k, top-p, stop strings, batches."""
+"""Sampling with a KV cache: temperature, top-k, top-p, stop strings, batches, streaming.
+
+The cached path runs one compiled step per token (forward pass against a
+fixed-size cache plus sampling, all on the device) and keeps the device one
+token ahead of the host, so a token is read back while the next is computed.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
 
-from .model import GPT, KVCache
+from .config import SampleConfig
+from .data import Vocab
+from .model import GPT
+
+Sampler = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]
 
 
 def _filter_logits(logits: mx.array, top_k: int | None, top_p: float | None) -> mx.array:
@@ -24,6 +33,19 @@ def _filter_logits(logits: mx.array, top_k: int | None, top_p: float | None) -> 
         keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
         logits = mx.where(keep, logits, -mx.inf)
     return logits
+
+
+def make_sampler(temperature: float, top_k: int | None, top_p: float | None) -> Sampler:
+    """(logits (B, vocab), key) -> (token ids (B,), next key). Greedy when temperature is 0."""
+
+    def sample(logits: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+        if temperature == 0:
+            return mx.argmax(logits, axis=-1).astype(mx.int32), key
+        key, sub = mx.random.split(key)
+        filtered = _filter_logits(logits / temperature, top_k, top_p)
+        return mx.random.categorical(filtered, key=sub).astype(mx.int32), key
+
+    return sample
 
 
 def generate_tokens(
@@ -49,30 +71,108 @@ def generate_tokens(
     ids = np.atleast_2d(np.asarray(prompt_ids, dtype=np.int32))
     if ids.shape[1] == 0:
         raise ValueError("prompt is empty")
+    if max_tokens <= 0:
+        return
     ids = ids[:, -block:]
+    sample = make_sampler(temperature, top_k, top_p)
     key = mx.random.key(seed)
-    cache: KVCache | None = None
-    logits, cache = model(mx.array(ids))
+    if not use_cache:
+        yield from _recompute(model, ids, max_tokens, sample, key)
+        return
+
+    def prefill(history: np.ndarray):
+        logits, cache = model(mx.array(history))
+        return logits[:, -1, :], model.pad_cache(cache), history.shape[1]
+
+    @mx.compile
+    def step(tok, pos, cache, key):
+        logits, cache = model.decode(tok, pos, cache)
+        nxt, key = sample(logits, key)
+        return nxt, cache, key
+
+    logits, cache, pos = prefill(ids)
+    tok, key = sample(logits, key)
+    history = ids
+    for i in range(max_tokens):
+        last = i + 1 == max_tokens
+        nxt = None
+        if not last and pos < block:  # queue the next step before reading this token back
+            nxt, cache, key = step(tok, mx.array(pos, dtype=mx.int32), cache, key)
+            mx.async_eval(nxt, key)
+            pos += 1
+        tok_np = np.array(tok, dtype=np.int32)
+        yield tok_np
+        if last:
+            return
+        history = np.concatenate([history[:, -block:], tok_np[:, None]], axis=1)
+        if nxt is None:  # the cache is full: re-encode the last half of the context
+            logits, cache, pos = prefill(history[:, -(block // 2 + 1) :])
+            nxt, key = sample(logits, key)
+        tok = nxt
+
+
+def _recompute(model: GPT, ids: np.ndarray, max_tokens: int, sample: Sampler, key: mx.array):
+    """The uncached reference: the whole cropped context through the model for every token."""
+    block = model.config.block_size
     history = ids
     for _ in range(max_tokens):
-        last = logits[:, -1, :]
-        if temperature == 0:
-            nxt = mx.argmax(last, axis=-1)
-        else:
-            key, sub = mx.random.split(key)
-            nxt = mx.random.categorical(_filter_logits(last / temperature, top_k, top_p), key=sub)
-        nxt_np = np.array(nxt, dtype=np.int32)
-        yield nxt_np
-        history = np.concatenate([history, nxt_np[:, None]], axis=1)
-        if not use_cache:
-            logits, _ = model(mx.array(history[:, -block:]))
-        elif cache[0][0].shape[2] < block:
-            logits, cache = model(mx.array(nxt_np[:, None]), cache)
-        else:
-            logits, cache = model(mx.array(history[:, -(block // 2 + 1) :]))
+        logits, _ = model(mx.array(history[:, -block:]))
+        tok, key = sample(logits[:, -1, :], key)
+        tok_np = np.array(tok, dtype=np.int32)
+        yield tok_np
+        history = np.concatenate([history, tok_np[:, None]], axis=1)
 
 
 def generate(model: GPT, prompt_ids: np.ndarray, max_tokens: int, **kwargs) -> np.ndarray:
     """All generated ids, (B, max_tokens) or (max_tokens,) for a 1-D prompt."""
     out = np.stack(list(generate_tokens(model, prompt_ids, max_tokens, **kwargs)), axis=-1)
     return out[0] if np.ndim(prompt_ids) == 1 else out
+
+
+def _held_back(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def stream_text(model: GPT, vocab: Vocab, cfg: SampleConfig) -> Iterator[str]:
+    """Yield the continuation of `cfg.prompt` piece by piece, as it is generated.
+
+    With `cfg.stop`, generation ends at the first occurrence of the stop string,
+    which is not part of the output; text that might begin it is held back until
+    it is known not to.
+    """
+    tokens = generate_tokens(
+        model,
+        vocab.encode(cfg.prompt),
+        cfg.max_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+    )
+    if not cfg.stop:
+        for tok in tokens:
+            yield vocab.decode(tok)
+        return
+    pending = ""
+    for tok in tokens:
+        pending += vocab.decode(tok)
+        if cfg.stop in pending:
+            head = pending[: pending.index(cfg.stop)]
+            if head:
+                yield head
+            return
+        keep = _held_back(pending, cfg.stop)
+        if len(pending) > keep:
+            yield pending[: len(pending) - keep]
+            pending = pending[len(pending) - keep :]
+    if pending:
+        yield pending
+
+
+def generate_text(model: GPT, vocab: Vocab, cfg: SampleConfig) -> str:
+    """The prompt and its continuation (up to, not including, the stop string)."""
+    return cfg.prompt + "".join(stream_text(model, vocab, cfg))

@@ -92,6 +92,24 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_drop(self.c_proj(y)), (k, v)
 
+    def decode(
+        self, x: mx.array, pos: mx.array, visible: mx.array, cache: tuple[mx.array, mx.array]
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """One new token per sequence against a fixed-size cache (B, H, block, D).
+
+        The new key/value goes to slot `pos` (an int32 array of shape (1,));
+        `visible` (1, 1, 1, block) marks the positions the query may attend to.
+        Shapes never change, so a decoding step compiles once.
+        """
+        B, _, C = x.shape
+        q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
+        q, k, v = (t.reshape(B, 1, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
+        keys = mx.slice_update(cache[0], k, pos, axes=(2,))
+        values = mx.slice_update(cache[1], v, pos, axes=(2,))
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        y = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=visible)
+        return self.c_proj(y.transpose(0, 2, 1, 3).reshape(B, 1, C)), (keys, values)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig, proj_std: float):
@@ -119,6 +137,11 @@ class Block(nn.Module):
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, cache
+
+    def decode(self, x, pos, visible, cache):
+        a, cache = self.attn.decode(self.ln_1(x), pos, visible, cache)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), cache
 
 
 class GPT(nn.Module):
@@ -170,6 +193,36 @@ class GPT(nn.Module):
         head = self.wte.weight if self.config.tie_weights else self.lm_head.weight
         logits = x @ head.astype(dtype).T  # (B, T, vocab)
         return logits.astype(mx.float32), new_cache
+
+    def decode(
+        self, idx: mx.array, pos: mx.array, cache: list[tuple[mx.array, mx.array]]
+    ) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
+        """Logits (B, vocab) for tokens idx (B,) at position `pos` (a scalar array).
+
+        `cache` holds, per layer, keys and values of shape (B, H, block_size, D)
+        whose first `pos` slots are filled (see `pad_cache`); slot `pos` is written.
+        Inference only (no dropout), float32.
+        """
+        block = self.config.block_size
+        pos = pos.astype(mx.int32).reshape(1)
+        visible = (mx.arange(block) <= pos).reshape(1, 1, 1, block)
+        x = self.wte(idx[:, None]) + self.wpe(pos)[None]
+        new_cache = []
+        for block_, layer_cache in zip(self.h, cache, strict=True):
+            x, layer_cache = block_.decode(x, pos, visible, layer_cache)
+            new_cache.append(layer_cache)
+        head = self.wte.weight if self.config.tie_weights else self.lm_head.weight
+        return (self.ln_f(x) @ head.T)[:, 0], new_cache
+
+    def pad_cache(self, cache: KVCache) -> list[tuple[mx.array, mx.array]]:
+        """Copy a growing cache (from a full forward pass) into fixed block_size buffers."""
+        block = self.config.block_size
+
+        def pad(a: mx.array) -> mx.array:
+            width = [(0, 0), (0, 0), (0, block - a.shape[2]), (0, 0)]
+            return mx.pad(a, width)
+
+        return [(pad(k), pad(v)) for k, v in cache]
 
     def num_params(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.parameters()))

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from mlx_model.config import GPTConfig, TrainConfig, get_preset
-from mlx_model.generate import generate
+from mlx_model.config import SampleConfig
+from mlx_model.data import Vocab
+from mlx_model.generate import generate, generate_text, stream_text
 from mlx_model.model import GPT, loss_fn
 
 CFG = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_emb=16, dropout=0.0)
@@ -71,6 +73,29 @@ def test_kv_cache_matches_full_forward_batched():
     assert not mx.allclose(alone[:, 0], full[:, 11], atol=1e-3).item()
 
 
+def test_fixed_size_decode_matches_full_forward():
+    """The compiled generation step (fixed-size cache, one token) gives the full pass's logits."""
+    mx.random.seed(0)
+    model = GPT(CFG)
+    model.eval()
+    idx = mx.array(np.random.default_rng(4).integers(0, 11, (3, 12)), dtype=mx.int32)
+    full, _ = model(idx)
+    logits, cache = model(idx[:, :4])
+    cache = model.pad_cache(cache)
+    assert cache[0][0].shape == (3, CFG.n_head, CFG.block_size, CFG.head_dim)
+    for t in range(4, 12):
+        step, cache = model.decode(idx[:, t], mx.array(t), cache)
+        assert mx.allclose(step, full[:, t], atol=1e-5).item(), t
+    # slots past `pos` are ignored: garbage there changes nothing
+    logits, cache = model(idx[:, :4])
+    pad = [(0, 0), (0, 0), (0, 8), (0, 0)]
+    junk = [
+        (mx.pad(k, pad, constant_values=7.0), mx.pad(v, pad, constant_values=7.0)) for k, v in cache
+    ]
+    step, _ = model.decode(idx[:, 4], mx.array(4), junk)
+    assert mx.allclose(step, full[:, 4], atol=1e-5).item()
+
+
 def test_cached_generation_equals_recompute_within_context():
     mx.random.seed(0)
     model = GPT(CFG)
@@ -95,6 +120,39 @@ def test_same_seed_same_tokens_different_seed_differs():
     c = generate(model, np.array([1]), 40, temperature=1.0, seed=2)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_cached_generation_equals_recompute_greedy_past_context():
+    # while the context is not full the two agree token for token, also in batches
+    mx.random.seed(1)
+    model = GPT(CFG)
+    prompt = np.array([[1, 2], [5, 6]], dtype=np.int32)
+    a = generate(model, prompt, CFG.block_size - 2, temperature=0.0)
+    b = generate(model, prompt, CFG.block_size - 2, temperature=0.0, use_cache=False)
+    np.testing.assert_array_equal(a, b)
+
+
+def _vocab_model():
+    vocab = Vocab.from_text("abcdefghij\n")
+    mx.random.seed(0)
+    return vocab, GPT(CFG.replace(vocab_size=vocab.size))
+
+
+def test_stop_string_ends_generation_and_is_not_included():
+    vocab, model = _vocab_model()
+    free = generate_text(model, vocab, SampleConfig(prompt="a", max_tokens=60, seed=2))
+    stop = free[5:7]  # a string that does occur in the free-running text
+    cut = generate_text(model, vocab, SampleConfig(prompt="a", max_tokens=60, seed=2, stop=stop))
+    assert cut == free[: free.index(stop, 1)]
+    assert stop not in cut[1:]
+
+
+def test_streaming_pieces_join_to_the_full_text():
+    vocab, model = _vocab_model()
+    cfg = SampleConfig(prompt="ab", max_tokens=40, seed=7, stop="zz")  # never occurs
+    pieces = list(stream_text(model, vocab, cfg))
+    assert len(pieces) == 40  # one piece per token: it streams
+    assert "ab" + "".join(pieces) == generate_text(model, vocab, cfg.replace(stop=None))
 
 
 def test_top_k_one_is_greedy():
