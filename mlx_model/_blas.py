@@ -49,4 +49,3 @@ def load_fast_blas() -> str | None:
         stacklevel=2,
     )
     return None
-

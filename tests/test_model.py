@@ -6,8 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_model.config import GPTConfig, TrainConfig, get_preset
-from mlx_model.config import SampleConfig
+from mlx_model.config import GPTConfig, SampleConfig, TrainConfig, get_preset
 from mlx_model.data import Vocab
 from mlx_model.generate import generate, generate_text, stream_text
 from mlx_model.model import GPT, loss_fn
