@@ -1,6 +1,10 @@
 """Train a preset on the real corpus with mlx_model alone (no Prefect) and report quality and speed.
 
-    python bench/train_preset.py --preset seed --corpus PATH [--dtype bfloat16] [--out DIR]
+    python bench/train_preset.py --preset seed --corpus PATH [--set FIELD=VALUE ...] [--out DIR]
+
+`--set` overrides any GPTConfig or TrainConfig field (dropout=0.0, learning_rate=2e-3,
+compute_dtype=bfloat16, eval_interval=100 ...); `--stop-after N` ends the run at step N
+without changing the schedule.
 
 Prints one JSON line: best and final estimated val loss, full-split val loss, training
 tokens/s, ms/step, peak memory, device.
@@ -33,9 +37,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="seed")
     p.add_argument("--corpus", required=True)
-    p.add_argument("--dtype", default=None, help="compute dtype override")
-    p.add_argument("--max-iters", type=int, default=None)
-    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--stop-after", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     preset = get_preset(args.preset)
@@ -43,13 +46,16 @@ def main() -> None:
     vocab = Vocab.from_text(text)
     train_ids, val_ids = split_tokens(vocab.encode(text), 0.1)
     cfg = preset.model.replace(vocab_size=vocab.size)
-    if args.dropout is not None:
-        cfg = cfg.replace(dropout=args.dropout)
     tc = preset.train
-    if args.dtype:
-        tc = tc.replace(compute_dtype=args.dtype)
-    if args.max_iters:
-        tc = tc.replace(max_iters=args.max_iters)
+    for item in args.set:
+        name, _, raw = item.partition("=")
+        value = json.loads(raw) if raw not in ("float32", "bfloat16", "float16") else raw
+        if name in cfg.to_dict():
+            cfg = cfg.replace(**{name: value})
+        elif name in tc.to_dict():
+            tc = tc.replace(**{name: value})
+        else:
+            raise SystemExit(f"unknown field {name!r}")
     out = Path(args.out or tempfile.mkdtemp())
     mx.reset_peak_memory()
 
@@ -62,10 +68,11 @@ def main() -> None:
             )
 
     t0 = time.perf_counter()
-    result = train(cfg, tc, train_ids, val_ids, out, callback=report)
+    result = train(cfg, tc, train_ids, val_ids, out, callback=report, stop_after=args.stop_after)
     seconds = time.perf_counter() - t0
     full = evaluate(load_model(out / "best"), val_ids)
-    tokens = tc.max_iters * tc.batch_size * cfg.block_size
+    steps = result.final_step
+    tokens = steps * tc.batch_size * cfg.block_size
     print(
         json.dumps(
             {
@@ -73,6 +80,8 @@ def main() -> None:
                 "device": str(mx.default_device()),
                 "dtype": tc.compute_dtype,
                 "dropout": cfg.dropout,
+                "overrides": args.set,
+                "steps": steps,
                 "max_iters": tc.max_iters,
                 "train_tokens": tokens,
                 "best_est_val_loss": round(result.best_val_loss, 4),
@@ -81,7 +90,7 @@ def main() -> None:
                 "seconds": round(seconds, 1),
                 "tokens_per_sec_last_interval": round(result.tokens_per_sec),
                 "tokens_per_sec_overall": round(tokens / seconds),
-                "ms_per_step_overall": round(1000 * seconds / tc.max_iters, 2),
+                "ms_per_step_overall": round(1000 * seconds / steps, 2),
                 "peak_memory_mb": round(mx.get_peak_memory() / 2**20, 1),
             }
         )

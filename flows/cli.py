@@ -1,16 +1,21 @@
-"""`shakespeare-gpt`: run the pipeline, one stage of it, or sample from it."""
+"""`shakespeare-gpt`: run the pipeline, one stage of it, sample, serve on a schedule, export."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from tasks.config import DEFAULT_PRESET, PRESETS
 from tasks.download import CANONICAL_URL, TINY_SHAKESPEARE_SHA256
 
 from .pipeline import STAGES, pipeline
+
+DEPLOYMENT = "scheduled"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -31,16 +36,20 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="STAGE",
         help="recompute this stage even if cached (repeatable; 'all' for every stage)",
     )
-    _sampling(p)
-
-
-def _sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--from",
+        dest="from_stage",
+        default=None,
+        metavar="STAGE",
+        help="recompute STAGE and every stage after it, reusing the cached upstream",
+    )
     p.add_argument("--prompt", default="\n")
     p.add_argument("--max-tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", default=None, help="end the sample before this string")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,34 +60,90 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name", help=f"one of {', '.join(STAGES)}")
     _common(stage)
     _common(sub.add_parser("sample", help="sample text (upstream stages come from the cache)"))
+    serve = sub.add_parser(
+        "serve", help="register the flow as a deployment with a schedule, and run its runs"
+    )
+    _common(serve)
+    serve.add_argument("--name", default=DEPLOYMENT, help="deployment name")
+    when = serve.add_mutually_exclusive_group()
+    when.add_argument("--cron", default=None, help="cron schedule, e.g. '0 3 * * *'")
+    when.add_argument("--interval", type=int, default=None, help="schedule every N seconds")
+    export = sub.add_parser(
+        "export", help="write the trained model in Hugging Face GPT-2 layout (trains if needed)"
+    )
+    _common(export)
+    export.add_argument("--out", required=True, help="output folder")
     return parser
+
+
+def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "preset": args.preset,
+        "artifacts": args.artifacts,
+        "source": args.source,
+        "sha256": args.sha256,
+        "from_stage": args.from_stage,
+        "force": args.force,
+        "val_fraction": args.val_fraction,
+        "max_iters": args.max_iters,
+        "prompt": args.prompt,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+
+
+def serve(args: argparse.Namespace) -> int:
+    params = flow_parameters(args)
+    # scheduled runs start in their own process: pin the artifact root to an absolute path
+    root = args.artifacts or os.environ.get("SHAKESPEARE_GPT_ARTIFACTS") or "artifacts"
+    params["artifacts"] = str(Path(root).resolve())
+    pipeline.serve(
+        name=args.name,
+        cron=args.cron,
+        interval=args.interval,
+        parameters=params,
+        description="download, tokenize, train, evaluate and sample; cached stage by stage",
+    )
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from mlx_model.checkpoint import load_model
+    from mlx_model.export import export_blockers, export_hf
+
+    summary = pipeline(**{**flow_parameters(args), "until": "train"})
+    model_dir = Path(summary["paths"]["train"])
+    model = load_model(model_dir / "best")
+    blockers = export_blockers(model)
+    if blockers:
+        print("error: cannot export as Hugging Face GPT-2: " + "; ".join(blockers), file=sys.stderr)
+        return 2
+    out = export_hf(model, Path(args.out), model_dir / "vocab.json")
+    print(f"exported {model_dir / 'best'} as GPT2LMHeadModel to {out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "export":
+        return export(args)
     until = {"run": None, "stage": getattr(args, "name", None), "sample": "sample"}[args.command]
-    if until is not None and until not in STAGES:
-        print(f"error: unknown stage {until!r}; choose one of {', '.join(STAGES)}", file=sys.stderr)
-        return 2
-    summary = pipeline(
-        preset=args.preset,
-        artifacts=args.artifacts,
-        source=args.source,
-        sha256=args.sha256,
-        until=until,
-        force=args.force,
-        val_fraction=args.val_fraction,
-        max_iters=args.max_iters,
-        prompt=args.prompt,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    if "sample" in summary:
-        print("\n----- sample -----")
-        print(summary["sample"])
+    for what, name in (("stage", until), ("stage", args.from_stage)):
+        if name is not None and name not in STAGES:
+            print(
+                f"error: unknown {what} {name!r}; choose one of {', '.join(STAGES)}",
+                file=sys.stderr,
+            )
+            return 2
+    summary = pipeline(**flow_parameters(args), until=until, stream=True)
+    if "sample" in summary and summary["cached"]["sample"]:
+        print(f"----- sample -----\n{summary['sample']}")  # a cache hit: nothing was streamed
     if "eval" in summary:
         e = summary["eval"]
         print("----- validation -----")
@@ -86,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"val_loss {e['val_loss']:.4f}  perplexity {e['perplexity']:.3f}  "
             f"bits/char {e['bits_per_char']:.4f}  ({e['tokens']} tokens)"
         )
+    for stage, run in summary["reused"].items():
+        print(f"reused {stage} from run {run}")
     print(f"cached: {json.dumps(summary['cached'])}")
     print(f"manifest: {summary['manifest']}")
     return 0

@@ -178,10 +178,12 @@ class Preset:
 
 
 # The tutorial's model. 2442 steps x 64 x 128 = 20.0M training tokens, the tutorial's budget.
+# Its recipe (dropout 0.1, AdamW 1e-3) reaches 1.651 on this budget with random windows; a
+# small model wants a higher rate and less dropout: 3e-3 and 0.05 reach 1.504 (BENCHMARKS.md).
 SEED = Preset(
     "seed",
-    GPTConfig(block_size=128, n_layer=3, n_head=4, n_emb=128, dropout=0.1),
-    TrainConfig(batch_size=64, max_iters=2442, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100),
+    GPTConfig(block_size=128, n_layer=3, n_head=4, n_emb=128, dropout=0.05),
+    TrainConfig(batch_size=64, max_iters=2442, learning_rate=3e-3, min_lr=3e-4, warmup_iters=100),
     "the tutorial's model (context 128, width 128, 4 heads, 3 layers) on 20M tokens",
 )
 # The same model on a sixth of the budget: the default, finishes in minutes on 2 CPU cores.
@@ -201,9 +203,14 @@ NANOGPT_CHAR = Preset(
         min_lr=1e-4,
         warmup_iters=100,
         beta2=0.99,
-        eval_interval=250,
+        # weight decay 0.5 instead of nanoGPT's 0.1: best val 1.4595 instead of 1.4748; the
+        # model overfits after ~1800 steps, so it is evaluated every 100 to catch the best.
+        weight_decay=0.5,
+        eval_interval=100,
         eval_batches=40,
         checkpoint_interval=500,
+        # a GPU preset: bfloat16 compute (float32 weights) is 3x faster there, same quality
+        compute_dtype="bfloat16",
     ),
     "nanoGPT's shakespeare-char configuration (6 layers, 6 heads, width 384, context 256)",
 )

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from mlx_model.io import atomic_path
 
+from .progress import terminal_bar
 from .store import ArtifactStore, StageOutput, code_version
 
 CANONICAL_URL = (
@@ -119,7 +120,9 @@ def download_corpus(
     key = {"source": source, "sha256": sha256, "code": code_version(__name__)}
 
     def compute(directory: Path) -> dict:
-        size = fetch(source, directory / CORPUS, sha256, max_bytes)
+        with terminal_bar("download", "download", None) as bar:
+            progress = (lambda done, total: bar(completed=done, total=total)) if bar else None
+            size = fetch(source, directory / CORPUS, sha256, max_bytes, on_progress=progress)
         return {"bytes": size, "source": source}
 
     return store.run("download", key, compute, [CORPUS], force)

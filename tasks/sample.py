@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from prefect import task
@@ -10,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from mlx_model.checkpoint import load_model
 from mlx_model.config import SampleConfig
 from mlx_model.data import Vocab
-from mlx_model.generate import generate
+from mlx_model.generate import generate_text, stream_text
 from mlx_model.io import write_text_atomic
 
 from .prepare import VOCAB
@@ -20,30 +21,33 @@ from .train import WEIGHTS
 TEXT = "sample.txt"
 
 
-def sample_text(model_dir: Path, vocab: Vocab, cfg: SampleConfig) -> str:
-    """Prompt plus generated continuation, cut at the stop string if one is given."""
+def sample_text(model_dir: Path, vocab: Vocab, cfg: SampleConfig, stream: bool = False) -> str:
+    """Prompt plus continuation, ending before the stop string if one is given.
+
+    With `stream`, the text goes to stdout as it is generated.
+    """
     gpt = load_model(model_dir)
-    prompt_ids = vocab.encode(cfg.prompt)
-    ids = generate(
-        gpt,
-        prompt_ids,
-        cfg.max_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        seed=cfg.seed,
-    )
-    text = vocab.decode(ids)
-    if cfg.stop and cfg.stop in text:
-        text = text[: text.index(cfg.stop) + len(cfg.stop)]
-    return cfg.prompt + text
+    if not stream:
+        return generate_text(gpt, vocab, cfg)
+    pieces = [cfg.prompt]
+    sys.stdout.write(f"----- sample -----\n{cfg.prompt}")
+    for piece in stream_text(gpt, vocab, cfg):
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(pieces)
 
 
 @task(name="sample", cache_policy=NO_CACHE)
 def sample_model(
-    store: ArtifactStore, model: StageOutput, sampling: SampleConfig, force: bool = False
+    store: ArtifactStore,
+    model: StageOutput,
+    sampling: SampleConfig,
+    force: bool = False,
+    stream: bool = False,
 ) -> StageOutput:
-    """Sample text from the trained model; same seed, same text."""
+    """Sample text from the trained model; same seed, same text. `stream` prints it as it comes."""
     vocab = Vocab.load(model.file(VOCAB))
     vocab.encode(sampling.prompt)  # fail early, naming characters outside the vocabulary
     key = {
@@ -53,7 +57,7 @@ def sample_model(
     }
 
     def compute(directory: Path) -> dict:
-        text = sample_text(Path(model.path) / "best", vocab, sampling)
+        text = sample_text(Path(model.path) / "best", vocab, sampling, stream)
         write_text_atomic(directory / TEXT, text)
         return {"chars": len(text), "text": text}
 

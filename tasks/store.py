@@ -75,6 +75,7 @@ class StageOutput:
     files: dict[str, str]
     cached: bool
     info: dict[str, Any] = field(default_factory=dict)
+    produced_by: str | None = None  # the run that computed it (this run's name on a miss)
 
     def file(self, name: str) -> Path:
         return Path(self.path) / name
@@ -87,8 +88,11 @@ class StageOutput:
 
 
 class ArtifactStore:
-    def __init__(self, root: os.PathLike | str | None = None):
+    """Stage outputs under `root`; `run` names the flow run that writes (kept in meta.json)."""
+
+    def __init__(self, root: os.PathLike | str | None = None, run: str | None = None):
         self.root = Path(root) if root is not None else default_root()
+        self.run_name = run
 
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.root / safe_name(stage, "stage") / key[:16]
@@ -126,7 +130,9 @@ class ArtifactStore:
             if verify and file_sha256(path) != digest:
                 log.warning("%s does not match its recorded digest; recomputing %s", path, stage)
                 return None
-        return StageOutput(stage, key, str(directory), meta["files"], True, meta.get("info", {}))
+        return StageOutput(
+            stage, key, str(directory), meta["files"], True, meta.get("info", {}), meta.get("run")
+        )
 
     def run(
         self,
@@ -158,6 +164,13 @@ class ArtifactStore:
                 raise RuntimeError(f"stage {stage!r} did not write {missing}")
             files = {name: file_sha256(directory / name) for name in outputs}
             info = {**info, "seconds": round(time.time() - started, 3)}
-            meta = {"stage": stage, "key": key, "inputs": key_inputs, "files": files, "info": info}
+            meta = {
+                "stage": stage,
+                "key": key,
+                "run": self.run_name,
+                "inputs": key_inputs,
+                "files": files,
+                "info": info,
+            }
             write_text_atomic(directory / META, json.dumps(meta, indent=2, default=str))
-        return StageOutput(stage, key, str(directory), files, False, info)
+        return StageOutput(stage, key, str(directory), files, False, info, self.run_name)

@@ -12,39 +12,16 @@ from prefect.cache_policies import NO_CACHE
 from mlx_model.config import GPTConfig, TrainConfig
 from mlx_model.data import Vocab, read_tokens
 from mlx_model.io import write_text_atomic
-from mlx_model.train import Progress, train
+from mlx_model.train import train
 
-from .logs import stage_logger
 from .prepare import TRAIN, VAL, VOCAB
+from .progress import training_reporter
 from .store import ArtifactStore, StageOutput, code_version
 
 WEIGHTS = "best/model.safetensors"
 CONFIG = "best/config.json"
 METRICS = "metrics.json"
 MODEL_CODE = ("mlx_model.model", "mlx_model.train", "mlx_model.data", "mlx_model.checkpoint")
-
-
-def _log_progress(p: Progress) -> None:
-    logger = stage_logger()
-    if p.kind == "eval":
-        logger.info(
-            "step %d/%d  train %.4f  val %.4f  lr %.2e  %.0f tok/s",
-            p.step,
-            p.max_iters,
-            p.train_loss,
-            p.val_loss,
-            p.lr,
-            p.tokens_per_sec,
-        )
-    elif p.kind == "log":
-        logger.info(
-            "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s",
-            p.step,
-            p.max_iters,
-            p.train_loss,
-            p.lr,
-            p.tokens_per_sec,
-        )
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -73,7 +50,8 @@ def train_model(
             shutil.rmtree(directory / "latest", ignore_errors=True)
         train_ids, _ = read_tokens(tokens.file(TRAIN))
         val_ids, _ = read_tokens(tokens.file(VAL))
-        result = train(cfg, training, train_ids, val_ids, directory, callback=_log_progress)
+        with training_reporter(training.max_iters, f"training {directory.name}") as report:
+            result = train(cfg, training, train_ids, val_ids, directory, callback=report)
         shutil.copyfile(vocab.file(VOCAB), directory / VOCAB)
         metrics = {
             "best_val_loss": result.best_val_loss,
