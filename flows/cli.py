@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prefect.settings import PREFECT_UI_URL
+
 from tasks.config import DEFAULT_PRESET, PRESETS
 from tasks.download import CANONICAL_URL, TINY_SHAKESPEARE_SHA256
 
@@ -155,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reused {stage} from run {run}")
     print(f"cached: {json.dumps(summary['cached'])}")
     print(f"manifest: {summary['manifest']}")
+    ui = PREFECT_UI_URL.value()
+    if ui:
+        print(f"flow run: {ui}/runs/flow-run/{summary['flow_run_id']}")
     return 0
 
 

@@ -148,6 +148,7 @@ def pipeline(
     manifest = write_manifest(store, run_dir_name, config, outputs)  # last: the run is complete
     summary: dict[str, Any] = {
         "run": run_dir_name,
+        "flow_run_id": str(flow_run.id),
         "manifest": manifest,
         "cached": {o.stage: o.cached for o in outputs},
         "reused": {o.stage: o.produced_by for o in outputs if o.cached},

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import mlx_model  # noqa: F401  (before any test imports mlx.core: it preloads OpenBLAS)
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(
     os.environ.get("SHAKESPEARE_CORPUS", ROOT.parent / "shared/data/tinyshakespeare/input.txt")
@@ -80,3 +82,15 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server (SQLite) on a free 127.0.0.1 port, for the whole session."""
+    from server import PrefectServer
+
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-server")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
