@@ -70,7 +70,7 @@ def main() -> None:
     t0 = time.perf_counter()
     result = train(cfg, tc, train_ids, val_ids, out, callback=report, stop_after=args.stop_after)
     seconds = time.perf_counter() - t0
-    full = evaluate(load_model(out / "best"), val_ids)
+    full = evaluate(load_model(out / "best"), val_ids) if result.best_step > 0 else None
     steps = result.final_step
     tokens = steps * tc.batch_size * cfg.block_size
     print(
@@ -86,7 +86,7 @@ def main() -> None:
                 "train_tokens": tokens,
                 "best_est_val_loss": round(result.best_val_loss, 4),
                 "best_step": result.best_step,
-                "full_val_loss": round(full["val_loss"], 4),
+                "full_val_loss": round(full["val_loss"], 4) if full else None,
                 "seconds": round(seconds, 1),
                 "tokens_per_sec_last_interval": round(result.tokens_per_sec),
                 "tokens_per_sec_overall": round(tokens / seconds),

@@ -6,18 +6,26 @@ import argparse
 import json
 import os
 import sys
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prefect.settings import PREFECT_UI_URL
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
 from tasks.config import DEFAULT_PRESET, PRESETS
-from tasks.download import CANONICAL_URL, TINY_SHAKESPEARE_SHA256
+from tasks.download import CANONICAL_URL, MAX_BYTES, TINY_SHAKESPEARE_SHA256
 
 from .pipeline import STAGES, pipeline
 
 DEPLOYMENT = "scheduled"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -29,6 +37,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--source", default=CANONICAL_URL, help="corpus URL (http, https, file) or path")
     p.add_argument("--sha256", default=TINY_SHAKESPEARE_SHA256, help="expected corpus digest")
+    p.add_argument(
+        "--max-bytes", type=int, default=MAX_BYTES, help="refuse a larger download (bytes)"
+    )
     p.add_argument("--max-iters", type=int, default=None, help="override the preset's step count")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument(
@@ -69,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default=DEPLOYMENT, help="deployment name")
     when = serve.add_mutually_exclusive_group()
     when.add_argument("--cron", default=None, help="cron schedule, e.g. '0 3 * * *'")
-    when.add_argument("--interval", type=int, default=None, help="schedule every N seconds")
+    when.add_argument(
+        "--interval", type=_positive_int, default=None, help="schedule every N seconds"
+    )
     export = sub.add_parser(
         "export", help="write the trained model in Hugging Face GPT-2 layout (trains if needed)"
     )
@@ -84,6 +97,7 @@ def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
         "artifacts": args.artifacts,
         "source": args.source,
         "sha256": args.sha256,
+        "max_bytes": args.max_bytes,
         "from_stage": args.from_stage,
         "force": args.force,
         "val_fraction": args.val_fraction,
@@ -96,6 +110,15 @@ def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "stop": args.stop,
     }
+
+
+def api_answers(api_url: str, timeout: float = 5.0) -> bool:
+    """Whether the Prefect API's health endpoint answers."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -143,7 +166,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    summary = pipeline(**flow_parameters(args), until=until, stream=True)
+    try:
+        summary = pipeline(**flow_parameters(args), until=until, stream=True)
+    except Exception as err:
+        api = PREFECT_API_URL.value()
+        if not api or api_answers(api):
+            raise
+        root = args.artifacts or os.environ.get("SHAKESPEARE_GPT_ARTIFACTS") or "artifacts"
+        print(
+            f"error: the Prefect API at {api} is not answering ({type(err).__name__}: {err}).\n"
+            f"Stages that finished are kept under {Path(root).resolve()} and are verified by "
+            "digest before reuse; rerun the same command when the server is back (or unset "
+            "PREFECT_API_URL) to continue from them.",
+            file=sys.stderr,
+        )
+        return 3
     if "sample" in summary and summary["cached"]["sample"]:
         print(f"----- sample -----\n{summary['sample']}")  # a cache hit: nothing was streamed
     if "eval" in summary:

@@ -9,7 +9,12 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from tasks.config import DEFAULT_PRESET, DataConfig, SampleConfig, TrainConfig, get_preset
-from tasks.download import CANONICAL_URL, TINY_SHAKESPEARE_SHA256, download_corpus
+from tasks.download import (
+    CANONICAL_URL,
+    MAX_BYTES,
+    TINY_SHAKESPEARE_SHA256,
+    download_corpus,
+)
 from tasks.evaluate import evaluate_model
 from tasks.manifest import write_manifest
 from tasks.prepare import build_vocab, tokenize
@@ -84,6 +89,7 @@ def pipeline(
     artifacts: str | None = None,
     source: str = CANONICAL_URL,
     sha256: str = TINY_SHAKESPEARE_SHA256,
+    max_bytes: int = MAX_BYTES,
     until: str | None = None,
     from_stage: str | None = None,
     force: list[str] | None = None,
@@ -118,7 +124,9 @@ def pipeline(
     last = STAGES.index(until) if until else len(STAGES) - 1
     logger = get_run_logger()
 
-    outputs: list[StageOutput] = [download_corpus(store, source, sha256, force="download" in fresh)]
+    outputs: list[StageOutput] = [
+        download_corpus(store, source, sha256, max_bytes, force="download" in fresh)
+    ]
     if last >= 1:
         outputs.append(build_vocab(store, outputs[0], force="vocab" in fresh))
     if last >= 2:

@@ -11,6 +11,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import GPTConfig
+from .data import file_sha256
 from .io import atomic_path, write_text_atomic
 from .model import GPT
 
@@ -46,12 +47,17 @@ def load_model(directory: Path) -> GPT:
     return model
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file differs from the digest its state.json recorded."""
+
+
 def save_train_state(
     directory: Path, model: GPT, optimizer: optim.Optimizer, state: dict[str, Any]
 ) -> None:
     """Write everything needed to resume: weights, optimiser moments and step.
 
-    `state.json` is written last; a checkpoint without it is incomplete and ignored.
+    `state.json` is written last and records the other files' SHA-256; a checkpoint
+    without it is incomplete and ignored, one whose files differ from it is refused.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -60,7 +66,8 @@ def save_train_state(
     opt_state = dict(tree_flatten(optimizer.state))
     with atomic_path(directory / OPTIMIZER) as tmp:
         mx.save_safetensors(str(tmp), opt_state)
-    write_text_atomic(directory / STATE, json.dumps(state, indent=2))
+    files = {name: file_sha256(directory / name) for name in (WEIGHTS, CONFIG, OPTIMIZER)}
+    write_text_atomic(directory / STATE, json.dumps({**state, "files": files}, indent=2))
 
 
 def load_train_state(
@@ -73,7 +80,15 @@ def load_train_state(
     directory = Path(directory)
     if not (directory / STATE).exists():
         return None
-    state = json.loads((directory / STATE).read_text())
+    try:
+        state = json.loads((directory / STATE).read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptCheckpointError(f"{directory / STATE} is not valid JSON: {err}") from None
+    for name, digest in state.get("files", {}).items():
+        if file_sha256(directory / name) != digest:
+            raise CorruptCheckpointError(
+                f"{directory / name} does not match the SHA-256 recorded in {directory / STATE}"
+            )
     restored = load_model(directory)
     model.update(restored.parameters())
     opt_state = mx.load(str(directory / OPTIMIZER))

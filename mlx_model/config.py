@@ -164,6 +164,10 @@ class SampleConfig(_Serializable):
             raise ValueError(f"SampleConfig.top_p must be in (0, 1], got {self.top_p!r}")
         if not self.prompt:
             raise ValueError("SampleConfig.prompt must not be empty")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"SampleConfig.seed must be a non-negative integer, got {self.seed!r}")
+        if self.stop is not None and not self.stop:
+            raise ValueError("SampleConfig.stop must not be empty (leave it unset for no stop)")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -16,7 +17,14 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from .checkpoint import STATE, WEIGHTS, load_train_state, save_model, save_train_state
+from .checkpoint import (
+    STATE,
+    WEIGHTS,
+    CorruptCheckpointError,
+    load_train_state,
+    save_model,
+    save_train_state,
+)
 from .config import GPTConfig, TrainConfig
 from .data import file_sha256, fixed_windows, get_batch, train_batch
 from .model import GPT, loss_fn
@@ -49,6 +57,22 @@ def make_optimizer(tc: TrainConfig) -> AdamWMatrices:
         betas=[tc.beta1, tc.beta2],
         weight_decay=tc.weight_decay,
     )
+
+
+def make_step(model: GPT, optimizer: optim.Optimizer, tc: TrainConfig, dtype=mx.float32):
+    """The compiled training step `(x, y) -> loss`, updating model, optimizer and RNG state."""
+    state = [model.state, optimizer.state, mx.random.state]
+    value_and_grad = nn.value_and_grad(model, partial(loss_fn, dtype=dtype))
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(x: mx.array, y: mx.array) -> mx.array:
+        loss, grads = value_and_grad(model, x, y)
+        if tc.grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, tc.grad_clip)
+        optimizer.update(model, grads)
+        return loss
+
+    return step
 
 
 @dataclass
@@ -125,23 +149,22 @@ def train(
 
     state = None
     if _best_checkpoint_intact(out_dir):
-        state = load_train_state(out_dir / "latest", model, optimizer)
+        try:
+            state = load_train_state(out_dir / "latest", model, optimizer)
+        except (CorruptCheckpointError, FileNotFoundError) as err:
+            warnings.warn(f"not resuming: {err}; training from step 0", stacklevel=2)
+            mx.random.seed(tc.seed)  # start exactly as a fresh run would
+            model = GPT(cfg)
+            optimizer = make_optimizer(tc)
+            optimizer.init(model.trainable_parameters())
+            mx.eval(model.parameters(), optimizer.state)
     if state is not None and state.get("train_config") != tc.to_dict():
         raise ValueError(f"{out_dir / 'latest'} was written with a different training config")
     start = state["step"] if state else 0
     history: list[dict[str, Any]] = state["history"] if state else []
     best = state["best"] if state else {"val_loss": math.inf, "step": -1}
 
-    compiled_state = [model.state, optimizer.state, mx.random.state]
-    value_and_grad = nn.value_and_grad(model, partial(loss_fn, dtype=dtype))
-
-    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
-    def step_fn(x, y):
-        loss, grads = value_and_grad(model, x, y)
-        if tc.grad_clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, tc.grad_clip)
-        optimizer.update(model, grads)
-        return loss
+    step_fn = make_step(model, optimizer, tc, dtype)
 
     eval_starts = {
         "train": fixed_windows(train_ids, cfg.block_size, tc.eval_batches * tc.batch_size, tc.seed),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,6 +33,12 @@ class ChecksumError(ValueError):
 
 class TransientDownloadError(OSError):
     """A network failure worth retrying (refused, reset, 5xx, truncated body)."""
+
+
+def check_sha256(sha256: str) -> str:
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    return sha256
 
 
 def _open(source: str, timeout: float):
@@ -117,6 +124,9 @@ def download_corpus(
     force: bool = False,
 ) -> StageOutput:
     """Fetch the corpus and verify its SHA-256; cached on (source, digest)."""
+    check_sha256(sha256)
+    if not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
     key = {"source": source, "sha256": sha256, "code": code_version(__name__)}
 
     def compute(directory: Path) -> dict:

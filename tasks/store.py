@@ -92,7 +92,9 @@ class ArtifactStore:
 
     def __init__(self, root: os.PathLike | str | None = None, run: str | None = None):
         self.root = Path(root) if root is not None else default_root()
-        self.run_name = run
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"artifact root {str(self.root)!r} exists and is not a folder")
+        self.run_name = run if run is None else safe_name(run, "run name")
 
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.root / safe_name(stage, "stage") / key[:16]

@@ -54,3 +54,18 @@ def test_weight_decay_skips_vectors():
     new = opt.apply_gradients(grads, params)
     assert float(new["b"][0]) == pytest.approx(1.0)  # zero gradient, no decay
     assert float(new["w"][0, 0]) == pytest.approx(1.0 - 0.1 * 0.5)
+
+
+def test_corrupted_resume_checkpoint_is_refused_and_training_restarts(splits, tmp_path):
+    train_ids, val_ids = splits
+    cfg = TINY.model.replace(vocab_size=65)
+    full = train(cfg, TINY.train, train_ids, val_ids, tmp_path / "full")
+    train(cfg, TINY.train, train_ids, val_ids, tmp_path / "run", stop_after=20)
+    optimizer_file = tmp_path / "run" / "latest" / "optimizer.safetensors"
+    data = bytearray(optimizer_file.read_bytes())
+    data[-5] ^= 0x01  # one flipped bit in the optimiser moments
+    optimizer_file.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"optimizer.safetensors does not match the SHA-256"):
+        again = train(cfg, TINY.train, train_ids, val_ids, tmp_path / "run")
+    assert again.resumed_from is None  # started over instead of trusting the file
+    assert [h["val_loss"] for h in again.history] == [h["val_loss"] for h in full.history]

@@ -1,0 +1,230 @@
+# ruff: noqa: I001
+"""Side by side on this machine: the project's MLX model against a PyTorch reference.
+
+    pip install -e '.[interop]'     # torch==2.13.0 (CPU build, from the local file here)
+    python bench/torch_vs_mlx.py --preset seed --steps 30 --tokens 300
+
+One process run: the same GPT-2 shape (from the preset), the same random windows of the
+real corpus, the same batch, AdamW with the same settings, dropout as configured. Prints
+training tokens/s for each and the MLX/PyTorch ratio, then KV-cache sampling tokens/s for
+each (batch 1, a full-context prompt, `--tokens` new tokens) and that ratio.
+The PyTorch model is written here, plainly, as the tutorials write it: eager mode,
+fused QKV, `F.scaled_dot_product_attention`, tanh GELU, tied head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx_model  # noqa: E402,F401,I001  (must come before mlx.core: it preloads OpenBLAS)
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mlx_model.config import GPTConfig, TrainConfig, get_preset  # noqa: E402
+from mlx_model.data import Vocab, split_tokens, train_batch  # noqa: E402
+from mlx_model.generate import generate  # noqa: E402
+from mlx_model.model import GPT  # noqa: E402
+from mlx_model.train import make_optimizer, make_step  # noqa: E402
+
+
+def mlx_training(cfg: GPTConfig, tc: TrainConfig, ids: np.ndarray, steps: int, warmup: int):
+    mx.random.seed(tc.seed)
+    model = GPT(cfg)
+    optimizer = make_optimizer(tc)
+    optimizer.init(model.trainable_parameters())
+    model.train()
+    step = make_step(model, optimizer, tc)
+    loss = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            mx.eval(loss)
+            t0 = time.perf_counter()
+        x, y = train_batch(ids, cfg.block_size, tc.batch_size, tc.seed, i)
+        mx.random.seed(tc.seed * 1_000_003 + i)
+        loss = step(mx.array(x), mx.array(y))
+        mx.async_eval(loss, model.parameters(), optimizer.state)
+    mx.eval(loss)
+    seconds = time.perf_counter() - t0
+    return steps * tc.batch_size * cfg.block_size / seconds, float(loss.item())
+
+
+def torch_model(cfg: GPTConfig):
+    import torch
+    import torch.nn as tnn
+    import torch.nn.functional as F
+
+    class Block(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            C = cfg.n_emb
+            self.ln_1, self.ln_2 = tnn.LayerNorm(C), tnn.LayerNorm(C)
+            self.c_attn, self.c_proj = tnn.Linear(C, 3 * C), tnn.Linear(C, C)
+            self.c_fc, self.mlp_proj = tnn.Linear(C, 4 * C), tnn.Linear(4 * C, C)
+            self.drop = tnn.Dropout(cfg.dropout)
+
+        def attend(self, x, cache):
+            B, T, C = x.shape
+            q, k, v = self.c_attn(x).split(C, dim=2)
+            q, k, v = (t.view(B, T, cfg.n_head, -1).transpose(1, 2) for t in (q, k, v))
+            if cache is not None:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            p = cfg.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=p)
+            return self.drop(self.c_proj(y.transpose(1, 2).reshape(B, T, C))), (k, v)
+
+        def forward(self, x, cache=None):
+            a, cache = self.attend(self.ln_1(x), cache)
+            x = x + a
+            h = F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")
+            return x + self.drop(self.mlp_proj(h)), cache
+
+    class TorchGPT(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = tnn.Embedding(cfg.vocab_size, cfg.n_emb)
+            self.wpe = tnn.Embedding(cfg.block_size, cfg.n_emb)
+            self.drop = tnn.Dropout(cfg.dropout)
+            self.h = tnn.ModuleList(Block() for _ in range(cfg.n_layer))
+            self.ln_f = tnn.LayerNorm(cfg.n_emb)
+            for name, p in self.named_parameters():
+                if p.dim() == 2:
+                    std = 0.02 / math.sqrt(2 * cfg.n_layer) if "proj" in name else 0.02
+                    tnn.init.normal_(p, 0.0, std)
+                elif name.endswith("bias"):
+                    tnn.init.zeros_(p)
+
+        def forward(self, idx, cache=None):
+            offset = 0 if cache is None else cache[0][0].shape[2]
+            pos = torch.arange(offset, offset + idx.shape[1])
+            x = self.drop(self.wte(idx) + self.wpe(pos))
+            new = []
+            for i, block in enumerate(self.h):
+                x, c = block(x, None if cache is None else cache[i])
+                new.append(c)
+            return self.ln_f(x) @ self.wte.weight.T, new
+
+    return TorchGPT()
+
+
+def torch_training(cfg: GPTConfig, tc: TrainConfig, ids: np.ndarray, steps: int, warmup: int):
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(tc.seed)
+    model = torch_model(cfg).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0}],
+        lr=tc.learning_rate,
+        betas=(tc.beta1, tc.beta2),
+    )
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        x, y = train_batch(ids, cfg.block_size, tc.batch_size, tc.seed, i)
+        x, y = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+    seconds = time.perf_counter() - t0
+    return steps * tc.batch_size * cfg.block_size / seconds, float(loss.item())
+
+
+def torch_sampling(cfg: GPTConfig, prompt: np.ndarray, n: int) -> float:
+    """KV-cache sampling, batch 1, the same half-context re-prefill policy as the project."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch_model(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+
+    def run(count: int) -> None:
+        history = torch.from_numpy(prompt.astype(np.int64))[None]
+        with torch.inference_mode():
+            logits, cache = model(history)
+            for _ in range(count):
+                probs = torch.softmax(logits[:, -1, :], dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=gen)
+                int(nxt)  # the token reaches the host, as streaming needs
+                history = torch.cat([history, nxt], 1)
+                if cache[0][0].shape[2] < cfg.block_size:
+                    logits, cache = model(nxt, cache)
+                else:
+                    logits, cache = model(history[:, -(cfg.block_size // 2 + 1) :])
+
+    run(20)
+    t0 = time.perf_counter()
+    run(n)
+    return n / (time.perf_counter() - t0)
+
+
+def mlx_sampling(cfg: GPTConfig, prompt: np.ndarray, n: int) -> float:
+    mx.random.seed(0)
+    model = GPT(cfg)
+    generate(model, prompt, 20, temperature=1.0)
+    t0 = time.perf_counter()
+    generate(model, prompt, n, temperature=1.0, seed=1)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="seed")
+    p.add_argument(
+        "--corpus",
+        default=str(Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"),
+    )
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=300)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = p.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset)
+    text = Path(args.corpus).read_text()
+    vocab = Vocab.from_text(text)
+    train_ids, _ = split_tokens(vocab.encode(text), 0.1)
+    cfg = preset.model.replace(vocab_size=vocab.size)
+    tc = preset.train.replace(compute_dtype="float32")
+    mlx_tps, mlx_loss = mlx_training(cfg, tc, train_ids, args.steps, args.warmup)
+    torch_tps, torch_loss = torch_training(cfg, tc, train_ids, args.steps, args.warmup)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, cfg.block_size)
+    mlx_gen = mlx_sampling(cfg, prompt, args.tokens)
+    torch_gen = torch_sampling(cfg, prompt, args.tokens)
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "steps": args.steps,
+                "batch": tc.batch_size,
+                "context": cfg.block_size,
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
+                "mlx": mx.__version__,
+                "train_tok_s": {"mlx": round(mlx_tps), "torch": round(torch_tps)},
+                "train_ratio_mlx_over_torch": round(mlx_tps / torch_tps, 3),
+                "last_loss": {"mlx": round(mlx_loss, 4), "torch": round(torch_loss, 4)},
+                "kv_sampling_tok_s": {"mlx": round(mlx_gen, 1), "torch": round(torch_gen, 1)},
+                "sampling_ratio_mlx_over_torch": round(mlx_gen / torch_gen, 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
