@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -119,7 +120,9 @@ def pipeline(
     training = TrainConfig.from_dict(config["training"])
     sampling = SampleConfig.from_dict(config["sampling"])
     name = f"{config['preset']}-{digest_json(config)[:8]}"
-    run_dir_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    # unique even for two identical runs started in the same second (they must not share a folder)
+    run_id = str(flow_run.id or uuid.uuid4())[:8]
+    run_dir_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{run_id}"
     store = ArtifactStore(artifacts, run=run_dir_name)
     last = STAGES.index(until) if until else len(STAGES) - 1
     logger = get_run_logger()

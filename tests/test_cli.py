@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -54,3 +55,15 @@ def test_run_then_rerun_sample_stage(tmp_path, corpus_path, corpus_sha, capsys, 
     manifest = json.loads(open(manifest_path).read())
     assert manifest["stages"]["train"]["cached"] is True
     assert manifest["params"]["sampling"]["prompt"] == "JULIET:"
+
+
+def test_progress_bars_for_download_and_training(tmp_path, corpus_path, corpus_sha):
+    env = {**os.environ, "SHAKESPEARE_GPT_PROGRESS": "1", "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows", "stage", "train", "--preset", "tiny",
+         "--artifacts", str(tmp_path), "--source", corpus_path.as_uri(), "--sha256", corpus_sha],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "download" in proc.stderr and "1.1/1.1 MB" in proc.stderr  # bytes of the corpus
+    assert "training" in proc.stderr and "step 30/30" in proc.stderr and "tok/s" in proc.stderr
