@@ -190,6 +190,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tokens", type=int, default=300)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     args = p.parse_args()
     import torch
 
@@ -200,6 +201,8 @@ def main() -> None:
     vocab = Vocab.from_text(text)
     train_ids, _ = split_tokens(vocab.encode(text), 0.1)
     cfg = preset.model.replace(vocab_size=vocab.size)
+    if args.dropout is not None:
+        cfg = cfg.replace(dropout=args.dropout)
     tc = preset.train.replace(compute_dtype="float32")
     mlx_tps, mlx_loss = mlx_training(cfg, tc, train_ids, args.steps, args.warmup)
     torch_tps, torch_loss = torch_training(cfg, tc, train_ids, args.steps, args.warmup)
@@ -210,6 +213,7 @@ def main() -> None:
         json.dumps(
             {
                 "preset": args.preset,
+                "dropout": cfg.dropout,
                 "steps": args.steps,
                 "batch": tc.batch_size,
                 "context": cfg.block_size,
