@@ -23,7 +23,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlx_model.config import get_preset  # noqa: E402
-from mlx_model.generate import make_sampler  # noqa: E402
+from mlx_model.generate import make_decode_step, make_sampler  # noqa: E402
 from mlx_model.model import GPT  # noqa: E402
 
 
@@ -35,13 +35,7 @@ def main() -> None:
     model = GPT(get_preset(args.preset).model)
     model.eval()
     mx.eval(model.parameters())
-    sample = make_sampler(1.0, None, None)
-
-    @mx.compile
-    def step(tok, pos, cache, key):
-        logits, cache = model.decode(tok, pos, cache)
-        nxt, key = sample(logits, key)
-        return nxt, cache, key
+    step = make_decode_step(model, make_sampler(1.0, None, None))
 
     _, cache = model(mx.zeros((1, 1), dtype=mx.int32))
     cache = model.pad_cache(cache)

@@ -16,7 +16,7 @@ from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 from tasks.config import DEFAULT_PRESET, PRESETS
 from tasks.download import CANONICAL_URL, MAX_BYTES, TINY_SHAKESPEARE_SHA256
 
-from .pipeline import STAGES, pipeline
+from .pipeline import STAGES, export_pipeline, pipeline
 
 DEPLOYMENT = "scheduled"
 
@@ -137,18 +137,12 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from mlx_model.checkpoint import load_model
-    from mlx_model.export import export_blockers, export_hf
-
-    summary = pipeline(**{**flow_parameters(args), "until": "train"})
-    model_dir = Path(summary["paths"]["train"])
-    model = load_model(model_dir / "best")
-    blockers = export_blockers(model)
-    if blockers:
-        print("error: cannot export as Hugging Face GPT-2: " + "; ".join(blockers), file=sys.stderr)
+    try:
+        out = export_pipeline(out=args.out, **flow_parameters(args))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    out = export_hf(model, Path(args.out), model_dir / "vocab.json")
-    print(f"exported {model_dir / 'best'} as GPT2LMHeadModel to {out}")
+    print(f"exported the trained model as GPT2LMHeadModel to {out}")
     return 0
 
 

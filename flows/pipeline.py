@@ -17,6 +17,7 @@ from tasks.download import (
     download_corpus,
 )
 from tasks.evaluate import evaluate_model
+from tasks.export import export_model
 from tasks.manifest import write_manifest
 from tasks.prepare import build_vocab, tokenize
 from tasks.report import report_run, report_training
@@ -71,11 +72,15 @@ def resolve_config(
     }
 
 
-def run_name_for(params: dict[str, Any]) -> str:
+def config_name(config: dict[str, Any]) -> str:
     """'<preset>-<8 hex digits of the configuration digest>': what ran, at a glance."""
+    return f"{config['preset']}-{digest_json(config)[:8]}"
+
+
+def run_name_for(params: dict[str, Any]) -> str:
     preset = params.get("preset", DEFAULT_PRESET)
     try:
-        return f"{preset}-{digest_json(resolve_config(**params))[:8]}"
+        return config_name(resolve_config(**params))
     except (ValueError, TypeError):
         return f"{preset}-invalid"  # the flow itself raises the clear error
 
@@ -119,7 +124,7 @@ def pipeline(
     chosen = get_preset(preset)
     training = TrainConfig.from_dict(config["training"])
     sampling = SampleConfig.from_dict(config["sampling"])
-    name = f"{config['preset']}-{digest_json(config)[:8]}"
+    name = config_name(config)
     # unique even for two identical runs started in the same second (they must not share a folder)
     run_id = str(flow_run.id or uuid.uuid4())[:8]
     run_dir_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{run_id}"
@@ -164,6 +169,7 @@ def pipeline(
         "cached": {o.stage: o.cached for o in outputs},
         "reused": {o.stage: o.produced_by for o in outputs if o.cached},
         "paths": {o.stage: o.path for o in outputs},
+        "outputs": by_stage,
     }
     if "evaluate" in by_stage:
         summary["eval"] = by_stage["evaluate"].info
@@ -171,3 +177,10 @@ def pipeline(
         summary["sample"] = by_stage["sample"].info["text"]
     logger.info("stages cached: %s", summary["cached"])
     return summary
+
+
+@flow(name="shakespeare-gpt-export", log_prints=True)
+def export_pipeline(out: str, **params: Any) -> str:
+    """The pipeline up to `train` (cached stages reused), then the Hugging Face export."""
+    summary = pipeline(**{**params, "until": "train"})
+    return export_model(summary["outputs"]["train"], out)

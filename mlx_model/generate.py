@@ -48,6 +48,18 @@ def make_sampler(temperature: float, top_k: int | None, top_p: float | None) -> 
     return sample
 
 
+def make_decode_step(model: GPT, sample: Sampler):
+    """The compiled one-token step: (tok (B,), pos, cache, key) -> (next tok, cache, key)."""
+
+    @mx.compile
+    def step(tok, pos, cache, key):
+        logits, cache = model.decode(tok, pos, cache)
+        nxt, key = sample(logits, key)
+        return nxt, cache, key
+
+    return step
+
+
 def generate_tokens(
     model: GPT,
     prompt_ids: np.ndarray,
@@ -84,12 +96,7 @@ def generate_tokens(
         logits, cache = model(mx.array(history))
         return logits[:, -1, :], model.pad_cache(cache), history.shape[1]
 
-    @mx.compile
-    def step(tok, pos, cache, key):
-        logits, cache = model.decode(tok, pos, cache)
-        nxt, key = sample(logits, key)
-        return nxt, cache, key
-
+    step = make_decode_step(model, sample)
     logits, cache, pos = prefill(ids)
     tok, key = sample(logits, key)
     history = ids

@@ -67,3 +67,18 @@ def test_progress_bars_for_download_and_training(tmp_path, corpus_path, corpus_s
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "download" in proc.stderr and "1.1/1.1 MB" in proc.stderr  # bytes of the corpus
     assert "training" in proc.stderr and "step 30/30" in proc.stderr and "tok/s" in proc.stderr
+
+
+def test_export_command_trains_if_needed_then_writes_gpt2_layout(
+    tmp_path, corpus_path, corpus_sha, prefect_harness, capsys
+):
+    args = ["--preset", "tiny", "--artifacts", str(tmp_path / "a"), "--source", str(corpus_path)]
+    assert main(["export", *args, "--sha256", corpus_sha, "--out", str(tmp_path / "hf")]) == 0
+    assert "exported the trained model as GPT2LMHeadModel" in capsys.readouterr().out
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_layer"] == 2
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+    }

@@ -94,9 +94,9 @@ def test_kill_9_mid_training_then_rerun_resumes_with_the_same_losses(
 
     finish(start(prefect_server, "stage", "train", *tiny(killed, corpus_path, corpus_sha, *steps)))
     resumed, full = metrics(killed), metrics(reference)
-    tc_interval = 10  # the tiny preset's checkpoint_interval
+    # resumes from the newest checkpoint seen before the kill (or a later one), so at most one
+    # checkpoint interval (10 steps for tiny) of work is lost
     assert resumed["resumed_from"] is not None and resumed["resumed_from"] >= at
-    assert resumed["resumed_from"] > at - tc_interval  # lost at most one checkpoint interval
     assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in full["history"]]
     assert [h["train_loss"] for h in resumed["history"]] == [
         h["train_loss"] for h in full["history"]
