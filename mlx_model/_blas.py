@@ -4,6 +4,12 @@ The `mlx[cpu]` wheel links the reference (netlib) BLAS, which makes matrix produ
 tens of times slower than OpenBLAS. MLX resolves `cblas_sgemm` through the global
 symbol scope, so a BLAS loaded with RTLD_GLOBAL before `mlx.core` is imported is the
 one it uses. Nothing happens on macOS (Accelerate) or when MLX was already imported.
+
+MLX's CPU backend runs each stream's work on one thread, so the model spreads a
+batch over one stream per core ("lanes", see `mlx_model.model`). Each lane then
+calls the BLAS itself, so OpenBLAS is set to one thread whenever there is more
+than one lane: its own worker threads would only compete with the other lanes and
+spin while element-wise work runs.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import warnings
 
 CANDIDATES = ("libopenblas.so.0", "libopenblasp-r0.so", "libblis.so.4")
 ENV = "SHAKESPEARE_GPT_BLAS"
+LANES_ENV = "SHAKESPEARE_GPT_CPU_LANES"
 
 loaded: str | None = None
 
@@ -35,10 +42,12 @@ def load_fast_blas() -> str | None:
     names = [os.environ[ENV]] if os.environ.get(ENV) else list(CANDIDATES)
     for name in names:
         try:
-            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
         loaded = name
+        if cpu_lanes() > 1 and hasattr(lib, "openblas_set_num_threads"):
+            lib.openblas_set_num_threads(1)
         return loaded
     warnings.warn(
         "no optimised BLAS found; MLX on this CPU falls back to the reference BLAS and "
@@ -49,3 +58,19 @@ def load_fast_blas() -> str | None:
         stacklevel=2,
     )
     return None
+
+
+def cpu_lanes() -> int:
+    """How many CPU streams the model splits a batch over: one per usable core.
+
+    `SHAKESPEARE_GPT_CPU_LANES=N` overrides it (1 turns lanes off).
+    """
+    value = os.environ.get(LANES_ENV)
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{LANES_ENV} must be a whole number >= 1, got {value!r}")
+        return int(value)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)

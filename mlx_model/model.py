@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from . import fastops
+from ._blas import cpu_lanes
 from .config import GPTConfig
 
 KVCache = list[tuple[mx.array, mx.array] | None]
@@ -21,13 +25,38 @@ def _cpu_float32(x: mx.array) -> bool:
 
 def _attention_weights(q: mx.array, k: mx.array, scale: float) -> mx.array:
     """Causal softmax(q k^T * scale), (B, H, Tq, Tk)."""
-    if _cpu_float32(q):
-        return fastops.causal_weights(q, k, scale)
     tq, tk = q.shape[2], k.shape[2]
     future = mx.arange(tk)[None, :] > (mx.arange(tq)[:, None] + tk - tq)
     scores = (q * scale) @ k.transpose(0, 1, 3, 2)
     scores = mx.where(future, mx.array(-mx.inf, scores.dtype), scores)
     return mx.softmax(scores, axis=-1, precise=True)
+
+
+@functools.cache
+def _lane_streams(n: int) -> tuple[mx.Stream, ...]:
+    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
+
+
+def in_lanes(fn: Callable[[mx.array], Any], x: mx.array, lanes: int) -> Any:
+    """fn(x), with the batch (axis 0) split over `lanes` CPU streams that run at once.
+
+    MLX's CPU backend runs a stream's work on one thread, so one stream uses one
+    core. Each lane computes fn on its share of the batch (forward, and backward
+    too, since autodiff keeps each op on its stream); the outputs (any tree of
+    arrays) are joined again along axis 0. fn must treat batch rows independently.
+    Lanes join after every block, which keeps the lanes' work side by side in
+    MLX's queue: MLX lets only a bounded number of tasks run ahead, so two whole
+    models in two streams would mostly run one after the other.
+    """
+    n = min(lanes, x.shape[0])
+    if n <= 1:
+        return fn(x)
+    bounds = [x.shape[0] * i // n for i in range(1, n)]
+    outs = []
+    for stream, part in zip(_lane_streams(n), mx.split(x, bounds, axis=0), strict=True):
+        with mx.stream(stream):
+            outs.append(fn(part))
+    return tree_map(lambda *parts: mx.concatenate(parts, axis=0), outs[0], *outs[1:])
 
 
 class Linear(nn.Module):
@@ -80,11 +109,12 @@ class CausalSelfAttention(nn.Module):
             k = mx.concatenate([cache[0], k], axis=2)
             v = mx.concatenate([cache[1], v], axis=2)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        if self.training and self.dropout > 0:
+        drop = self.training and self.dropout > 0
+        if _cpu_float32(q):
+            y = fastops.causal_attention(q, k, v, scale, self.attn_drop if drop else None)
+        elif drop:
             # dropout on the attention weights, as GPT-2: the fused kernel has no such option
             y = self.attn_drop(_attention_weights(q, k, scale)) @ v
-        elif _cpu_float32(q):
-            y = fastops.causal_attention(q, k, v, scale)
         else:
             # "causal" aligns the mask to the last query, so cached decoding sees every past key.
             mask = "causal" if T > 1 else None
@@ -164,6 +194,9 @@ class GPT(nn.Module):
         self.ln_f = LayerNorm(cfg.n_emb, cfg.bias)
         if not cfg.tie_weights:
             self.lm_head = Linear(cfg.n_emb, cfg.vocab_size, bias=False)
+        # On the CPU, batches run over one stream per core (see `in_lanes`): an
+        # execution setting, like a thread count, so it is not part of the config.
+        self.lanes = cpu_lanes()
 
     def __call__(
         self,
@@ -185,13 +218,16 @@ class GPT(nn.Module):
         cache = cache if cache is not None else [None] * len(self.h)
         pos = mx.arange(offset, offset + T)
         x = self.drop((self.wte(idx) + self.wpe(pos)).astype(dtype))  # (B, T, C)
+        lanes = self.lanes if dtype == mx.float32 and mx.default_device() == mx.cpu else 1
         new_cache: KVCache = []
         for block, layer_cache in zip(self.h, cache, strict=True):
-            x, layer_cache = block(x, layer_cache)
+            if layer_cache is None:
+                x, layer_cache = in_lanes(block, x, lanes)
+            else:  # continuing a cached sequence: batch rows are already laid out
+                x, layer_cache = block(x, layer_cache)
             new_cache.append(layer_cache)
-        x = self.ln_f(x)
         head = self.wte.weight if self.config.tie_weights else self.lm_head.weight
-        logits = x @ head.astype(dtype).T  # (B, T, vocab)
+        logits = in_lanes(lambda z: self.ln_f(z) @ head.astype(dtype).T, x, lanes)  # (B, T, V)
         return logits.astype(mx.float32), new_cache
 
     def decode(

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -213,3 +215,38 @@ def test_attention_dropout_path_matches_fused_path_without_dropout():
     with mx.stream(mx.cpu):
         fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, mask="causal")
     assert mx.allclose(explicit, fused, atol=1e-5).item()
+
+
+@pytest.mark.parametrize("batch", [2, 3, 5])
+def test_lanes_give_the_same_logits_gradients_and_cache(batch):
+    """The batch split over CPU streams (lanes) computes what one stream computes."""
+    from mlx.utils import tree_flatten
+
+    mx.random.seed(3)
+    model = GPT(CFG)
+    idx = mx.array(np.random.default_rng(1).integers(0, 11, (batch, 12)), dtype=mx.int32)
+    y = mx.array(np.random.default_rng(2).integers(0, 11, (batch, 12)), dtype=mx.int32)
+    results = []
+    for lanes in (1, 2, 3):
+        model.lanes = lanes
+        logits, cache = model(idx)
+        loss, grads = nn.value_and_grad(model, loss_fn)(model, idx, y)
+        results.append((logits, cache, loss, dict(tree_flatten(grads))))
+    one = results[0]
+    for logits, cache, loss, grads in results[1:]:
+        assert mx.allclose(logits, one[0], atol=1e-5).item()
+        assert mx.allclose(cache[1][0], one[1][1][0], atol=1e-5).item()
+        assert abs(loss.item() - one[2].item()) < 1e-5
+        for name, g in grads.items():
+            assert mx.allclose(g, one[3][name], atol=1e-5).item(), name
+
+
+def test_lanes_default_to_usable_cores_and_can_be_set(monkeypatch):
+    from mlx_model._blas import cpu_lanes
+
+    assert cpu_lanes() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SHAKESPEARE_GPT_CPU_LANES", "1")
+    assert GPT(CFG).lanes == 1
+    monkeypatch.setenv("SHAKESPEARE_GPT_CPU_LANES", "zero")
+    with pytest.raises(ValueError, match="must be a whole number >= 1, got 'zero'"):
+        cpu_lanes()
