@@ -1,17 +1,23 @@
 # ruff: noqa: I001
-"""A training step's time by op, forward + backward, on the CPU: MLX's built-in kernels
-("before") against the multiply-add versions in mlx_model.fastops ("after").
+"""A training step's time by op, forward + backward, on the CPU, before and after.
 
     python bench/step_profile.py --preset seed
 
+"Before": MLX's built-in kernels in one stream, OpenBLAS using every core.
+"After": what the model runs now: mlx_model.fastops (multiply-add exp, GELU and
+softmax; attention in query blocks) with the batch split over one stream per core
+(`in_lanes`) where the model splits it, OpenBLAS single-threaded in each lane.
+
 Each op runs alone, compiled, at the preset's shapes (batch x context x width), forward
 and backward (the gradient of a sum), median of `--repeat` runs; the "per step" column
-multiplies by how often the op occurs in one step (e.g. once per layer).
+multiplies by how often the op occurs in one step (e.g. once per layer). The last rows
+time the whole compiled training step with one lane and with one per core, alternating.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import statistics
@@ -25,17 +31,36 @@ import mlx_model  # noqa: E402,F401,I001  (must come before mlx.core: it preload
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
 
-from mlx_model import fastops  # noqa: E402
+from mlx_model import _blas, fastops  # noqa: E402
 from mlx_model.config import get_preset  # noqa: E402
-from mlx_model.model import GPT  # noqa: E402
-from mlx_model.train import make_optimizer  # noqa: E402
+from mlx_model.data import train_batch  # noqa: E402
+from mlx_model.model import GPT, in_lanes  # noqa: E402
+from mlx_model.train import make_optimizer, make_step  # noqa: E402
 
 
-def timed(fn, args, repeat: int) -> float:
-    grad = mx.compile(
-        mx.value_and_grad(lambda *a: fn(*a).astype(mx.float32).sum(), list(range(len(args))))
-    )
+def blas_threads(n: int) -> None:
+    if _blas.loaded:
+        lib = ctypes.CDLL(_blas.loaded)
+        if hasattr(lib, "openblas_set_num_threads"):
+            lib.openblas_set_num_threads(n)
+
+
+def timed(fn, batched: tuple, shared: tuple, repeat: int, lanes: int) -> float:
+    """Median ms of fn(*batched, *shared) forward + backward, batch rows over `lanes`."""
+    n_b = len(batched)
+
+    def total(*args):
+        def lane(*b):
+            return fn(*b, *args[n_b:]).astype(mx.float32).sum(keepdims=True)
+
+        if n_b == 0:
+            return lane().sum()
+        return in_lanes(lane, lanes, *args[:n_b]).sum()
+
+    args = (*batched, *shared)
+    grad = mx.compile(mx.value_and_grad(total, list(range(len(args)))))
     for _ in range(2):
         mx.eval(grad(*args))
     times = []
@@ -46,22 +71,52 @@ def timed(fn, args, repeat: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def builtin_attention(q, k, v, scale):
+def builtin_attention(q, k, v, scale, drop=None):
     T = q.shape[2]
     mask = mx.arange(T)[None, :] > mx.arange(T)[:, None]
-    s = mx.where(mask, -mx.inf, (q * scale) @ k.transpose(0, 1, 3, 2))
-    return mx.softmax(s, axis=-1, precise=True) @ v
+    w = mx.softmax(mx.where(mask, -mx.inf, (q * scale) @ k.transpose(0, 1, 3, 2)), axis=-1)
+    return (drop(w) if drop else w) @ v
+
+
+def step_ms(cfg, tc, lanes: int, steps: int) -> list[float]:
+    """ms per step of the compiled training step, one value per call of the returned run."""
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000).astype(np.uint16)
+    mx.random.seed(0)
+    model = GPT(cfg)
+    model.lanes = lanes
+    opt = make_optimizer(tc)
+    opt.init(model.trainable_parameters())
+    model.train()
+    step = make_step(model, opt, tc)
+    i = 0
+
+    def run(n: int) -> float:
+        nonlocal i
+        t = time.perf_counter()
+        for _ in range(n):
+            x, y = train_batch(ids, cfg.block_size, tc.batch_size, tc.seed, i)
+            loss = step(mx.array(x), mx.array(y))
+            mx.async_eval(loss, model.parameters(), opt.state)
+            i += 1
+        mx.eval(loss)
+        return 1000 * (time.perf_counter() - t) / n
+
+    run(2)
+    return run
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="seed")
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--steps", type=int, default=5, help="steps per whole-step round")
+    p.add_argument("--rounds", type=int, default=3, help="whole-step rounds per side")
     args = p.parse_args()
-    cfg = get_preset(args.preset).model
+    cfg = get_preset(args.preset).model.replace(vocab_size=65)
     tc = get_preset(args.preset).train
     B, T, C, H, L = tc.batch_size, cfg.block_size, cfg.n_emb, cfg.n_head, cfg.n_layer
     D = C // H
+    lanes = _blas.cpu_lanes()
     r = mx.random.normal
     x, h4 = r((B, T, C)), r((B, T, 4 * C))
     q, k, v = r((B, H, T, D)), r((B, H, T, D)), r((B, H, T, D))
@@ -73,52 +128,55 @@ def main() -> None:
     scale = 1 / math.sqrt(D)
     mx.eval(x, h4, q, k, v, w_attn, w_proj, w_fc, w_fc2, wte, wpe, idx, y)
     drop = nn.Dropout(cfg.dropout)
+    drop.train()
 
+    def matmul(a, w):
+        return a @ w.T
+
+    def layer_norm(a):
+        return mx.fast.layer_norm(a, g, b, 1e-5)
+
+    def fast_attention(a, b_, c):
+        return fastops.causal_attention(a, b_, c, scale, drop)
+
+    # name, count per step, before fn, after fn (None: same), batched args, shared args,
+    # whether the model runs the op in lanes
     ops = [
-        # name, count per step, before (fn, args), after (fn, args)
-        ("embeddings (gather)", 1, (lambda a, c: a[idx] + c[:T], (wte, wpe)), None),
-        ("layer norm", 2 * L + 1, (lambda a: mx.fast.layer_norm(a, g, b, 1e-5), (x,)), None),
-        ("qkv projection (matmul)", L, (lambda a, w: a @ w.T, (x, w_attn)), None),
+        ("embeddings (gather)", 1, lambda a, c: a[idx] + c[:T], None, (), (wte, wpe), False),
+        ("layer norm", 2 * L + 1, layer_norm, None, (x,), (), True),
+        ("qkv projection (matmul)", L, matmul, None, (x,), (w_attn,), True),
         (
-            "causal attention core",
+            "attention core + dropout",
             L,
-            (lambda a, b_, c: builtin_attention(a, b_, c, scale), (q, k, v)),
-            (lambda a, b_, c: fastops.causal_attention(a, b_, c, scale), (q, k, v)),
+            lambda a, b_, c: builtin_attention(a, b_, c, scale, drop),
+            fast_attention,
+            (q, k, v),
+            (),
+            True,
         ),
-        (
-            "attention weights + dropout (training)",
-            L,
-            (lambda a, b_, c: drop(mx.softmax(_masked(a, b_, scale), axis=-1)) @ c, (q, k, v)),
-            (lambda a, b_, c: drop(fastops.causal_weights(a, b_, scale)) @ c, (q, k, v)),
-        ),
-        ("attention out projection (matmul)", L, (lambda a, w: a @ w.T, (x, w_proj)), None),
-        ("MLP up (matmul)", L, (lambda a, w: a @ w.T, (x, w_fc)), None),
-        ("GELU (tanh)", L, (nn.gelu_approx, (h4,)), (fastops.gelu, (h4,))),
-        ("MLP down (matmul)", L, (lambda a, w: a @ w.T, (h4, w_fc2)), None),
+        ("attention out projection (matmul)", L, matmul, None, (x,), (w_proj,), True),
+        ("MLP up (matmul)", L, matmul, None, (x,), (w_fc,), True),
+        ("GELU (tanh)", L, nn.gelu_approx, fastops.gelu, (h4,), (), True),
+        ("MLP down (matmul)", L, matmul, None, (h4,), (w_fc2,), True),
         (
             "LM head + cross-entropy",
             1,
-            (lambda a, w: nn.losses.cross_entropy(a @ w.T, y), (x, wte)),
+            lambda a, w: nn.losses.cross_entropy(a @ w.T, y),
             None,
+            (x,),
+            (wte,),
+            False,
         ),
     ]
-    drop.train()
     rows = []
-    for name, count, before, after in ops:
-        t_before = timed(*before, args.repeat)
-        t_after = timed(*after, args.repeat) if after else t_before
-        rows.append(
-            {
-                "op": name,
-                "per_step": count,
-                "before_ms": round(t_before, 2),
-                "after_ms": round(t_after, 2),
-                "before_step_ms": round(t_before * count, 1),
-                "after_step_ms": round(t_after * count, 1),
-            }
-        )
-    # the optimizer update over the whole model
-    model = GPT(cfg.replace(vocab_size=65))
+    for name, count, before, after, batched, shared, laned in ops:
+        blas_threads(lanes)
+        t_before = timed(before, batched, shared, args.repeat, 1)
+        blas_threads(1 if lanes > 1 else lanes)
+        t_after = timed(after or before, batched, shared, args.repeat, lanes if laned else 1)
+        rows.append([name, count, t_before, t_after])
+    # the optimizer update over the whole model, the same both ways
+    model = GPT(cfg)
     opt = make_optimizer(tc)
     opt.init(model.trainable_parameters())
     grads = model.trainable_parameters()
@@ -133,23 +191,42 @@ def main() -> None:
     for _ in range(args.repeat):
         update()
     upd = 1000 * (time.perf_counter() - t) / args.repeat
-    rows.append({"op": "AdamW update (eager)", "per_step": 1, "before_ms": round(upd, 2),
-                 "after_ms": round(upd, 2), "before_step_ms": round(upd, 1),
-                 "after_step_ms": round(upd, 1)})  # fmt: skip
+    rows.append(["AdamW update", 1, upd, upd])
+
+    print(f"lanes: {lanes}")
     print("| op | per step | before ms | after ms | before ms/step | after ms/step |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        print("| " + " | ".join(str(v) for v in row.values()) + " |")
-    total_before = sum(r["before_step_ms"] for r in rows)
-    total_after = sum(r["after_step_ms"] for r in rows)
-    print(json.dumps({"preset": args.preset, "sum_before_ms": round(total_before, 1),
-                      "sum_after_ms": round(total_after, 1)}))  # fmt: skip
+    for name, count, tb, ta in rows:
+        print(f"| {name} | {count} | {tb:.2f} | {ta:.2f} | {tb * count:.1f} | {ta * count:.1f} |")
+    total_before = sum(r[1] * r[2] for r in rows)
+    total_after = sum(r[1] * r[3] for r in rows)
+    print(f"| sum of the ops | | | | {total_before:.1f} | {total_after:.1f} |")
 
-
-def _masked(q, k, scale):
-    T = q.shape[2]
-    mask = mx.arange(T)[None, :] > mx.arange(T)[:, None]
-    return mx.where(mask, -mx.inf, (q * scale) @ k.transpose(0, 1, 3, 2))
+    # the whole step, fastops either way: one lane against one per core, alternating
+    blas_threads(1 if lanes > 1 else lanes)
+    runs = {"one lane": step_ms(cfg, tc, 1, args.steps), "lanes": step_ms(cfg, tc, lanes, 0)}
+    whole: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for kind, run in runs.items():
+            if kind == "one lane":
+                blas_threads(lanes)
+            else:
+                blas_threads(1 if lanes > 1 else lanes)
+            whole[kind].append(run(args.steps))
+    med = {k: statistics.median(v) for k, v in whole.items()}
+    print(f"| whole step, one lane (BLAS on {lanes} threads) | 1 | | | {med['one lane']:.1f} | |")
+    print(f"| whole step, {lanes} lanes | 1 | | | | {med['lanes']:.1f} |")
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "lanes": lanes,
+                "sum_before_ms": round(total_before, 1),
+                "sum_after_ms": round(total_after, 1),
+                "whole_step_ms": {k: [round(x) for x in v] for k, v in whole.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

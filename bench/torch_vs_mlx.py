@@ -1,13 +1,15 @@
 # ruff: noqa: I001
 """Side by side on this machine: the project's MLX model against a PyTorch reference.
 
-    pip install -e '.[interop]'     # torch==2.13.0 (CPU build, from the local file here)
-    python bench/torch_vs_mlx.py --preset seed --steps 30 --tokens 300
+    pip install -e '.[bench]'     # torch==2.13.0 (CPU build, from the local file here)
+    python bench/torch_vs_mlx.py --preset seed --steps 20 --tokens 300 --rounds 3
 
 One process run: the same GPT-2 shape (from the preset), the same random windows of the
 real corpus, the same batch, AdamW with the same settings, dropout as configured. Prints
 training tokens/s for each and the MLX/PyTorch ratio, then KV-cache sampling tokens/s for
-each (batch 1, a full-context prompt, `--tokens` new tokens) and that ratio.
+each (batch 1, a full-context prompt, `--tokens` new tokens) and that ratio. The two
+sides alternate for `--rounds` rounds of each measurement; each side's figure is the
+median of its rounds, and every round is printed too.
 The PyTorch model is written here, plainly, as the tutorials write it: eager mode,
 fused QKV, `F.scaled_dot_product_attention`, tanh GELU, tied head.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,24 +39,33 @@ from mlx_model.train import make_optimizer, make_step  # noqa: E402
 
 
 def mlx_training(cfg: GPTConfig, tc: TrainConfig, ids: np.ndarray, steps: int, warmup: int):
+    """Yields (tokens/s, last loss) for each round of `steps` steps, after `warmup` steps."""
     mx.random.seed(tc.seed)
     model = GPT(cfg)
     optimizer = make_optimizer(tc)
     optimizer.init(model.trainable_parameters())
     model.train()
     step = make_step(model, optimizer, tc)
-    loss = None
-    for i in range(warmup + steps):
-        if i == warmup:
-            mx.eval(loss)
-            t0 = time.perf_counter()
-        x, y = train_batch(ids, cfg.block_size, tc.batch_size, tc.seed, i)
-        mx.random.seed(tc.seed * 1_000_003 + i)
-        loss = step(mx.array(x), mx.array(y))
-        mx.async_eval(loss, model.parameters(), optimizer.state)
-    mx.eval(loss)
-    seconds = time.perf_counter() - t0
-    return steps * tc.batch_size * cfg.block_size / seconds, float(loss.item())
+    i = 0
+
+    def run(n: int) -> mx.array:
+        nonlocal i
+        loss = None
+        for _ in range(n):
+            x, y = train_batch(ids, cfg.block_size, tc.batch_size, tc.seed, i)
+            mx.random.seed(tc.seed * 1_000_003 + i)
+            loss = step(mx.array(x), mx.array(y))
+            mx.async_eval(loss, model.parameters(), optimizer.state)
+            i += 1
+        mx.eval(loss)
+        return loss
+
+    run(warmup)
+    while True:
+        t0 = time.perf_counter()
+        loss = run(steps)
+        seconds = time.perf_counter() - t0
+        yield steps * tc.batch_size * cfg.block_size / seconds, float(loss.item())
 
 
 def torch_model(cfg: GPTConfig):
@@ -115,6 +127,7 @@ def torch_model(cfg: GPTConfig):
 
 
 def torch_training(cfg: GPTConfig, tc: TrainConfig, ids: np.ndarray, steps: int, warmup: int):
+    """Yields (tokens/s, last loss) for each round of `steps` steps, after `warmup` steps."""
     import torch
     import torch.nn.functional as F
 
@@ -127,19 +140,29 @@ def torch_training(cfg: GPTConfig, tc: TrainConfig, ids: np.ndarray, steps: int,
         lr=tc.learning_rate,
         betas=(tc.beta1, tc.beta2),
     )
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
-        x, y = train_batch(ids, cfg.block_size, tc.batch_size, tc.seed, i)
-        x, y = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
-    seconds = time.perf_counter() - t0
-    return steps * tc.batch_size * cfg.block_size / seconds, float(loss.item())
+    i = 0
+
+    def run(n: int):
+        nonlocal i
+        loss = None
+        for _ in range(n):
+            x, y = train_batch(ids, cfg.block_size, tc.batch_size, tc.seed, i)
+            x, y = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+            logits, _ = model(x)
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            i += 1
+        return loss
+
+    run(warmup)
+    while True:
+        t0 = time.perf_counter()
+        loss = run(steps)
+        seconds = time.perf_counter() - t0
+        yield steps * tc.batch_size * cfg.block_size / seconds, float(loss.item())
 
 
 def torch_sampling(cfg: GPTConfig, prompt: np.ndarray, n: int) -> float:
@@ -165,18 +188,20 @@ def torch_sampling(cfg: GPTConfig, prompt: np.ndarray, n: int) -> float:
                     logits, cache = model(history[:, -(cfg.block_size // 2 + 1) :])
 
     run(20)
-    t0 = time.perf_counter()
-    run(n)
-    return n / (time.perf_counter() - t0)
+    while True:
+        t0 = time.perf_counter()
+        run(n)
+        yield n / (time.perf_counter() - t0)
 
 
 def mlx_sampling(cfg: GPTConfig, prompt: np.ndarray, n: int) -> float:
     mx.random.seed(0)
     model = GPT(cfg)
     generate(model, prompt, 20, temperature=1.0)
-    t0 = time.perf_counter()
-    generate(model, prompt, n, temperature=1.0, seed=1)
-    return n / (time.perf_counter() - t0)
+    while True:
+        t0 = time.perf_counter()
+        generate(model, prompt, n, temperature=1.0, seed=1)
+        yield n / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -189,6 +214,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tokens", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per side")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     args = p.parse_args()
@@ -204,17 +230,39 @@ def main() -> None:
     if args.dropout is not None:
         cfg = cfg.replace(dropout=args.dropout)
     tc = preset.train.replace(compute_dtype="float32")
-    mlx_tps, mlx_loss = mlx_training(cfg, tc, train_ids, args.steps, args.warmup)
-    torch_tps, torch_loss = torch_training(cfg, tc, train_ids, args.steps, args.warmup)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, cfg.block_size)
-    mlx_gen = mlx_sampling(cfg, prompt, args.tokens)
-    torch_gen = torch_sampling(cfg, prompt, args.tokens)
+    # the two sides alternate, round by round, so a slow spell on this shared machine
+    # falls on both; each side's figure is its median round
+    sides = {
+        "train": (
+            mlx_training(cfg, tc, train_ids, args.steps, args.warmup),
+            torch_training(cfg, tc, train_ids, args.steps, args.warmup),
+        ),
+        "sampling": (
+            mlx_sampling(cfg, prompt, args.tokens),
+            torch_sampling(cfg, prompt, args.tokens),
+        ),
+    }
+    rounds: dict[str, dict[str, list]] = {k: {"mlx": [], "torch": []} for k in sides}
+    for _ in range(args.rounds):
+        for kind, (mlx_side, torch_side) in sides.items():
+            rounds[kind]["mlx"].append(next(mlx_side))
+            rounds[kind]["torch"].append(next(torch_side))
+
+    def median_rate(values: list) -> float:
+        return statistics.median(v[0] if isinstance(v, tuple) else v for v in values)
+
+    mlx_tps, torch_tps = median_rate(rounds["train"]["mlx"]), median_rate(rounds["train"]["torch"])
+    mlx_loss, torch_loss = rounds["train"]["mlx"][-1][1], rounds["train"]["torch"][-1][1]
+    mlx_gen = median_rate(rounds["sampling"]["mlx"])
+    torch_gen = median_rate(rounds["sampling"]["torch"])
     print(
         json.dumps(
             {
                 "preset": args.preset,
                 "dropout": cfg.dropout,
                 "steps": args.steps,
+                "rounds": args.rounds,
                 "batch": tc.batch_size,
                 "context": cfg.block_size,
                 "torch": torch.__version__,
@@ -225,6 +273,10 @@ def main() -> None:
                 "last_loss": {"mlx": round(mlx_loss, 4), "torch": round(torch_loss, 4)},
                 "kv_sampling_tok_s": {"mlx": round(mlx_gen, 1), "torch": round(torch_gen, 1)},
                 "sampling_ratio_mlx_over_torch": round(mlx_gen / torch_gen, 3),
+                "every_round": {
+                    kind: {side: [round(median_rate([v])) for v in r[side]] for side in r}
+                    for kind, r in rounds.items()
+                },
             }
         )
     )

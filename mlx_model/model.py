@@ -37,8 +37,8 @@ def _lane_streams(n: int) -> tuple[mx.Stream, ...]:
     return tuple(mx.new_stream(mx.cpu) for _ in range(n))
 
 
-def in_lanes(fn: Callable[[mx.array], Any], x: mx.array, lanes: int) -> Any:
-    """fn(x), with the batch (axis 0) split over `lanes` CPU streams that run at once.
+def in_lanes(fn: Callable[..., Any], lanes: int, *xs: mx.array) -> Any:
+    """fn(*xs), with the batch (axis 0) split over `lanes` CPU streams that run at once.
 
     MLX's CPU backend runs a stream's work on one thread, so one stream uses one
     core. Each lane computes fn on its share of the batch (forward, and backward
@@ -48,14 +48,15 @@ def in_lanes(fn: Callable[[mx.array], Any], x: mx.array, lanes: int) -> Any:
     MLX's queue: MLX lets only a bounded number of tasks run ahead, so two whole
     models in two streams would mostly run one after the other.
     """
-    n = min(lanes, x.shape[0])
+    n = min(lanes, xs[0].shape[0])
     if n <= 1:
-        return fn(x)
-    bounds = [x.shape[0] * i // n for i in range(1, n)]
+        return fn(*xs)
+    bounds = [xs[0].shape[0] * i // n for i in range(1, n)]
+    splits = [mx.split(x, bounds, axis=0) for x in xs]
     outs = []
-    for stream, part in zip(_lane_streams(n), mx.split(x, bounds, axis=0), strict=True):
+    for lane, stream in enumerate(_lane_streams(n)):
         with mx.stream(stream):
-            outs.append(fn(part))
+            outs.append(fn(*(parts[lane] for parts in splits)))
     return tree_map(lambda *parts: mx.concatenate(parts, axis=0), outs[0], *outs[1:])
 
 
@@ -222,12 +223,12 @@ class GPT(nn.Module):
         new_cache: KVCache = []
         for block, layer_cache in zip(self.h, cache, strict=True):
             if layer_cache is None:
-                x, layer_cache = in_lanes(block, x, lanes)
+                x, layer_cache = in_lanes(block, lanes, x)
             else:  # continuing a cached sequence: batch rows are already laid out
                 x, layer_cache = block(x, layer_cache)
             new_cache.append(layer_cache)
         head = self.wte.weight if self.config.tie_weights else self.lm_head.weight
-        logits = in_lanes(lambda z: self.ln_f(z) @ head.astype(dtype).T, x, lanes)  # (B, T, V)
+        logits = in_lanes(lambda z: self.ln_f(z) @ head.astype(dtype).T, lanes, x)  # (B, T, V)
         return logits.astype(mx.float32), new_cache
 
     def decode(
