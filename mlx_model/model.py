@@ -60,6 +60,22 @@ def in_lanes(fn: Callable[..., Any], lanes: int, *xs: mx.array) -> Any:
     return tree_map(lambda *parts: mx.concatenate(parts, axis=0), outs[0], *outs[1:])
 
 
+class Dropout(nn.Module):
+    """Inverted dropout; on the CPU in float32 its masks come from `fastops.dropout`."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self.training or self.p == 0:
+            return x
+        if _cpu_float32(x):
+            return fastops.dropout(x, self.p)
+        keep = mx.random.bernoulli(1.0 - self.p, x.shape)
+        return mx.where(keep, x * (1.0 / (1.0 - self.p)), mx.array(0.0, x.dtype))
+
+
 class Linear(nn.Module):
     """y = x W^T + b, computing in the input's dtype while the weights stay float32."""
 
@@ -96,8 +112,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = Linear(cfg.n_emb, 3 * cfg.n_emb, cfg.bias)  # fused q, k, v
         self.c_proj = Linear(cfg.n_emb, cfg.n_emb, cfg.bias, std=proj_std)
         self.dropout = cfg.dropout
-        self.attn_drop = nn.Dropout(cfg.dropout)
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.attn_drop = Dropout(cfg.dropout)
+        self.resid_drop = Dropout(cfg.dropout)
 
     def __call__(
         self, x: mx.array, cache: tuple[mx.array, mx.array] | None = None
@@ -147,7 +163,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = Linear(cfg.n_emb, 4 * cfg.n_emb, cfg.bias)
         self.c_proj = Linear(4 * cfg.n_emb, cfg.n_emb, cfg.bias, std=proj_std)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.c_fc(x)
@@ -190,7 +206,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_emb)
         self.wte.weight = mx.random.normal(self.wte.weight.shape) * 0.02
         self.wpe.weight = mx.random.normal(self.wpe.weight.shape) * 0.02
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.h = [Block(cfg, proj_std) for _ in range(cfg.n_layer)]
         self.ln_f = LayerNorm(cfg.n_emb, cfg.bias)
         if not cfg.tie_weights:

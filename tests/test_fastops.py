@@ -63,3 +63,31 @@ def test_backward_runs_on_the_forward_stream():
         lane_g = mx.grad(lambda t: (fastops.gelu(t) * fastops.masked_softmax(t, keep)).sum())(x)
     assert mx.allclose(ref_g, lane_g, atol=1e-6).item()
     assert len({key[1] for key in fastops._per_stream}) >= 2  # one copy per stream
+
+
+def test_dropout_drops_p_scales_the_rest_and_follows_the_seed():
+    x = mx.ones((1000, 1000))
+    mx.random.seed(5)
+    a = np.array(fastops.dropout(x, 0.1))
+    dropped = (a == 0).mean()
+    assert abs(dropped - 0.1) < 5 * (0.1 * 0.9 / a.size) ** 0.5  # within 5 sigma
+    assert np.allclose(a[a != 0], 1 / 0.9)
+    # rows and columns are not biased: per-column drop rates spread as binomial noise
+    assert (a == 0).mean(axis=0).std() < 1.5 * (0.1 * 0.9 / 1000) ** 0.5
+    mx.random.seed(5)
+    assert np.array_equal(np.array(fastops.dropout(x, 0.1)), a)  # same seed, same mask
+    b = np.array(fastops.dropout(x, 0.1))  # the generator moved on: a new mask
+    assert 0.15 < ((a == 0) != (b == 0)).mean() < 0.21  # independent masks: 2 p (1 - p)
+    g = np.array(mx.grad(lambda t: (fastops.dropout(t, 0.5) * 3.0).sum())(mx.ones((64, 64))))
+    assert set(np.unique(g).tolist()) == {0.0, 6.0}  # the gradient passes through the mask
+
+
+def test_model_dropout_is_identity_in_eval_mode():
+    from mlx_model.model import Dropout
+
+    drop = Dropout(0.3)
+    x = mx.random.normal((8, 8))
+    drop.eval()
+    assert mx.array_equal(drop(x), x).item()
+    drop.train()
+    assert (np.array(drop(x)) == 0).any()
