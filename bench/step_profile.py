@@ -12,6 +12,7 @@ Each op runs alone, compiled, at the preset's shapes (batch x context x width), 
 and backward (the gradient of a sum), median of `--repeat` runs; the "per step" column
 multiplies by how often the op occurs in one step (e.g. once per layer). The last rows
 time the whole compiled training step with one lane and with one per core, alternating.
+A second table gives each op's share of the real step by ablation (the step without it).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np  # noqa: E402
 from mlx_model import _blas, fastops  # noqa: E402
 from mlx_model.config import get_preset  # noqa: E402
 from mlx_model.data import train_batch  # noqa: E402
-from mlx_model.model import GPT, in_lanes  # noqa: E402
+from mlx_model.model import GPT, LayerNorm, in_lanes  # noqa: E402
 from mlx_model.train import make_optimizer, make_step  # noqa: E402
 
 
@@ -78,8 +79,8 @@ def builtin_attention(q, k, v, scale, drop=None):
     return (drop(w) if drop else w) @ v
 
 
-def step_ms(cfg, tc, lanes: int, steps: int) -> list[float]:
-    """ms per step of the compiled training step, one value per call of the returned run."""
+def step_ms(cfg, tc, lanes: int):
+    """A function run(n) -> ms per step over n more steps of the compiled training step."""
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000).astype(np.uint16)
     mx.random.seed(0)
     model = GPT(cfg)
@@ -204,7 +205,7 @@ def main() -> None:
 
     # the whole step, fastops either way: one lane against one per core, alternating
     blas_threads(1 if lanes > 1 else lanes)
-    runs = {"one lane": step_ms(cfg, tc, 1, args.steps), "lanes": step_ms(cfg, tc, lanes, 0)}
+    runs = {"one lane": step_ms(cfg, tc, 1), "lanes": step_ms(cfg, tc, lanes)}
     whole: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
         for kind, run in runs.items():
@@ -216,6 +217,37 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in whole.items()}
     print(f"| whole step, one lane (BLAS on {lanes} threads) | 1 | | | {med['one lane']:.1f} | |")
     print(f"| whole step, {lanes} lanes | 1 | | | | {med['lanes']:.1f} |")
+
+    # Each op's share of the real step, by ablation: the whole step with that op
+    # replaced by a pass-through, against the full step, alternating rounds. Isolated
+    # timings above miss how ops overlap across lanes; this does not.
+    real_gelu, real_attention, real_ln = fastops.gelu, fastops.causal_attention, LayerNorm.__call__
+    ablations = {
+        "full step": {},
+        "GELU": {"gelu": lambda x: x * 1.0},
+        "attention core + dropout": {"attention": lambda q, k, v, *a, **kw: v * 1.0},
+        "layer norms": {"ln": lambda self, x: x * 1.0},
+        "dropout": {"dropout": 0.0},
+    }
+    ablated_runs = {}
+    for name, change in ablations.items():
+        fastops.gelu = change.get("gelu", real_gelu)
+        fastops.causal_attention = change.get("attention", real_attention)
+        LayerNorm.__call__ = change.get("ln", real_ln)
+        dropout = change.get("dropout", cfg.dropout)
+        ablated_runs[name] = step_ms(cfg.replace(dropout=dropout), tc, lanes)
+    fastops.gelu, fastops.causal_attention, LayerNorm.__call__ = real_gelu, real_attention, real_ln
+    ablated: dict[str, list[float]] = {k: [] for k in ablated_runs}
+    for _ in range(args.rounds):
+        for name, run in ablated_runs.items():
+            ablated[name].append(run(args.steps))
+    full = statistics.median(ablated["full step"])
+    print(f"\n| without ({lanes} lanes) | ms/step | share of the full step |")
+    print("| --- | --- | --- |")
+    for name, values in ablated.items():
+        ms = statistics.median(values)
+        share = "" if name == "full step" else f"{full - ms:.0f} ms ({(full - ms) / full:.0%})"
+        print(f"| {name} | {ms:.0f} | {share} |")
     print(
         json.dumps(
             {
@@ -224,6 +256,7 @@ def main() -> None:
                 "sum_before_ms": round(total_before, 1),
                 "sum_after_ms": round(total_after, 1),
                 "whole_step_ms": {k: [round(x) for x in v] for k, v in whole.items()},
+                "ablation_ms": {k: [round(x) for x in v] for k, v in ablated.items()},
             }
         )
     )

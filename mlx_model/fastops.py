@@ -130,6 +130,33 @@ def _on_current_stream(name: str, forward, backward) -> mx.custom_function:
     return _per_stream[key]
 
 
+def _layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float):
+    mean = mx.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    rstd = mx.rsqrt(mx.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    xhat = centred * rstd
+    return xhat * weight + bias, xhat, rstd
+
+
+def _layer_norm_grad(primals, cotangents, outputs):
+    x, weight, bias = primals
+    dy, xhat, rstd = cotangents[0], outputs[1], outputs[2]
+    g = dy * weight
+    dx = rstd * (
+        g - mx.mean(g, axis=-1, keepdims=True) - xhat * mx.mean(g * xhat, axis=-1, keepdims=True)
+    )
+    rows = tuple(range(dy.ndim - 1))
+    return dx, mx.sum(dy * xhat, axis=rows), mx.sum(dy, axis=rows)
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """Layer norm over the last axis with a closed-form backward."""
+    fn = _on_current_stream(
+        f"layer_norm{eps}", lambda x, w, b: _layer_norm(x, w, b, eps), _layer_norm_grad
+    )
+    return fn(x, weight, bias)[0]
+
+
 def gelu(x: mx.array) -> mx.array:
     """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), closed-form gradient."""
     # a single input reaches the backward bare, not in a tuple; the tanh output has no

@@ -101,6 +101,8 @@ class LayerNorm(nn.Module):
             self.bias = mx.zeros((dims,))
 
     def __call__(self, x: mx.array) -> mx.array:
+        if "bias" in self and _cpu_float32(x):
+            return fastops.layer_norm(x, self.weight, self.bias, self.eps)
         bias = self.bias.astype(x.dtype) if "bias" in self else None
         return mx.fast.layer_norm(x, self.weight.astype(x.dtype), bias, self.eps)
 

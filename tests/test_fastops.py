@@ -91,3 +91,21 @@ def test_model_dropout_is_identity_in_eval_mode():
     assert mx.array_equal(drop(x), x).item()
     drop.train()
     assert (np.array(drop(x)) == 0).any()
+
+
+def test_layer_norm_and_its_gradients_match_mlx():
+    x = mx.random.normal((4, 7, 32)) * 3 + 1
+    w, b = mx.random.normal((32,)), mx.random.normal((32,))
+    ct = mx.random.normal((4, 7, 32))
+
+    def ours(x, w, b):
+        return (fastops.layer_norm(x, w, b, 1e-5) * ct).sum()
+
+    def ref(x, w, b):
+        return (mx.fast.layer_norm(x, w, b, 1e-5) * ct).sum()
+
+    y = fastops.layer_norm(x, w, b, 1e-5)
+    assert mx.allclose(y, mx.fast.layer_norm(x, w, b, 1e-5), atol=1e-5).item()
+    grads = mx.grad(ours, (0, 1, 2))(x, w, b), mx.grad(ref, (0, 1, 2))(x, w, b)
+    for a, r in zip(*grads, strict=True):
+        assert mx.allclose(a, r, atol=1e-4).item()
