@@ -157,6 +157,11 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
     return fn(x, weight, bias)[0]
 
 
+def gelu_forward(x: mx.array) -> mx.array:
+    """GPT-2's GELU without a custom backward, for inference."""
+    return _gelu_and_tanh(x)[0]
+
+
 def gelu(x: mx.array) -> mx.array:
     """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), closed-form gradient."""
     # a single input reaches the backward bare, not in a tuple; the tanh output has no

@@ -101,7 +101,7 @@ class LayerNorm(nn.Module):
             self.bias = mx.zeros((dims,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        if "bias" in self and _cpu_float32(x):
+        if self.training and "bias" in self and _cpu_float32(x):  # its backward is faster
             return fastops.layer_norm(x, self.weight, self.bias, self.eps)
         bias = self.bias.astype(x.dtype) if "bias" in self else None
         return mx.fast.layer_norm(x, self.weight.astype(x.dtype), bias, self.eps)
@@ -169,7 +169,12 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.c_fc(x)
-        h = fastops.gelu(h) if _cpu_float32(h) else nn.gelu_approx(h)
+        if not _cpu_float32(h):
+            h = nn.gelu_approx(h)
+        elif self.training:
+            h = fastops.gelu(h)  # with its closed-form backward
+        else:
+            h = fastops.gelu_forward(h)  # plain ops, which fuse with their neighbours
         return self.drop(self.c_proj(h))
 
 
