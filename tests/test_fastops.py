@@ -23,7 +23,8 @@ def test_exp_matches_reference():
 
 
 def test_gelu_and_its_gradient_match_gpt2_gelu():
-    x = mx.concatenate([mx.random.normal((10_000,)) * 4, mx.array([0.0, -0.0, 1e-30, -12.0, -100.0, 100.0, -1e4, 1e4])])
+    extremes = mx.array([0.0, -0.0, 1e-30, -12.0, -100.0, 100.0, -1e4, 1e4])
+    x = mx.concatenate([mx.random.normal((10_000,)) * 4, extremes])
     assert mx.abs(fastops.gelu(x) - nn.gelu_approx(x)).max().item() < 5e-6
     g_fast = mx.grad(lambda t: fastops.gelu(t).sum())(x)
     g_ref = mx.grad(lambda t: nn.gelu_approx(t).sum())(x)
@@ -107,3 +108,13 @@ def test_layer_norm_and_its_gradients_match_mlx():
     grads = mx.grad(ours, (0, 1, 2))(x, w, b), mx.grad(ref, (0, 1, 2))(x, w, b)
     for a, r in zip(*grads, strict=True):
         assert mx.allclose(a, r, atol=1e-4).item()
+
+
+def test_model_dropout_outside_the_cpu_float32_path_uses_bernoulli_masks():
+    from mlx_model.model import Dropout
+
+    drop = Dropout(0.25)
+    drop.train()
+    y = np.array(drop(mx.ones((400, 400), dtype=mx.bfloat16)).astype(mx.float32))
+    assert abs((y == 0).mean() - 0.25) < 0.01
+    assert np.allclose(y[y != 0], 1 / 0.75, rtol=1e-2)  # bfloat16 rounding of 4/3
