@@ -131,11 +131,15 @@ def _shim(target: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src, out = Path(tmp) / "shim.c", Path(tmp) / "shim.so"
         src.write_text(source)
-        build = subprocess.run(
-            [compiler, "-shared", "-fPIC", "-o", str(out), str(src)],
-            capture_output=True,
-            text=True,
-        )
+        try:
+            build = subprocess.run(
+                [compiler, "-shared", "-fPIC", "-o", str(out), str(src)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        except subprocess.TimeoutExpired as err:
+            raise RuntimeError(f"building the BLAS shim with {compiler} timed out") from err
         if build.returncode != 0:
             raise RuntimeError(f"building the BLAS shim failed: {build.stderr.strip()[:300]}")
         os.replace(out, shim)  # atomic: a concurrent import sees the whole file or none
