@@ -38,6 +38,16 @@ from mlx_model.model import GPT  # noqa: E402
 from mlx_model.train import make_optimizer, make_step  # noqa: E402
 
 
+def timed_rounds(run, warmup: int, steps: int, tokens_per_step: int):
+    """After run(warmup), yields (tokens/s, last loss) for each further run(steps)."""
+    run(warmup)
+    while True:
+        t0 = time.perf_counter()
+        loss = run(steps)
+        seconds = time.perf_counter() - t0
+        yield steps * tokens_per_step / seconds, float(loss.item())
+
+
 def mlx_training(cfg: GPTConfig, tc: TrainConfig, ids: np.ndarray, steps: int, warmup: int):
     """Yields (tokens/s, last loss) for each round of `steps` steps, after `warmup` steps."""
     mx.random.seed(tc.seed)
@@ -60,12 +70,7 @@ def mlx_training(cfg: GPTConfig, tc: TrainConfig, ids: np.ndarray, steps: int, w
         mx.eval(loss)
         return loss
 
-    run(warmup)
-    while True:
-        t0 = time.perf_counter()
-        loss = run(steps)
-        seconds = time.perf_counter() - t0
-        yield steps * tc.batch_size * cfg.block_size / seconds, float(loss.item())
+    yield from timed_rounds(run, warmup, steps, tc.batch_size * cfg.block_size)
 
 
 def torch_model(cfg: GPTConfig):
@@ -157,12 +162,7 @@ def torch_training(cfg: GPTConfig, tc: TrainConfig, ids: np.ndarray, steps: int,
             i += 1
         return loss
 
-    run(warmup)
-    while True:
-        t0 = time.perf_counter()
-        loss = run(steps)
-        seconds = time.perf_counter() - t0
-        yield steps * tc.batch_size * cfg.block_size / seconds, float(loss.item())
+    yield from timed_rounds(run, warmup, steps, tc.batch_size * cfg.block_size)
 
 
 def torch_sampling(cfg: GPTConfig, prompt: np.ndarray, n: int) -> float:

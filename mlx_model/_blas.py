@@ -82,7 +82,7 @@ def load_fast_blas() -> str | None:
         return loaded
     warnings.warn(
         "no optimised BLAS could be loaded, so MLX on this CPU uses the reference BLAS "
-        "and trains about 20x slower (" + "; ".join(problems) + "). Reinstall the project "
+        "and trains much slower (" + "; ".join(problems) + "). Reinstall the project "
         "(it depends on scipy-openblas32) with a C compiler on the PATH, install OpenBLAS "
         "(Debian/Ubuntu: `apt-get install libopenblas0-pthread`), or set "
         f"{ENV} to a libopenblas.so path.",

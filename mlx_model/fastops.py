@@ -37,8 +37,8 @@ _GELU_C = 0.044715
 def _estrin(x: mx.array, coeffs: tuple[float, ...]) -> mx.array:
     """sum(c_i x^i) by Estrin's scheme: the same multiply-adds as Horner's in a graph of
     depth log2(n) instead of n. MLX's compiler splits deep chains of element-wise ops into
-    several slower kernels; a degree-7 Horner chain after the range reduction ran 3x slower
-    than this."""
+    several slower kernels; a degree-7 Horner chain after the range reduction ran slower
+    than this (`bench/cpu_ops.py`)."""
     terms: list = list(coeffs)
     power = x
     while len(terms) > 1:
@@ -67,7 +67,7 @@ def exp(x: mx.array) -> mx.array:
 def _gelu_and_sigmoid(x: mx.array) -> tuple[mx.array, mx.array]:
     """GPT-2's GELU 0.5 x (1 + tanh(u)), u = k (x + c x^3), as x * sigmoid(2u) (the same
     function: 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))), and that sigmoid. One exp and one
-    division instead of a rational tanh: fwd + bwd 35% faster, and closer to exact."""
+    division instead of a rational tanh."""
     s = 1.0 / (1.0 + exp(-2.0 * _GELU_K * (x + _GELU_C * x * x * x)))
     return x * s, s
 
@@ -90,7 +90,7 @@ def _softmax_grad(p: mx.array, cotangent: mx.array) -> mx.array:
 
 # A custom function's backward runs on whatever stream is the default when autodiff
 # reaches it, not on the forward's stream. Training on the CPU runs the model in
-# several streams at once (see `model.lanes`), so each stream gets its own copy of
+# several streams at once (see `model.in_lanes`), so each stream gets its own copy of
 # these functions, whose backward is pinned to the stream of the forward.
 _per_stream: dict[tuple[str, str], mx.custom_function] = {}
 
@@ -119,9 +119,8 @@ def _layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float):
 
 
 def _layer_norm_grad(primals, cotangents, outputs):
-    x, weight, bias = primals
     dy, xhat, rstd = cotangents[0], outputs[1], outputs[2]
-    g = dy * weight
+    g = dy * primals[1]  # the weight
     dx = rstd * (
         g - mx.mean(g, axis=-1, keepdims=True) - xhat * mx.mean(g * xhat, axis=-1, keepdims=True)
     )

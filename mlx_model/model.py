@@ -242,7 +242,7 @@ class GPT(nn.Module):
         cache = cache if cache is not None else [None] * len(self.h)
         pos = mx.arange(offset, offset + T)
         x = self.drop((self.wte(idx) + self.wpe(pos)).astype(dtype))  # (B, T, C)
-        lanes = self.lanes if dtype == mx.float32 and mx.default_device() == mx.cpu else 1
+        lanes = self.lanes if _cpu_float32(x) else 1
         new_cache: KVCache = []
         for block, layer_cache in zip(self.h, cache, strict=True):
             if layer_cache is None:
