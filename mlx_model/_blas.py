@@ -120,7 +120,7 @@ def _shim(target: Path) -> Path:
     )
     stat = target.stat()
     key = hashlib.sha256(f"{source}{target}{stat.st_size}{stat.st_mtime_ns}".encode()).hexdigest()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shakespeare-gpt"
+    cache = cache_dir()
     shim = cache / f"libblas-shim-{key[:16]}.so"
     if shim.exists():
         return shim
@@ -144,6 +144,11 @@ def _shim(target: Path) -> Path:
             raise RuntimeError(f"building the BLAS shim failed: {build.stderr.strip()[:300]}")
         os.replace(out, shim)  # atomic: a concurrent import sees the whole file or none
     return shim
+
+
+def cache_dir() -> Path:
+    """Where built libraries are cached: $XDG_CACHE_HOME (or ~/.cache)/shakespeare-gpt."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shakespeare-gpt"
 
 
 def cpu_lanes() -> int:

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from . import fastops
+from . import _fused, fastops
 from ._blas import cpu_lanes
 from .config import GPTConfig
 
@@ -116,12 +116,19 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.attn_drop = Dropout(cfg.dropout)
         self.resid_drop = Dropout(cfg.dropout)
+        # On the CPU in float32, the fused attention primitive (mlx_model._fused) when
+        # it could be built: an execution setting, not part of the config.
+        self.use_fused = True
 
     def __call__(
         self, x: mx.array, cache: tuple[mx.array, mx.array] | None = None
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
         B, T, C = x.shape
-        q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
+        qkv = self.c_attn(x)
+        ext = _fused.load() if cache is None and self.use_fused and _cpu_float32(x) else None
+        if ext is not None:
+            return self._fused(ext, qkv)
+        q, k, v = mx.split(qkv, 3, axis=-1)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
         if cache is not None:
@@ -139,6 +146,22 @@ class CausalSelfAttention(nn.Module):
             mask = "causal" if T > 1 else None
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        return self.resid_drop(self.c_proj(y)), (k, v)
+
+    def _fused(self, ext, qkv: mx.array) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """Attention by the fused CPU primitive: from qkv (B, T, 3C) straight to (B, T, C)."""
+        B, T, C3 = qkv.shape
+        p = self.dropout if self.training else 0.0
+        if p > 0:  # the primitive's dropout masks are seeded from MLX's generator
+            seed = mx.random.randint(0, 2**31 - 1, (1,)).astype(mx.uint32)
+        else:
+            seed = mx.zeros((1,), mx.uint32)
+        y = ext.causal_attention(qkv, seed, self.n_head, 1.0 / math.sqrt(C3 // 3 // self.n_head), p)
+        # the cache, for generation's prefill; lazy, so training never computes it
+        _, k, v = (
+            t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3)
+            for t in mx.split(qkv, 3, axis=-1)
+        )
         return self.resid_drop(self.c_proj(y)), (k, v)
 
     def decode(

@@ -1,0 +1,202 @@
+"""Build and load the fused CPU attention primitive (`csrc/causal_attention.cpp`).
+
+MLX lets a C++ extension add primitives; Python cannot. The primitive computes
+causal self-attention from the fused q/k/v projection with each (batch, head)'s
+scores kept in cache, where the pure-MLX formulation (`fastops.causal_attention`)
+streams them through memory six to eight times; see the source for the details.
+
+The extension is compiled on first use with the system C++ compiler against the
+installed MLX's headers and `libmlx`, and `nanobind` (a dependency on Linux: the
+binding library MLX itself is built with, whose ABI it must share) and cached in
+`~/.cache/shakespeare-gpt/` under a key of everything that goes into it, including
+the CPU's features (it is built for this CPU, `-march=native`). A build takes
+about 10 s. If anything is missing or fails, `load()` warns once and returns None,
+and the model uses pure MLX. `SHAKESPEARE_GPT_FUSED=off` switches it off. Linux
+only: that is where it is built and tested.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+from ._blas import cache_dir
+
+ENV = "SHAKESPEARE_GPT_FUSED"
+SOURCE = Path(__file__).parent / "csrc" / "causal_attention.cpp"
+MODULE = "_causal_attention"
+BUILD_TIMEOUT_S = 300
+
+_lock = threading.Lock()
+
+
+class BuildError(RuntimeError):
+    """The extension could not be built or loaded here."""
+
+
+def load() -> ModuleType | None:
+    """The extension module, built if needed; None (after one warning) if it cannot be."""
+    if os.environ.get(ENV) == "off" or not sys.platform.startswith("linux"):
+        return None
+    return _load_once()
+
+
+@functools.cache
+def _load_once() -> ModuleType | None:
+    with _lock:
+        try:
+            return _import(build())
+        except BuildError as err:
+            warnings.warn(
+                f"the fused CPU attention is not available ({err}); training on the CPU "
+                f"uses pure MLX, which is slower. Set {ENV}=off to silence this.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+
+
+def _cpu_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build() -> Path:
+    """The cached extension library, compiled if missing; BuildError says why it cannot be."""
+    try:
+        import mlx.core as mx
+        import nanobind
+    except ImportError as err:
+        raise BuildError(f"{err.name} is not installed") from err
+    compiler = next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if compiler is None:
+        raise BuildError("no C++ compiler (c++, g++ or clang++) on the PATH")
+    python_include = Path(sysconfig.get_paths()["include"])
+    if not (python_include / "Python.h").exists():
+        raise BuildError(f"no Python headers in {python_include} (install python3-dev)")
+    mlx_root = Path(mx.__file__).parent
+    if not (mlx_root / "include" / "mlx" / "primitives.h").exists():
+        raise BuildError(f"the installed MLX has no C++ headers under {mlx_root / 'include'}")
+    nb_src = Path(nanobind.source_dir())
+    flags = [
+        "-fPIC",
+        "-fvisibility=hidden",
+        "-DNDEBUG",
+        "-DNB_COMPACT_ASSERTIONS",
+        "-DNB_DOMAIN=mlx",  # share nanobind's type registry with mlx.core
+        f"-I{nanobind.include_dir()}",
+        f"-I{nb_src.parent / 'ext' / 'robin_map' / 'include'}",
+        f"-I{python_include}",
+    ]
+    ours = ["-O3", "-march=native", "-std=c++20", f"-I{mlx_root / 'include'}"]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        "\n".join(
+            [
+                SOURCE.read_text(),
+                mx.__version__,
+                str(mlx_root),
+                getattr(nanobind, "__version__", ""),
+                sysconfig.get_config_var("EXT_SUFFIX") or "",
+                version,
+                _cpu_features(),
+                *flags,
+                *ours,
+            ]
+        ).encode()
+    ).hexdigest()[:16]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    cache = cache_dir()
+    lib = cache / f"{MODULE}-{key}{suffix}"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        nb_obj, our_obj, out = Path(tmp) / "nb.o", Path(tmp) / "ours.o", Path(tmp) / "ext.so"
+        steps = [
+            [
+                compiler,
+                "-O2",
+                "-std=c++17",
+                *flags,
+                "-c",
+                str(nb_src / "nb_combined.cpp"),
+                "-o",
+                str(nb_obj),
+            ],
+            [compiler, *ours, *flags, "-c", str(SOURCE), "-o", str(our_obj)],
+        ]
+        _run_all(steps)  # the two objects compile side by side
+        _run_all(
+            [
+                [
+                    compiler,
+                    "-shared",
+                    "-o",
+                    str(out),
+                    str(our_obj),
+                    str(nb_obj),
+                    f"-L{mlx_root / 'lib'}",
+                    "-lmlx",
+                    f"-Wl,-rpath,{mlx_root / 'lib'}",
+                ]
+            ]
+        )
+        os.replace(out, lib)  # atomic: a concurrent build sees the whole file or none
+    return lib
+
+
+def _run_all(commands: list[list[str]]) -> None:
+    procs = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in commands
+    ]
+    failures = []
+    for command, proc in zip(commands, procs, strict=True):
+        try:
+            _, err = proc.communicate(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise BuildError(f"{command[0]} took more than {BUILD_TIMEOUT_S} s") from None
+        if proc.returncode != 0:
+            failures.append(f"{command[0]} exited {proc.returncode}: {err.strip()[-400:]}")
+    if failures:
+        raise BuildError("; ".join(failures))
+
+
+def _import(lib: Path) -> ModuleType:
+    import mlx.core as mx  # nanobind finds mlx.core's array type: it must be imported first
+
+    spec = importlib.util.spec_from_file_location(MODULE, lib)
+    if spec is None or spec.loader is None:
+        raise BuildError(f"cannot import {lib}")
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        # a nanobind whose ABI differs from mlx.core's would not know mlx arrays
+        with mx.stream(mx.cpu):
+            y = module.causal_attention(mx.ones((1, 2, 6)), mx.zeros((1,), mx.uint32), 1, 1.0, 0.0)
+            mx.eval(y)
+    except (ImportError, TypeError, RuntimeError) as err:
+        raise BuildError(f"the built extension {lib.name} does not work with MLX: {err}") from err
+    if y.shape != (1, 2, 2) or not mx.allclose(y, mx.ones_like(y)).item():
+        raise BuildError(f"the built extension {lib.name} computes a wrong result")
+    return module

@@ -1,0 +1,375 @@
+// Fused causal self-attention for MLX's CPU backend, as an MLX primitive.
+//
+// One primitive takes the fused q/k/v projection (B, T, 3C) and returns the heads'
+// output already laid out as (B, T, C), plus each row's log-sum-exp (B, H, T);
+// its vector-Jacobian product is a second primitive that returns d(q, k, v). For
+// each (batch, head) the T x T scores live in a buffer that stays in cache: the
+// products go to the BLAS that MLX uses (cblas_sgemm, resolved at load time), and
+// the masked softmax, its dropout and their gradients are single loops over that
+// buffer. The pure-MLX formulation makes six to eight passes over the scores in
+// main memory, and two transposes of q/k/v and y; this makes none of them.
+//
+// Exactness: the softmax is the usual max-subtracted one; exp is 2^n * 2^f with a
+// degree-7 polynomial for 2^f (as accurate as float32 expf to a few ulp); masked
+// keys get exactly zero weight. The backward recomputes the weights from the saved
+// log-sum-exp instead of storing them (as flash attention does).
+//
+// Dropout on the attention weights matches mlx_model.fastops.dropout: the element
+// at flat index i of the (B, H, T, T) weights is kept when
+// lowbias32(i + seed * 0x9E3779B9) >= round(p * 2^32), and kept weights are scaled
+// by 1 / (1 - p). The seed is an input (a uint32 array of shape (1,)), so it comes
+// from MLX's generator.
+//
+// Built at first use by mlx_model._fused (with the system C++ compiler, against the
+// installed MLX's headers and nanobind); without it the model uses pure MLX.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/stream.h"
+#include "mlx/utils.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+
+extern "C" void cblas_sgemm(
+    int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+    const float* a, int lda, const float* b, int ldb, float beta, float* c,
+    int ldc);
+
+namespace {
+
+constexpr int kRowMajor = 101, kNo = 111, kT = 112;
+constexpr int kBlock = 32;  // query rows per block: keys past the block's last row are skipped
+
+inline void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a,
+                 int lda, const float* b, int ldb, float* c, int ldc) {
+  cblas_sgemm(kRowMajor, ta ? kT : kNo, tb ? kT : kNo, m, n, k, alpha, a, lda, b, ldb,
+              0.0f, c, ldc);
+}
+
+inline uint32_t hash32(uint32_t x) {  // Chris Wellons' lowbias32
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+// exp(x) for x <= 0 (scores minus their row maximum), vectorisable: 2^n from the
+// exponent bits, 2^f (|f| <= 1/2) by the same polynomial as mlx_model.fastops.exp.
+inline float exp_nonpositive(float x) {
+  float t = std::max(x, -87.0f) * 1.4426950408889634f;
+  float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest, |t| < 2^22
+  float f = t - n;
+  float f2 = f * f;
+  float p01 = 1.0f + 0.6931471805599453f * f;
+  float p23 = 0.2402265069591007f + 0.05550410866482158f * f;
+  float p45 = 0.009618129107628477f + 0.0013333558146428443f * f;
+  float p67 = 0.00015403530393381606f + 1.525273380405984e-05f * f;
+  float f4 = f2 * f2;
+  float p = (p01 + p23 * f2) + (p45 + p67 * f2) * f4;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+struct Shape4 {
+  int B, T, H, D;
+  int C() const { return H * D; }
+};
+
+struct Params {
+  int heads;
+  float scale;
+  float p;  // dropout probability on the attention weights
+  bool operator==(const Params& o) const {
+    return heads == o.heads && scale == o.scale && p == o.p;
+  }
+};
+
+uint32_t drop_threshold(float p) {
+  double t = std::round(static_cast<double>(p) * 4294967296.0);
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+}
+
+// P (T x T, row-major, zero above the diagonal) for one (batch, head): scores of the
+// rows [r0, r1) against keys [0, r1), then the masked softmax. With lse == nullptr
+// the rows' maxima and sums are computed (forward) and their log-sum-exp written to
+// lse_out; otherwise the saved log-sum-exp is used (backward).
+void weights(const float* q, const float* k, int ld, int T, int D, float scale, float* P,
+             const float* lse, float* lse_out) {
+  for (int r0 = 0; r0 < T; r0 += kBlock) {
+    int r1 = std::min(r0 + kBlock, T);
+    gemm(false, true, r1 - r0, r1, D, scale, q + r0 * ld, ld, k, ld, P + r0 * T, T);
+    for (int i = r0; i < r1; ++i) {
+      float* row = P + i * T;
+      int n = i + 1;
+      if (lse == nullptr) {
+        float m = row[0];
+        for (int j = 1; j < n; ++j) m = std::max(m, row[j]);
+        float sum = 0.0f;
+        for (int j = 0; j < n; ++j) {
+          row[j] = exp_nonpositive(row[j] - m);
+          sum += row[j];
+        }
+        float inv = 1.0f / sum;
+        for (int j = 0; j < n; ++j) row[j] *= inv;
+        lse_out[i] = m + std::log(sum);
+      } else {
+        float l = lse[i];
+        for (int j = 0; j < n; ++j) row[j] = exp_nonpositive(row[j] - l);
+      }
+      std::fill(row + n, row + T, 0.0f);
+    }
+  }
+}
+
+// dst = src * keep / (1 - p) over the lower triangle of one (batch, head); the upper
+// triangle of src is zero and stays zero. `base` is the flat index of element (0, 0).
+void apply_dropout(const float* src, float* dst, int T, uint32_t base, uint32_t seed_mix,
+                   uint32_t threshold, float keep_scale) {
+  for (int i = 0; i < T; ++i) {
+    uint32_t row = base + static_cast<uint32_t>(i) * static_cast<uint32_t>(T);
+    for (int j = 0; j < T; ++j) {
+      bool keep = hash32(row + static_cast<uint32_t>(j) + seed_mix) >= threshold;
+      dst[i * T + j] = keep ? src[i * T + j] * keep_scale : 0.0f;
+    }
+  }
+}
+
+void forward(const Shape4& s, const Params& prm, const float* qkv, uint32_t seed, float* y,
+             float* lse) {
+  const int T = s.T, D = s.D, C = s.C(), ld = 3 * C;
+  std::vector<float> P(static_cast<size_t>(T) * T), Pd;
+  uint32_t threshold = drop_threshold(prm.p), seed_mix = seed * 0x9E3779B9u;
+  float keep_scale = 1.0f / (1.0f - prm.p);
+  if (prm.p > 0) Pd.resize(P.size());
+  for (int b = 0; b < s.B; ++b) {
+    for (int h = 0; h < s.H; ++h) {
+      const float* q = qkv + static_cast<size_t>(b) * T * ld + h * D;
+      const float* k = q + C;
+      const float* v = q + 2 * C;
+      float* yo = y + static_cast<size_t>(b) * T * C + h * D;
+      weights(q, k, ld, T, D, prm.scale, P.data(), nullptr,
+              lse + (static_cast<size_t>(b) * s.H + h) * T);
+      const float* W = P.data();
+      if (prm.p > 0) {
+        uint32_t base = static_cast<uint32_t>((static_cast<size_t>(b) * s.H + h) * T * T);
+        apply_dropout(P.data(), Pd.data(), T, base, seed_mix, threshold, keep_scale);
+        W = Pd.data();
+      }
+      for (int r0 = 0; r0 < T; r0 += kBlock) {
+        int r1 = std::min(r0 + kBlock, T);
+        gemm(false, false, r1 - r0, D, r1, 1.0f, W + r0 * T, T, v, ld, yo + r0 * C, C);
+      }
+    }
+  }
+}
+
+void backward(const Shape4& s, const Params& prm, const float* qkv, uint32_t seed,
+              const float* lse, const float* dy, float* dqkv) {
+  const int T = s.T, D = s.D, C = s.C(), ld = 3 * C;
+  const size_t TT = static_cast<size_t>(T) * T;
+  std::vector<float> P(TT), dP(TT), Pd;
+  uint32_t threshold = drop_threshold(prm.p), seed_mix = seed * 0x9E3779B9u;
+  float keep_scale = 1.0f / (1.0f - prm.p);
+  if (prm.p > 0) Pd.resize(TT);
+  for (int b = 0; b < s.B; ++b) {
+    for (int h = 0; h < s.H; ++h) {
+      size_t off = static_cast<size_t>(b) * T * ld + h * D;
+      const float* q = qkv + off;
+      const float* k = q + C;
+      const float* v = q + 2 * C;
+      float* dq = dqkv + off;
+      float* dk = dq + C;
+      float* dv = dq + 2 * C;
+      const float* go = dy + static_cast<size_t>(b) * T * C + h * D;
+      size_t bh = static_cast<size_t>(b) * s.H + h;
+      weights(q, k, ld, T, D, prm.scale, P.data(), lse + bh * T, nullptr);
+      const float* W = P.data();
+      uint32_t base = static_cast<uint32_t>(bh * TT);
+      if (prm.p > 0) {
+        apply_dropout(P.data(), Pd.data(), T, base, seed_mix, threshold, keep_scale);
+        W = Pd.data();
+      }
+      // d(weights after dropout) = dO V^T, rows [r0, r1) against keys [0, r1)
+      for (int r0 = 0; r0 < T; r0 += kBlock) {
+        int r1 = std::min(r0 + kBlock, T);
+        gemm(false, true, r1 - r0, r1, D, 1.0f, go + r0 * C, C, v, ld, dP.data() + r0 * T, T);
+      }
+      // through dropout and softmax: dS = P * (dP - rowsum(P * dP)), zero above the diagonal
+      for (int i = 0; i < T; ++i) {
+        float* g = dP.data() + i * T;
+        const float* p = P.data() + i * T;
+        int n = i + 1;
+        if (prm.p > 0) {
+          uint32_t row = base + static_cast<uint32_t>(i) * static_cast<uint32_t>(T);
+          for (int j = 0; j < n; ++j) {
+            bool keep = hash32(row + static_cast<uint32_t>(j) + seed_mix) >= threshold;
+            g[j] = keep ? g[j] * keep_scale : 0.0f;
+          }
+        }
+        float dot = 0.0f;
+        for (int j = 0; j < n; ++j) dot += p[j] * g[j];
+        for (int j = 0; j < n; ++j) g[j] = p[j] * (g[j] - dot);
+        std::fill(g + n, g + T, 0.0f);
+      }
+      // dQ = scale dS K over rows [r0, r1) and keys [0, r1);
+      // dK = scale dS^T Q and dV = W^T dO over keys [c0, c1) and rows [c0, T)
+      for (int r0 = 0; r0 < T; r0 += kBlock) {
+        int r1 = std::min(r0 + kBlock, T);
+        gemm(false, false, r1 - r0, D, r1, prm.scale, dP.data() + r0 * T, T, k, ld,
+             dq + r0 * ld, ld);
+        gemm(true, false, r1 - r0, D, T - r0, prm.scale, dP.data() + r0 * T + r0, T,
+             q + r0 * ld, ld, dk + r0 * ld, ld);
+        gemm(true, false, r1 - r0, D, T - r0, 1.0f, W + r0 * T + r0, T, go + r0 * C, C,
+             dv + r0 * ld, ld);
+      }
+    }
+  }
+}
+
+Shape4 shape_of(const mx::array& qkv, int heads) {
+  int C3 = qkv.shape(2);
+  return {qkv.shape(0), qkv.shape(1), heads, C3 / 3 / heads};
+}
+
+class CausalAttentionGrad : public mx::Primitive {
+ public:
+  CausalAttentionGrad(mx::Stream stream, Params prm) : mx::Primitive(stream), prm_(prm) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override {
+    const auto& qkv = inputs[0];
+    const auto& seed = inputs[1];
+    const auto& lse = inputs[2];
+    const auto& dy = inputs[3];
+    auto& dqkv = outputs[0];
+    dqkv.set_data(mx::allocator::malloc(dqkv.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(qkv);
+    enc.set_input_array(seed);
+    enc.set_input_array(lse);
+    enc.set_input_array(dy);
+    enc.set_output_array(dqkv);
+    enc.dispatch([qkv, seed, lse, dy, dqkv, prm = prm_, s = shape_of(qkv, prm_.heads)]() mutable {
+      backward(s, prm, qkv.data<float>(), seed.data<uint32_t>()[0], lse.data<float>(),
+               dy.data<float>(), dqkv.data<float>());
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("CausalAttentionGrad runs on the CPU only");
+  }
+
+  const char* name() const override { return "CausalAttentionGrad"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return prm_ == static_cast<const CausalAttentionGrad&>(other).prm_;
+  }
+
+ private:
+  Params prm_;
+};
+
+class CausalAttention : public mx::Primitive {
+ public:
+  CausalAttention(mx::Stream stream, Params prm) : mx::Primitive(stream), prm_(prm) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override {
+    const auto& qkv = inputs[0];
+    const auto& seed = inputs[1];
+    auto& y = outputs[0];
+    auto& lse = outputs[1];
+    y.set_data(mx::allocator::malloc(y.nbytes()));
+    lse.set_data(mx::allocator::malloc(lse.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(qkv);
+    enc.set_input_array(seed);
+    enc.set_output_array(y);
+    enc.set_output_array(lse);
+    enc.dispatch([qkv, seed, y, lse, prm = prm_, s = shape_of(qkv, prm_.heads)]() mutable {
+      forward(s, prm, qkv.data<float>(), seed.data<uint32_t>()[0], y.data<float>(),
+              lse.data<float>());
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("CausalAttention runs on the CPU only");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>& outputs) override {
+    // the log-sum-exp is an internal output: its cotangent is ignored
+    auto dy = mx::contiguous(cotangents[0], false, stream());
+    auto dqkv = mx::array(primals[0].shape(), mx::float32,
+                          std::make_shared<CausalAttentionGrad>(stream(), prm_),
+                          {primals[0], primals[1], outputs[1], dy});
+    std::vector<mx::array> grads;
+    for (int arg : argnums) {
+      grads.push_back(arg == 0 ? dqkv : mx::zeros_like(primals[1], stream()));
+    }
+    return grads;
+  }
+
+  const char* name() const override { return "CausalAttention"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return prm_ == static_cast<const CausalAttention&>(other).prm_;
+  }
+
+ private:
+  Params prm_;
+};
+
+mx::array causal_attention(const mx::array& qkv, const mx::array& seed, int heads,
+                           float scale, float p) {
+  if (qkv.ndim() != 3 || qkv.shape(2) % (3 * heads) != 0) {
+    throw std::invalid_argument("qkv must be (B, T, 3 * heads * head_dim), got shape with " +
+                                std::to_string(qkv.ndim()) + " axes");
+  }
+  if (qkv.dtype() != mx::float32) throw std::invalid_argument("qkv must be float32");
+  if (seed.dtype() != mx::uint32 || seed.size() != 1) {
+    throw std::invalid_argument("seed must be a uint32 array of one element");
+  }
+  if (!(p >= 0.0f && p < 1.0f)) {
+    throw std::invalid_argument("dropout p must be in [0, 1), got " + std::to_string(p));
+  }
+  auto stream = mx::default_stream(mx::default_device());
+  if (stream.device != mx::Device::cpu) {
+    throw std::invalid_argument("the fused causal attention runs on the CPU only");
+  }
+  int B = qkv.shape(0), T = qkv.shape(1), C = qkv.shape(2) / 3;
+  auto outs = mx::array::make_arrays(
+      {{B, T, C}, {B, heads, T}}, {mx::float32, mx::float32},
+      std::make_shared<CausalAttention>(stream, Params{heads, scale, p}),
+      {mx::contiguous(qkv, false, stream), mx::contiguous(seed, false, stream)});
+  return outs[0];
+}
+
+}  // namespace
+
+NB_MODULE(_causal_attention, m) {
+  m.doc() = "Fused causal self-attention primitive for MLX's CPU backend";
+  m.def("causal_attention", &causal_attention, nb::arg("qkv"), nb::arg("seed"),
+        nb::arg("heads"), nb::arg("scale"), nb::arg("p"),
+        "Causal attention of the fused projection qkv (B, T, 3C) -> (B, T, C).");
+}
