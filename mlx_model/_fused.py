@@ -57,7 +57,13 @@ def load() -> ModuleType | None:
 def _load_once() -> ModuleType | None:
     with _lock:
         try:
-            return _import(build())
+            lib = build()
+            try:
+                return _import(lib)
+            except BuildError:
+                # a damaged cached library (say, from a disk fault): build it once more
+                lib.unlink(missing_ok=True)
+                return _import(build())
         except BuildError as err:
             warnings.warn(
                 f"the fused CPU attention is not available ({err}); training on the CPU "

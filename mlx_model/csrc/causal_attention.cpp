@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -342,17 +343,25 @@ class CausalAttention : public mx::Primitive {
 
 mx::array causal_attention(const mx::array& qkv, const mx::array& seed, int heads,
                            float scale, float p) {
-  if (qkv.ndim() != 3 || qkv.shape(2) % (3 * heads) != 0) {
-    throw std::invalid_argument("qkv must be (B, T, 3 * heads * head_dim), got shape with " +
-                                std::to_string(qkv.ndim()) + " axes");
+  std::ostringstream bad;
+  if (heads < 1) {
+    bad << "heads must be >= 1, got " << heads;
+  } else if (qkv.ndim() != 3 || qkv.shape(2) % (3 * heads) != 0) {
+    bad << "qkv must be (B, T, 3 * heads * head_dim) with heads=" << heads << ", got shape "
+        << qkv.shape();
+  } else if (qkv.dtype() != mx::float32) {
+    bad << "qkv must be float32, got " << qkv.dtype();
+  } else if (seed.dtype() != mx::uint32 || seed.size() != 1) {
+    bad << "seed must be a uint32 array of one element, got " << seed.dtype() << " "
+        << seed.shape();
+  } else if (!(p >= 0.0f && p < 1.0f)) {
+    bad << "dropout p must be in [0, 1), got " << p;
+  } else if (p > 0 && static_cast<double>(qkv.shape(0)) * heads * qkv.shape(1) * qkv.shape(1) >=
+             4294967296.0) {
+    bad << "B * heads * T * T must be below 2^32 (32-bit dropout indices), got shape "
+        << qkv.shape() << " with heads=" << heads;
   }
-  if (qkv.dtype() != mx::float32) throw std::invalid_argument("qkv must be float32");
-  if (seed.dtype() != mx::uint32 || seed.size() != 1) {
-    throw std::invalid_argument("seed must be a uint32 array of one element");
-  }
-  if (!(p >= 0.0f && p < 1.0f)) {
-    throw std::invalid_argument("dropout p must be in [0, 1), got " + std::to_string(p));
-  }
+  if (!bad.str().empty()) throw std::invalid_argument(bad.str());
   auto stream = mx::default_stream(mx::default_device());
   if (stream.device != mx::Device::cpu) {
     throw std::invalid_argument("the fused causal attention runs on the CPU only");

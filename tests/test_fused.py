@@ -1,0 +1,186 @@
+"""The fused CPU attention primitive (mlx_model/csrc/causal_attention.cpp, mlx_model._fused)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_model import _fused, fastops
+from mlx_model.config import GPTConfig
+from mlx_model.model import GPT, loss_fn
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="built on Linux")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = _fused.load()
+    assert module is not None, "the fused attention did not build here (see the warning)"
+    return module
+
+
+def reference(qkv: mx.array, seed: mx.array, heads: int, p: float) -> mx.array:
+    """Plain-MLX causal attention with the primitive's documented dropout masks."""
+    B, T, C3 = qkv.shape
+    D = C3 // 3 // heads
+    q, k, v = (t.reshape(B, T, heads, D).transpose(0, 2, 1, 3) for t in mx.split(qkv, 3, -1))
+    scores = (q / math.sqrt(D)) @ k.transpose(0, 1, 3, 2)
+    future = mx.arange(T)[None, :] > mx.arange(T)[:, None]
+    w = mx.softmax(mx.where(future, -mx.inf, scores), axis=-1, precise=True)
+    if p > 0:
+        index = mx.arange(w.size, dtype=mx.uint32).reshape(w.shape)
+        keep = fastops._hash32(index + seed * 0x9E3779B9) >= round(p * 2**32)
+        w = mx.where(keep, w / (1 - p), 0.0)
+    return (w @ v).transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("shape", [(3, 70, 2, 8), (2, 128, 4, 32), (1, 1, 1, 4), (2, 33, 3, 5)])
+def test_output_and_gradient_match_plain_mlx(ext, shape, p):
+    B, T, H, D = shape
+    mx.random.seed(0)
+    qkv = mx.random.normal((B, T, 3 * H * D)) * 2
+    seed = mx.array([987654321], dtype=mx.uint32)
+    ct = mx.random.normal((B, T, H * D))
+    y = ext.causal_attention(qkv, seed, H, 1 / math.sqrt(D), p)
+    assert mx.abs(y - reference(qkv, seed, H, p)).max().item() < 2e-5
+    grad = mx.grad(lambda x: (ext.causal_attention(x, seed, H, 1 / math.sqrt(D), p) * ct).sum())
+    ref_grad = mx.grad(lambda x: (reference(x, seed, H, p) * ct).sum())(qkv)
+    assert mx.abs(grad(qkv) - ref_grad).max().item() < 5e-5 * max(
+        1.0, mx.abs(ref_grad).max().item()
+    )
+    compiled = mx.compile(grad)
+    assert mx.abs(compiled(qkv) - ref_grad).max().item() < 5e-5 * max(
+        1.0, mx.abs(ref_grad).max().item()
+    )
+
+
+def test_dropout_follows_the_seed(ext):
+    qkv = mx.random.normal((2, 40, 3 * 16))
+    one, two = mx.array([1], dtype=mx.uint32), mx.array([2], dtype=mx.uint32)
+    a = ext.causal_attention(qkv, one, 2, 0.35, 0.5)
+    assert mx.array_equal(a, ext.causal_attention(qkv, one, 2, 0.35, 0.5)).item()
+    assert not mx.allclose(a, ext.causal_attention(qkv, two, 2, 0.35, 0.5)).item()
+    # the kept weights are scaled by 1/(1-p): averaged over many masks, no dropout
+    mean = (
+        sum(
+            ext.causal_attention(qkv, mx.array([s], dtype=mx.uint32), 2, 0.35, 0.5)
+            for s in range(400)
+        )
+        / 400
+    )
+    plain = ext.causal_attention(qkv, one, 2, 0.35, 0.0)
+    assert mx.abs(mean - plain).mean().item() < 0.05 * mx.abs(plain).mean().item()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (((2, 4, 10), "uint32", 2, 0.0), "qkv must be \\(B, T, 3 \\* heads \\* head_dim\\)"),
+        (((2, 4, 12), "float16", 2, 0.0), "qkv must be float32, got float16"),
+        (((2, 4, 12), "int32seed", 2, 0.0), "seed must be a uint32 array of one element"),
+        (((2, 4, 12), "uint32", 2, 1.0), "dropout p must be in \\[0, 1\\), got 1"),
+        (((2, 4, 12), "uint32", 0, 0.0), "heads must be >= 1, got 0"),
+    ],
+)
+def test_bad_inputs_are_named(ext, args, message):
+    shape, kind, heads, p = args
+    qkv = mx.zeros(shape, mx.float16 if kind == "float16" else mx.float32)
+    seed = mx.zeros((1,), mx.int32 if kind == "int32seed" else mx.uint32)
+    with pytest.raises(ValueError, match=message):
+        ext.causal_attention(qkv, seed, heads, 1.0, p)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_model_trains_the_same_with_and_without_it(ext, dropout):
+    """Without dropout, loss and gradients with the primitive equal pure MLX's, at one
+    lane and two. With dropout the two paths draw different masks, so there the check
+    is that a seed fixes the step and another seed changes it."""
+    cfg = GPTConfig(vocab_size=11, block_size=40, n_layer=2, n_head=2, n_emb=16, dropout=dropout)
+    mx.random.seed(3)
+    model = GPT(cfg)
+    idx = mx.array(np.random.default_rng(1).integers(0, 11, (5, 40)), dtype=mx.int32)
+    y = mx.array(np.random.default_rng(2).integers(0, 11, (5, 40)), dtype=mx.int32)
+    step = nn.value_and_grad(model, loss_fn)
+
+    def run(fused: bool, lanes: int, seed: int = 7):
+        for block in model.h:
+            block.attn.use_fused = fused
+        model.lanes = lanes
+        mx.random.seed(seed)
+        loss, grads = step(model, idx, y)
+        return loss.item(), dict(tree_flatten(grads))
+
+    if dropout:
+        pairs = [(run(True, 2), run(True, 2))]
+        assert abs(run(True, 2, seed=8)[0] - pairs[0][0][0]) > 1e-6
+    else:
+        plain = run(False, 1)
+        pairs = [(run(True, 1), plain), (run(True, 2), plain)]
+    for (loss_a, grads_a), (loss_b, grads_b) in pairs:
+        assert abs(loss_a - loss_b) < 1e-5
+        for name, g in grads_a.items():
+            assert mx.allclose(g, grads_b[name], atol=1e-5).item(), name
+
+
+def test_cache_for_generation_is_the_plain_one(ext):
+    cfg = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_emb=16, dropout=0.0)
+    model = GPT(cfg)
+    model.eval()
+    idx = mx.array(np.random.default_rng(1).integers(0, 11, (3, 12)), dtype=mx.int32)
+    outs = []
+    for fused in (True, False):
+        for block in model.h:
+            block.attn.use_fused = fused
+        outs.append(model(idx))
+    assert mx.allclose(outs[0][0], outs[1][0], atol=1e-5).item()
+    for (k1, v1), (k2, v2) in zip(outs[0][1], outs[1][1], strict=True):
+        assert mx.allclose(k1, k2, atol=1e-5).item() and mx.allclose(v1, v2, atol=1e-5).item()
+
+
+PROBE = (
+    "import warnings, mlx_model, mlx.core as mx; from mlx_model import _fused; "
+    "m = _fused.load(); print('loaded' if m is not None else 'none')"
+)
+
+
+def probe(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, **env_extra}
+    return subprocess.run(
+        [sys.executable, "-W", "always", "-c", PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
+def test_builds_once_into_the_cache_and_rebuilds_a_damaged_one(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    assert probe(env).stdout.strip() == "loaded"
+    [lib] = (tmp_path / "shakespeare-gpt").glob("_causal_attention-*")
+    built = lib.stat().st_mtime_ns
+    assert probe(env).stdout.strip() == "loaded"
+    assert lib.stat().st_mtime_ns == built  # reused, not rebuilt
+    lib.write_bytes(b"\x7fELF damaged")
+    run = probe(env)
+    assert run.stdout.strip() == "loaded" and "Warning" not in run.stderr
+    assert lib.stat().st_size > 10_000
+
+
+def test_without_a_compiler_it_warns_and_the_model_uses_pure_mlx(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path), "PATH": str(tmp_path)}
+    run = probe(env)
+    assert run.stdout.strip() == "none"
+    assert "no C++ compiler (c++, g++ or clang++)" in run.stderr
+    assert "uses pure MLX" in run.stderr
+    off = probe({"SHAKESPEARE_GPT_FUSED": "off"})
+    assert off.stdout.strip() == "none" and "Warning" not in off.stderr
