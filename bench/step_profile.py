@@ -4,9 +4,11 @@
     python bench/step_profile.py --preset seed
 
 "Before": MLX's built-in kernels in one stream, OpenBLAS using every core.
-"After": what the model runs now: mlx_model.fastops (multiply-add exp, GELU and
-softmax; attention in query blocks) with the batch split over one stream per core
-(`in_lanes`) where the model splits it, OpenBLAS single-threaded in each lane.
+"After": what the model runs now: the fused attention primitive (mlx_model._fused),
+mlx_model.fastops (multiply-add exp, GELU, layer norm, dropout) with the batch split
+over one stream per core (`in_lanes`) where the model splits it, OpenBLAS
+single-threaded in each lane. The attention row times the pure-MLX attention in query
+blocks (fastops.causal_attention, the model's fallback) as well.
 
 Each op runs alone, compiled, at the preset's shapes (batch x context x width), forward
 and backward (the gradient of a sum), median of `--repeat` runs; the "per step" column
@@ -34,7 +36,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_model import _blas, fastops  # noqa: E402
+from mlx_model import _blas, _fused, fastops  # noqa: E402
 from mlx_model.config import get_preset  # noqa: E402
 from mlx_model.data import train_batch  # noqa: E402
 from mlx_model.model import GPT, LayerNorm, in_lanes  # noqa: E402
@@ -79,12 +81,24 @@ def builtin_attention(q, k, v, scale, drop=None):
     return (drop(w) if drop else w) @ v
 
 
-def step_ms(cfg, tc, lanes: int):
+def split_heads(qkv, H):
+    B, T, C3 = qkv.shape
+    return (t.reshape(B, T, H, -1).transpose(0, 2, 1, 3) for t in mx.split(qkv, 3, axis=-1))
+
+
+def merge_heads(y):
+    B, H, T, D = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+def step_ms(cfg, tc, lanes: int, fused: bool = True):
     """A function run(n) -> ms per step over n more steps of the compiled training step."""
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000).astype(np.uint16)
     mx.random.seed(0)
     model = GPT(cfg)
     model.lanes = lanes
+    for block in model.h:
+        block.attn.use_fused = fused
     opt = make_optimizer(tc)
     opt.init(model.trainable_parameters())
     model.train()
@@ -120,14 +134,14 @@ def main() -> None:
     lanes = _blas.cpu_lanes()
     r = mx.random.normal
     x, h4 = r((B, T, C)), r((B, T, 4 * C))
-    q, k, v = r((B, H, T, D)), r((B, H, T, D)), r((B, H, T, D))
+    qkv = r((B, T, 3 * C))
     w_attn, w_proj, w_fc, w_fc2 = r((3 * C, C)), r((C, C)), r((4 * C, C)), r((C, 4 * C))
     g, b = mx.ones((C,)), mx.zeros((C,))
     wte, wpe = r((cfg.vocab_size, C)), r((T, C))
     idx = mx.random.randint(0, cfg.vocab_size, (B, T))
     y = mx.random.randint(0, cfg.vocab_size, (B, T))
     scale = 1 / math.sqrt(D)
-    mx.eval(x, h4, q, k, v, w_attn, w_proj, w_fc, w_fc2, wte, wpe, idx, y)
+    mx.eval(x, h4, qkv, w_attn, w_proj, w_fc, w_fc2, wte, wpe, idx, y)
     drop = nn.Dropout(cfg.dropout)
     drop.train()
 
@@ -137,8 +151,19 @@ def main() -> None:
     def layer_norm(a):
         return mx.fast.layer_norm(a, g, b, 1e-5)
 
-    def fast_attention(a, b_, c):
-        return fastops.causal_attention(a, b_, c, scale, drop)
+    ext = _fused.load()
+    if ext is None:
+        sys.exit("the fused attention did not build here (see the warning above)")
+
+    def builtin(qkv):  # MLX's own ops, with the head split and merge the model does
+        return merge_heads(builtin_attention(*split_heads(qkv, H), scale, drop))
+
+    def blocked(qkv):  # fastops in query blocks: the model's pure-MLX fallback
+        return merge_heads(fastops.causal_attention(*split_heads(qkv, H), scale, drop))
+
+    def fused(qkv):
+        seed = mx.random.randint(0, 2**31 - 1, (1,)).astype(mx.uint32)
+        return ext.causal_attention(qkv, seed, H, scale, cfg.dropout)
 
     # name, count per step, before fn, after fn (None: same), batched args, shared args,
     # whether the model runs the op in lanes
@@ -146,15 +171,8 @@ def main() -> None:
         ("embeddings (gather)", 1, lambda a, c: a[idx] + c[:T], None, (), (wte, wpe), False),
         ("layer norm", 2 * L + 1, layer_norm, None, (x,), (), True),
         ("qkv projection (matmul)", L, matmul, None, (x,), (w_attn,), True),
-        (
-            "attention core + dropout",
-            L,
-            lambda a, b_, c: builtin_attention(a, b_, c, scale, drop),
-            fast_attention,
-            (q, k, v),
-            (),
-            True,
-        ),
+        ("attention + dropout: pure MLX in query blocks", L, builtin, blocked, (qkv,), (), True),
+        ("attention + dropout: fused primitive", L, builtin, fused, (qkv,), (), True),
         ("attention out projection (matmul)", L, matmul, None, (x,), (w_proj,), True),
         ("MLP up (matmul)", L, matmul, None, (x,), (w_fc,), True),
         ("GELU (tanh)", L, nn.gelu_approx, fastops.gelu, (h4,), (), True),
@@ -199,44 +217,56 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for name, count, tb, ta in rows:
         print(f"| {name} | {count} | {tb:.2f} | {ta:.2f} | {tb * count:.1f} | {ta * count:.1f} |")
-    total_before = sum(r[1] * r[2] for r in rows)
-    total_after = sum(r[1] * r[3] for r in rows)
+    summed = [r for r in rows if "pure MLX" not in r[0]]  # the model runs the fused one
+    total_before = sum(r[1] * r[2] for r in summed)
+    total_after = sum(r[1] * r[3] for r in summed)
     print(f"| sum of the ops | | | | {total_before:.1f} | {total_after:.1f} |")
 
-    # the whole step, fastops either way: one lane against one per core, alternating
+    # the whole step: one lane against one per core, and lanes with the pure-MLX
+    # attention instead of the fused one, alternating
     blas_threads(1 if lanes > 1 else lanes)
-    runs = {"one lane": step_ms(cfg, tc, 1), "lanes": step_ms(cfg, tc, lanes)}
+    runs = {
+        "one lane": step_ms(cfg, tc, 1),
+        "lanes": step_ms(cfg, tc, lanes),
+        "lanes, pure-MLX attention": step_ms(cfg, tc, lanes, fused=False),
+    }
     whole: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
         for kind, run in runs.items():
-            if kind == "one lane":
-                blas_threads(lanes)
-            else:
-                blas_threads(1 if lanes > 1 else lanes)
+            blas_threads(lanes if kind == "one lane" else 1 if lanes > 1 else lanes)
             whole[kind].append(run(args.steps))
     med = {k: statistics.median(v) for k, v in whole.items()}
     print(f"| whole step, one lane (BLAS on {lanes} threads) | 1 | | | {med['one lane']:.1f} | |")
+    print(
+        f"| whole step, {lanes} lanes, pure-MLX attention | 1 | | | "
+        f"{med['lanes, pure-MLX attention']:.1f} | |"
+    )
     print(f"| whole step, {lanes} lanes | 1 | | | | {med['lanes']:.1f} |")
 
     # Each op's share of the real step, by ablation: the whole step with that op
     # replaced by a pass-through, against the full step, alternating rounds. Isolated
     # timings above miss how ops overlap across lanes; this does not.
-    real_gelu, real_attention, real_ln = fastops.gelu, fastops.causal_attention, LayerNorm.__call__
+    class PassThrough:  # the fused attention's stand-in: y = v
+        @staticmethod
+        def causal_attention(qkv, seed, heads, scale, p):
+            return qkv[..., 2 * C :] * 1.0
+
+    real_gelu, real_load, real_ln = fastops.gelu, _fused.load, LayerNorm.__call__
     ablations = {
         "full step": {},
         "GELU": {"gelu": lambda x: x * 1.0},
-        "attention core + dropout": {"attention": lambda q, k, v, *a, **kw: v * 1.0},
+        "attention core + dropout": {"attention": lambda: PassThrough},
         "layer norms": {"ln": lambda self, x: x * 1.0},
         "dropout": {"dropout": 0.0},
     }
     ablated_runs = {}
     for name, change in ablations.items():
         fastops.gelu = change.get("gelu", real_gelu)
-        fastops.causal_attention = change.get("attention", real_attention)
+        _fused.load = change.get("attention", real_load)
         LayerNorm.__call__ = change.get("ln", real_ln)
         dropout = change.get("dropout", cfg.dropout)
         ablated_runs[name] = step_ms(cfg.replace(dropout=dropout), tc, lanes)
-    fastops.gelu, fastops.causal_attention, LayerNorm.__call__ = real_gelu, real_attention, real_ln
+    fastops.gelu, _fused.load, LayerNorm.__call__ = real_gelu, real_load, real_ln
     ablated: dict[str, list[float]] = {k: [] for k in ablated_runs}
     for _ in range(args.rounds):
         for name, run in ablated_runs.items():

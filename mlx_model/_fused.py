@@ -111,7 +111,7 @@ def build() -> Path:
         f"-I{nb_src.parent / 'ext' / 'robin_map' / 'include'}",
         f"-I{python_include}",
     ]
-    ours = ["-O3", "-march=native", "-std=c++20", f"-I{mlx_root / 'include'}"]
+    ours = ["-O3", "-march=native", "-fno-trapping-math", "-std=c++20", f"-I{mlx_root / 'include'}"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
         "\n".join(

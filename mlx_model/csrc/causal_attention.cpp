@@ -73,7 +73,8 @@ inline uint32_t hash32(uint32_t x) {  // Chris Wellons' lowbias32
 // exp(x) for x <= 0 (scores minus their row maximum), vectorisable: 2^n from the
 // exponent bits, 2^f (|f| <= 1/2) by the same polynomial as mlx_model.fastops.exp.
 inline float exp_nonpositive(float x) {
-  float t = std::max(x, -87.0f) * 1.4426950408889634f;
+  x = x > -87.0f ? x : -87.0f;  // a value select, not std::max's reference: it vectorises
+  float t = x * 1.4426950408889634f;
   float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest, |t| < 2^22
   float f = t - n;
   float f2 = f * f;
@@ -108,6 +109,50 @@ uint32_t drop_threshold(float p) {
   return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
 }
 
+// Row reductions in eight partial sums, so the compiler vectorises them (it may not
+// reorder a single float accumulator).
+inline float row_max(const float* x, int n) {
+  float acc[8], m = x[0];
+  for (int l = 0; l < 8; ++l) acc[l] = x[0];
+  int j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] = acc[l] > x[j + l] ? acc[l] : x[j + l];
+  for (; j < n; ++j) m = m > x[j] ? m : x[j];
+  for (int l = 0; l < 8; ++l) m = m > acc[l] ? m : acc[l];
+  return m;
+}
+
+inline float row_dot(const float* a, const float* b, int n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum = 0.0f;
+  int j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[j + l] * b[j + l];
+  for (; j < n; ++j) sum += a[j] * b[j];
+  for (int l = 0; l < 8; ++l) sum += acc[l];
+  return sum;
+}
+
+inline float row_sum(const float* x, int n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum = 0.0f;
+  int j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += x[j + l];
+  for (; j < n; ++j) sum += x[j];
+  for (int l = 0; l < 8; ++l) sum += acc[l];
+  return sum;
+}
+
+// dst[j] = src[j] * keep_j / (1 - p) for j < n, where keep_j compares the hash of the
+// element's flat index `start + j` with the threshold.
+inline void drop_row(const float* src, float* dst, int n, uint32_t start, uint32_t seed_mix,
+                     uint32_t threshold, float keep_scale) {
+  for (int j = 0; j < n; ++j) {
+    float s = hash32(start + static_cast<uint32_t>(j) + seed_mix) >= threshold ? keep_scale
+                                                                                : 0.0f;
+    dst[j] = src[j] * s;
+  }
+}
+
 // P (T x T, row-major, zero above the diagonal) for one (batch, head): scores of the
 // rows [r0, r1) against keys [0, r1), then the masked softmax. With lse == nullptr
 // the rows' maxima and sums are computed (forward) and their log-sum-exp written to
@@ -120,36 +165,26 @@ void weights(const float* q, const float* k, int ld, int T, int D, float scale, 
     for (int i = r0; i < r1; ++i) {
       float* row = P + i * T;
       int n = i + 1;
+      float shift = lse == nullptr ? row_max(row, n) : lse[i];
+      for (int j = 0; j < n; ++j) row[j] = exp_nonpositive(row[j] - shift);
       if (lse == nullptr) {
-        float m = row[0];
-        for (int j = 1; j < n; ++j) m = std::max(m, row[j]);
-        float sum = 0.0f;
-        for (int j = 0; j < n; ++j) {
-          row[j] = exp_nonpositive(row[j] - m);
-          sum += row[j];
-        }
-        float inv = 1.0f / sum;
+        float sum = row_sum(row, n), inv = 1.0f / sum;
         for (int j = 0; j < n; ++j) row[j] *= inv;
-        lse_out[i] = m + std::log(sum);
-      } else {
-        float l = lse[i];
-        for (int j = 0; j < n; ++j) row[j] = exp_nonpositive(row[j] - l);
+        lse_out[i] = shift + std::log(sum);
       }
       std::fill(row + n, row + T, 0.0f);
     }
   }
 }
 
-// dst = src * keep / (1 - p) over the lower triangle of one (batch, head); the upper
-// triangle of src is zero and stays zero. `base` is the flat index of element (0, 0).
+// dst = src * keep / (1 - p) over the lower triangle of one (batch, head), zero above.
+// `base` is the flat index of element (0, 0).
 void apply_dropout(const float* src, float* dst, int T, uint32_t base, uint32_t seed_mix,
                    uint32_t threshold, float keep_scale) {
   for (int i = 0; i < T; ++i) {
     uint32_t row = base + static_cast<uint32_t>(i) * static_cast<uint32_t>(T);
-    for (int j = 0; j < T; ++j) {
-      bool keep = hash32(row + static_cast<uint32_t>(j) + seed_mix) >= threshold;
-      dst[i * T + j] = keep ? src[i * T + j] * keep_scale : 0.0f;
-    }
+    drop_row(src + i * T, dst + i * T, i + 1, row, seed_mix, threshold, keep_scale);
+    std::fill(dst + i * T + i + 1, dst + (i + 1) * T, 0.0f);
   }
 }
 
@@ -220,13 +255,9 @@ void backward(const Shape4& s, const Params& prm, const float* qkv, uint32_t see
         int n = i + 1;
         if (prm.p > 0) {
           uint32_t row = base + static_cast<uint32_t>(i) * static_cast<uint32_t>(T);
-          for (int j = 0; j < n; ++j) {
-            bool keep = hash32(row + static_cast<uint32_t>(j) + seed_mix) >= threshold;
-            g[j] = keep ? g[j] * keep_scale : 0.0f;
-          }
+          drop_row(g, g, n, row, seed_mix, threshold, keep_scale);
         }
-        float dot = 0.0f;
-        for (int j = 0; j < n; ++j) dot += p[j] * g[j];
+        float dot = row_dot(p, g, n);
         for (int j = 0; j < n; ++j) g[j] = p[j] * (g[j] - dot);
         std::fill(g + n, g + T, 0.0f);
       }
