@@ -7,8 +7,8 @@
 "After": what the model runs now: the fused attention primitive (mlx_model._fused),
 mlx_model.fastops (multiply-add exp, GELU, layer norm, dropout) with the batch split
 over one stream per core (`in_lanes`) where the model splits it, OpenBLAS
-single-threaded in each lane. The attention row times the pure-MLX attention in query
-blocks (fastops.causal_attention, the model's fallback) as well.
+single-threaded in each lane. Attention, layer norm and GELU are also timed in their
+pure-MLX forms (fastops: the model's fallback when the kernels cannot be built).
 
 Each op runs alone, compiled, at the preset's shapes (batch x context x width), forward
 and backward (the gradient of a sum), median of `--repeat` runs; the "per step" column
@@ -39,15 +39,17 @@ import numpy as np  # noqa: E402
 from mlx_model import _blas, _fused, fastops  # noqa: E402
 from mlx_model.config import get_preset  # noqa: E402
 from mlx_model.data import train_batch  # noqa: E402
-from mlx_model.model import GPT, LayerNorm, in_lanes  # noqa: E402
+from mlx_model.model import GPT, in_lanes  # noqa: E402
 from mlx_model.train import make_optimizer, make_step  # noqa: E402
 
 
 def blas_threads(n: int) -> None:
     if _blas.loaded:
         lib = ctypes.CDLL(_blas.loaded)
-        if hasattr(lib, "openblas_set_num_threads"):
-            lib.openblas_set_num_threads(n)
+        for name in ("scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            if hasattr(lib, name):  # scipy-openblas32 prefixes its symbols
+                getattr(lib, name)(n)
+                break
 
 
 def timed(fn, batched: tuple, shared: tuple, repeat: int, lanes: int) -> float:
@@ -97,8 +99,7 @@ def step_ms(cfg, tc, lanes: int, fused: bool = True):
     mx.random.seed(0)
     model = GPT(cfg)
     model.lanes = lanes
-    for block in model.h:
-        block.attn.use_fused = fused
+    model.use_fused_kernels(fused)
     opt = make_optimizer(tc)
     opt.init(model.trainable_parameters())
     model.train()
@@ -151,9 +152,15 @@ def main() -> None:
     def layer_norm(a):
         return mx.fast.layer_norm(a, g, b, 1e-5)
 
+    def fast_ln(a):
+        return fastops.layer_norm(a, g, b, 1e-5)
+
+    def fused_ln(a):
+        return ext.layer_norm(a, g, b, 1e-5)
+
     ext = _fused.load()
     if ext is None:
-        sys.exit("the fused attention did not build here (see the warning above)")
+        sys.exit("the fused kernels did not build here (see the warning above)")
 
     def builtin(qkv):  # MLX's own ops, with the head split and merge the model does
         return merge_heads(builtin_attention(*split_heads(qkv, H), scale, drop))
@@ -169,13 +176,15 @@ def main() -> None:
     # whether the model runs the op in lanes
     ops = [
         ("embeddings (gather)", 1, lambda a, c: a[idx] + c[:T], None, (), (wte, wpe), False),
-        ("layer norm", 2 * L + 1, layer_norm, None, (x,), (), True),
+        ("layer norm: pure MLX (fastops)", 2 * L + 1, layer_norm, fast_ln, (x,), (), True),
+        ("layer norm: fused primitive", 2 * L + 1, layer_norm, fused_ln, (x,), (), True),
         ("qkv projection (matmul)", L, matmul, None, (x,), (w_attn,), True),
         ("attention + dropout: pure MLX in query blocks", L, builtin, blocked, (qkv,), (), True),
         ("attention + dropout: fused primitive", L, builtin, fused, (qkv,), (), True),
         ("attention out projection (matmul)", L, matmul, None, (x,), (w_proj,), True),
         ("MLP up (matmul)", L, matmul, None, (x,), (w_fc,), True),
-        ("GELU (tanh)", L, nn.gelu_approx, fastops.gelu, (h4,), (), True),
+        ("GELU: pure MLX (fastops)", L, nn.gelu_approx, fastops.gelu, (h4,), (), True),
+        ("GELU: fused primitive", L, nn.gelu_approx, ext.gelu, (h4,), (), True),
         ("MLP down (matmul)", L, matmul, None, (h4,), (w_fc2,), True),
         (
             "LM head + cross-entropy",
@@ -217,7 +226,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for name, count, tb, ta in rows:
         print(f"| {name} | {count} | {tb:.2f} | {ta:.2f} | {tb * count:.1f} | {ta * count:.1f} |")
-    summed = [r for r in rows if "pure MLX" not in r[0]]  # the model runs the fused one
+    summed = [r for r in rows if "pure MLX" not in r[0]]  # the model runs the fused ones
     total_before = sum(r[1] * r[2] for r in summed)
     total_after = sum(r[1] * r[3] for r in summed)
     print(f"| sum of the ops | | | | {total_before:.1f} | {total_after:.1f} |")
@@ -228,7 +237,7 @@ def main() -> None:
     runs = {
         "one lane": step_ms(cfg, tc, 1),
         "lanes": step_ms(cfg, tc, lanes),
-        "lanes, pure-MLX attention": step_ms(cfg, tc, lanes, fused=False),
+        "lanes, pure MLX": step_ms(cfg, tc, lanes, fused=False),
     }
     whole: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
@@ -238,35 +247,37 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in whole.items()}
     print(f"| whole step, one lane (BLAS on {lanes} threads) | 1 | | | {med['one lane']:.1f} | |")
     print(
-        f"| whole step, {lanes} lanes, pure-MLX attention | 1 | | | "
-        f"{med['lanes, pure-MLX attention']:.1f} | |"
+        f"| whole step, {lanes} lanes, pure MLX (no fused kernels) | 1 | | | "
+        f"{med['lanes, pure MLX']:.1f} | |"
     )
     print(f"| whole step, {lanes} lanes | 1 | | | | {med['lanes']:.1f} |")
 
     # Each op's share of the real step, by ablation: the whole step with that op
     # replaced by a pass-through, against the full step, alternating rounds. Isolated
     # timings above miss how ops overlap across lanes; this does not.
-    class PassThrough:  # the fused attention's stand-in: y = v
-        @staticmethod
-        def causal_attention(qkv, seed, heads, scale, p):
-            return qkv[..., 2 * C :] * 1.0
+    class Ablated:  # the fused kernels, with some replaced by pass-throughs
+        def __init__(self, **overrides):
+            self.overrides = overrides
 
-    real_gelu, real_load, real_ln = fastops.gelu, _fused.load, LayerNorm.__call__
+        def __getattr__(self, name):
+            return self.overrides.get(name) or getattr(ext, name)
+
+    real_load = _fused.load
     ablations = {
         "full step": {},
         "GELU": {"gelu": lambda x: x * 1.0},
-        "attention core + dropout": {"attention": lambda: PassThrough},
-        "layer norms": {"ln": lambda self, x: x * 1.0},
-        "dropout": {"dropout": 0.0},
+        "attention core + dropout": {
+            "causal_attention": lambda qkv, seed, heads, scale, p: qkv[..., 2 * C :] * 1.0
+        },
+        "layer norms": {"layer_norm": lambda x, w, b, eps: x * 1.0},
+        "dropout": {},
     }
     ablated_runs = {}
-    for name, change in ablations.items():
-        fastops.gelu = change.get("gelu", real_gelu)
-        _fused.load = change.get("attention", real_load)
-        LayerNorm.__call__ = change.get("ln", real_ln)
-        dropout = change.get("dropout", cfg.dropout)
+    for name, overrides in ablations.items():
+        _fused.load = lambda overrides=overrides: Ablated(**overrides)
+        dropout = 0.0 if name == "dropout" else cfg.dropout
         ablated_runs[name] = step_ms(cfg.replace(dropout=dropout), tc, lanes)
-    fastops.gelu, _fused.load, LayerNorm.__call__ = real_gelu, real_load, real_ln
+    _fused.load = real_load
     ablated: dict[str, list[float]] = {k: [] for k in ablated_runs}
     for _ in range(args.rounds):
         for name, run in ablated_runs.items():

@@ -35,8 +35,8 @@ from types import ModuleType
 from ._blas import cache_dir
 
 ENV = "SHAKESPEARE_GPT_FUSED"
-SOURCE = Path(__file__).parent / "csrc" / "causal_attention.cpp"
-MODULE = "_causal_attention"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+MODULE = "_cpu_kernels"
 BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()

@@ -99,9 +99,12 @@ class LayerNorm(nn.Module):
         self.weight = mx.ones((dims,))
         if bias:
             self.bias = mx.zeros((dims,))
+        self.use_fused = True  # see GPT.use_fused_kernels
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.training and "bias" in self and _cpu_float32(x):  # its backward is faster
+            if (ext := _fused.load() if self.use_fused else None) is not None:
+                return ext.layer_norm(x, self.weight, self.bias, self.eps)
             return fastops.layer_norm(x, self.weight, self.bias, self.eps)
         bias = self.bias.astype(x.dtype) if "bias" in self else None
         return mx.fast.layer_norm(x, self.weight.astype(x.dtype), bias, self.eps)
@@ -116,9 +119,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.attn_drop = Dropout(cfg.dropout)
         self.resid_drop = Dropout(cfg.dropout)
-        # On the CPU in float32, the fused attention primitive (mlx_model._fused) when
-        # it could be built: an execution setting, not part of the config.
-        self.use_fused = True
+        self.use_fused = True  # see GPT.use_fused_kernels
 
     def __call__(
         self, x: mx.array, cache: tuple[mx.array, mx.array] | None = None
@@ -189,11 +190,14 @@ class MLP(nn.Module):
         self.c_fc = Linear(cfg.n_emb, 4 * cfg.n_emb, cfg.bias)
         self.c_proj = Linear(4 * cfg.n_emb, cfg.n_emb, cfg.bias, std=proj_std)
         self.drop = Dropout(cfg.dropout)
+        self.use_fused = True  # see GPT.use_fused_kernels
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.c_fc(x)
         if not _cpu_float32(h):
             h = nn.gelu_approx(h)
+        elif self.training and (ext := _fused.load() if self.use_fused else None) is not None:
+            h = ext.gelu(h)
         elif self.training:
             h = fastops.gelu(h)  # with its closed-form backward
         else:
@@ -306,6 +310,14 @@ class GPT(nn.Module):
             return mx.pad(a, width)
 
         return [(pad(k), pad(v)) for k, v in cache]
+
+    def use_fused_kernels(self, on: bool = True) -> None:
+        """Whether training on the CPU in float32 uses the fused C++ primitives
+        (attention, GELU, layer norm; see mlx_model._fused) when they could be built,
+        or pure MLX. On by default; an execution setting, like `lanes`, not config."""
+        for module in self.modules():
+            if hasattr(module, "use_fused"):
+                module.use_fused = on
 
     def num_params(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.parameters()))

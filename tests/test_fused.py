@@ -1,4 +1,4 @@
-"""The fused CPU attention primitive (mlx_model/csrc/causal_attention.cpp, mlx_model._fused)."""
+"""The fused CPU primitives (mlx_model/csrc/cpu_kernels.cpp, built by mlx_model._fused)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,44 @@ def test_bad_inputs_are_named(ext, args, message):
         ext.causal_attention(qkv, seed, heads, 1.0, p)
 
 
+def test_gelu_and_its_gradient_match_gpt2_gelu(ext):
+    extremes = mx.array([0.0, -0.0, 1e-30, -12.0, -100.0, 100.0, -1e4, 1e4, 3.0, -3.0])
+    x = mx.concatenate([mx.random.normal((10_000,)) * 4, extremes]).reshape(-1, 10)
+    assert mx.abs(ext.gelu(x) - nn.gelu_approx(x)).max().item() < 5e-6
+    ct = mx.random.normal(x.shape)
+    g = mx.grad(lambda t: (ext.gelu(t) * ct).sum())(x)
+    g_ref = mx.grad(lambda t: (nn.gelu_approx(t) * ct).sum())(x)
+    assert mx.abs(g - g_ref).max().item() < 2e-5
+    assert mx.abs(mx.compile(mx.grad(lambda t: (ext.gelu(t) * ct).sum()))(x) - g_ref).max() < 2e-5
+
+
+@pytest.mark.parametrize("shape", [(4, 7, 128), (3, 37), (1, 5)])
+def test_layer_norm_and_its_gradients_match_mlx(ext, shape):
+    x = mx.random.normal(shape) * 3 + 1
+    w, b = mx.random.normal(shape[-1:]), mx.random.normal(shape[-1:])
+    ct = mx.random.normal(shape)
+    ref = mx.fast.layer_norm(x, w, b, 1e-5)
+    assert mx.abs(ext.layer_norm(x, w, b, 1e-5) - ref).max().item() < 1e-5
+
+    def loss(fn):
+        return lambda x, w, b: (fn(x, w, b, 1e-5) * ct).sum()
+
+    grads = mx.grad(loss(ext.layer_norm), argnums=(0, 1, 2))(x, w, b)
+    refs = mx.grad(loss(mx.fast.layer_norm), argnums=(0, 1, 2))(x, w, b)
+    for g, r, name in zip(grads, refs, ("x", "weight", "bias"), strict=True):
+        assert mx.abs(g - r).max().item() < 2e-5 * max(1.0, mx.abs(r).max().item()), name
+
+
+def test_gelu_and_layer_norm_name_bad_inputs(ext):
+    with pytest.raises(ValueError, match="x must be float32, got float16"):
+        ext.gelu(mx.zeros((3,), mx.float16))
+    ones = mx.ones((4,))
+    with pytest.raises(ValueError, match=r"weight and bias of shape \(C,\) .* got x \(2,3\)"):
+        ext.layer_norm(mx.zeros((2, 3)), ones, ones, 1e-5)
+    with pytest.raises(ValueError, match="eps must be > 0, got 0"):
+        ext.layer_norm(mx.zeros((2, 4)), ones, ones, 0.0)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_model_trains_the_same_with_and_without_it(ext, dropout):
     """Without dropout, loss and gradients with the primitive equal pure MLX's, at one
@@ -112,8 +150,7 @@ def test_model_trains_the_same_with_and_without_it(ext, dropout):
     step = nn.value_and_grad(model, loss_fn)
 
     def run(fused: bool, lanes: int, seed: int = 7):
-        for block in model.h:
-            block.attn.use_fused = fused
+        model.use_fused_kernels(fused)
         model.lanes = lanes
         mx.random.seed(seed)
         loss, grads = step(model, idx, y)
@@ -138,8 +175,7 @@ def test_cache_for_generation_is_the_plain_one(ext):
     idx = mx.array(np.random.default_rng(1).integers(0, 11, (3, 12)), dtype=mx.int32)
     outs = []
     for fused in (True, False):
-        for block in model.h:
-            block.attn.use_fused = fused
+        model.use_fused_kernels(fused)
         outs.append(model(idx))
     assert mx.allclose(outs[0][0], outs[1][0], atol=1e-5).item()
     for (k1, v1), (k2, v2) in zip(outs[0][1], outs[1][1], strict=True):
@@ -166,7 +202,7 @@ def probe(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
 def test_builds_once_into_the_cache_and_rebuilds_a_damaged_one(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     assert probe(env).stdout.strip() == "loaded"
-    [lib] = (tmp_path / "shakespeare-gpt").glob("_causal_attention-*")
+    [lib] = (tmp_path / "shakespeare-gpt").glob("_cpu_kernels-*")
     built = lib.stat().st_mtime_ns
     assert probe(env).stdout.strip() == "loaded"
     assert lib.stat().st_mtime_ns == built  # reused, not rebuilt

@@ -70,10 +70,9 @@ inline uint32_t hash32(uint32_t x) {  // Chris Wellons' lowbias32
   return x ^ (x >> 16);
 }
 
-// exp(x) for x <= 0 (scores minus their row maximum), vectorisable: 2^n from the
-// exponent bits, 2^f (|f| <= 1/2) by the same polynomial as mlx_model.fastops.exp.
-inline float exp_nonpositive(float x) {
-  x = x > -87.0f ? x : -87.0f;  // a value select, not std::max's reference: it vectorises
+// exp(x) for x in [-87, 87], vectorisable: 2^n from the exponent bits, 2^f (|f| <= 1/2)
+// by the same degree-7 polynomial as mlx_model.fastops.exp, in Estrin's scheme.
+inline float exp_core(float x) {
   float t = x * 1.4426950408889634f;
   float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest, |t| < 2^22
   float f = t - n;
@@ -88,6 +87,16 @@ inline float exp_nonpositive(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
+}
+
+// exp(x) for x <= 0 (scores minus their row maximum); below -87 it is ~1e-38, not 0.
+// Value selects, not std::max's references: they vectorise.
+inline float exp_nonpositive(float x) { return exp_core(x > -87.0f ? x : -87.0f); }
+
+// exp(x) clamped to [-87, 87], where a sigmoid is 0 or 1 to float32 anyway
+inline float exp_clamped(float x) {
+  x = x > -87.0f ? x : -87.0f;
+  return exp_core(x < 87.0f ? x : 87.0f);
 }
 
 struct Shape4 {
@@ -405,11 +414,266 @@ mx::array causal_attention(const mx::array& qkv, const mx::array& seed, int head
   return outs[0];
 }
 
+// ---------------------------------------------------------------------------
+// GPT-2's GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), computed as the
+// identical x * sigmoid(2u), and its derivative, element-wise over float32.
+
+constexpr float kGeluK = 0.7978845608028654f, kGeluC = 0.044715f;
+
+inline float sigmoid_2u(float x) {
+  float u = kGeluK * (x + kGeluC * x * x * x);
+  return 1.0f / (1.0f + exp_clamped(-2.0f * u));
+}
+
+void gelu_forward(const float* x, float* y, size_t n) {
+  for (size_t i = 0; i < n; ++i) y[i] = x[i] * sigmoid_2u(x[i]);
+}
+
+void gelu_backward(const float* x, const float* dy, float* dx, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    float v = x[i], s = sigmoid_2u(v);
+    float du = kGeluK * (1.0f + 3.0f * kGeluC * v * v);
+    dx[i] = dy[i] * (s + v * s * (1.0f - s) * 2.0f * du);
+  }
+}
+
+class GeluGrad : public mx::Primitive {
+ public:
+  explicit GeluGrad(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override {
+    auto x = inputs[0], dy = inputs[1];
+    auto& dx = outputs[0];
+    dx.set_data(mx::allocator::malloc(dx.nbytes()));
+    mx::cpu::get_command_encoder(stream()).dispatch([x, dy, dx]() mutable {
+      gelu_backward(x.data<float>(), dy.data<float>(), dx.data<float>(), x.size());
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("GeluGrad runs on the CPU only");
+  }
+
+  const char* name() const override { return "GeluGrad"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+class Gelu : public mx::Primitive {
+ public:
+  explicit Gelu(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override {
+    auto x = inputs[0];
+    auto& y = outputs[0];
+    y.set_data(mx::allocator::malloc(y.nbytes()));
+    mx::cpu::get_command_encoder(stream()).dispatch([x, y]() mutable {
+      gelu_forward(x.data<float>(), y.data<float>(), x.size());
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("Gelu runs on the CPU only");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>&,
+                             const std::vector<mx::array>&) override {
+    auto dy = mx::contiguous(cotangents[0], false, stream());
+    return {mx::array(primals[0].shape(), mx::float32, std::make_shared<GeluGrad>(stream()),
+                      {primals[0], dy})};
+  }
+
+  const char* name() const override { return "Gelu"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+mx::Stream cpu_stream() {
+  auto stream = mx::default_stream(mx::default_device());
+  if (stream.device != mx::Device::cpu) {
+    throw std::invalid_argument("the fused CPU kernels run on the CPU only");
+  }
+  return stream;
+}
+
+void check_float32(const mx::array& a, const char* what) {
+  if (a.dtype() != mx::float32) {
+    std::ostringstream bad;
+    bad << what << " must be float32, got " << a.dtype();
+    throw std::invalid_argument(bad.str());
+  }
+}
+
+mx::array gelu(const mx::array& x) {
+  check_float32(x, "x");
+  auto stream = cpu_stream();
+  return mx::array(x.shape(), mx::float32, std::make_shared<Gelu>(stream),
+                   {mx::contiguous(x, false, stream)});
+}
+
+// ---------------------------------------------------------------------------
+// Layer norm over the last axis (C), with weight and bias; the forward also returns
+// each row's mean and 1/std for the backward.
+
+void layer_norm_forward(const float* x, const float* w, const float* b, float eps, size_t rows,
+                        int C, float* y, float* mean, float* rstd) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    float m = row_sum(xr, C) / C;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, var = 0.0f;
+    int j = 0;
+    for (; j + 8 <= C; j += 8)
+      for (int l = 0; l < 8; ++l) acc[l] += (xr[j + l] - m) * (xr[j + l] - m);
+    for (; j < C; ++j) var += (xr[j] - m) * (xr[j] - m);
+    for (int l = 0; l < 8; ++l) var += acc[l];
+    float rs = 1.0f / std::sqrt(var / C + eps);
+    for (int c = 0; c < C; ++c) yr[c] = (xr[c] - m) * rs * w[c] + b[c];
+    mean[r] = m;
+    rstd[r] = rs;
+  }
+}
+
+// dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = dy w; dw = sum dy xhat; db = sum dy
+void layer_norm_backward(const float* x, const float* w, const float* mean, const float* rstd,
+                         const float* dy, size_t rows, int C, float* dx, float* dw, float* db) {
+  std::vector<float> g(C), xhat(C);
+  std::fill(dw, dw + C, 0.0f);
+  std::fill(db, db + C, 0.0f);
+  float* __restrict gp = g.data();
+  float* __restrict xh = xhat.data();
+  float* __restrict dwp = dw;
+  float* __restrict dbp = db;
+  for (size_t r = 0; r < rows; ++r) {
+    const float* __restrict xr = x + r * C;
+    const float* __restrict dyr = dy + r * C;
+    float m = mean[r], rs = rstd[r];
+    for (int c = 0; c < C; ++c) {
+      xh[c] = (xr[c] - m) * rs;
+      gp[c] = dyr[c] * w[c];
+      dwp[c] += dyr[c] * xh[c];
+      dbp[c] += dyr[c];
+    }
+    float mg = row_sum(gp, C) / C, mgx = row_dot(gp, xh, C) / C;
+    float* dxr = dx + r * C;
+    for (int c = 0; c < C; ++c) dxr[c] = rs * (g[c] - mg - xhat[c] * mgx);
+  }
+}
+
+class LayerNormGrad : public mx::Primitive {
+ public:
+  LayerNormGrad(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override {
+    auto x = inputs[0], w = inputs[1], mean = inputs[2], rstd = inputs[3], dy = inputs[4];
+    auto &dx = outputs[0], &dw = outputs[1], &db = outputs[2];
+    for (auto* o : {&dx, &dw, &db}) o->set_data(mx::allocator::malloc(o->nbytes()));
+    int C = x.shape(-1);
+    size_t rows = x.size() / C;
+    mx::cpu::get_command_encoder(stream()).dispatch(
+        [x, w, mean, rstd, dy, dx, dw, db, rows, C]() mutable {
+          layer_norm_backward(x.data<float>(), w.data<float>(), mean.data<float>(),
+                              rstd.data<float>(), dy.data<float>(), rows, C, dx.data<float>(),
+                              dw.data<float>(), db.data<float>());
+        });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("LayerNormGrad runs on the CPU only");
+  }
+
+  const char* name() const override { return "LayerNormGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const LayerNormGrad&>(other).eps_;
+  }
+
+ private:
+  float eps_;
+};
+
+class LayerNorm : public mx::Primitive {
+ public:
+  LayerNorm(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override {
+    auto x = inputs[0], w = inputs[1], b = inputs[2];
+    auto &y = outputs[0], &mean = outputs[1], &rstd = outputs[2];
+    for (auto* o : {&y, &mean, &rstd}) o->set_data(mx::allocator::malloc(o->nbytes()));
+    int C = x.shape(-1);
+    size_t rows = x.size() / C;
+    mx::cpu::get_command_encoder(stream()).dispatch(
+        [x, w, b, y, mean, rstd, rows, C, eps = eps_]() mutable {
+          layer_norm_forward(x.data<float>(), w.data<float>(), b.data<float>(), eps, rows, C,
+                             y.data<float>(), mean.data<float>(), rstd.data<float>());
+        });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("LayerNorm runs on the CPU only");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>& outputs) override {
+    auto dy = mx::contiguous(cotangents[0], false, stream());
+    const auto& x = primals[0];
+    auto grads = mx::array::make_arrays(
+        {x.shape(), primals[1].shape(), primals[2].shape()},
+        {mx::float32, mx::float32, mx::float32}, std::make_shared<LayerNormGrad>(stream(), eps_),
+        {x, primals[1], outputs[1], outputs[2], dy});
+    std::vector<mx::array> out;
+    for (int arg : argnums) out.push_back(grads[arg]);
+    return out;
+  }
+
+  const char* name() const override { return "LayerNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const LayerNorm&>(other).eps_;
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias,
+                     float eps) {
+  check_float32(x, "x");
+  check_float32(weight, "weight");
+  check_float32(bias, "bias");
+  if (x.ndim() < 1 || weight.ndim() != 1 || bias.ndim() != 1 ||
+      weight.shape(0) != x.shape(-1) || bias.shape(0) != x.shape(-1)) {
+    std::ostringstream bad;
+    bad << "layer_norm needs weight and bias of shape (C,) for x of shape (..., C), got x "
+        << x.shape() << ", weight " << weight.shape() << ", bias " << bias.shape();
+    throw std::invalid_argument(bad.str());
+  }
+  if (!(eps > 0.0f)) {
+    throw std::invalid_argument("eps must be > 0, got " + std::to_string(eps));
+  }
+  auto stream = cpu_stream();
+  auto rows_shape = x.shape();
+  rows_shape.pop_back();
+  auto outs = mx::array::make_arrays(
+      {x.shape(), rows_shape, rows_shape}, {mx::float32, mx::float32, mx::float32},
+      std::make_shared<LayerNorm>(stream, eps),
+      {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream),
+       mx::contiguous(bias, false, stream)});
+  return outs[0];
+}
+
 }  // namespace
 
-NB_MODULE(_causal_attention, m) {
-  m.doc() = "Fused causal self-attention primitive for MLX's CPU backend";
+NB_MODULE(_cpu_kernels, m) {
+  m.doc() = "Fused CPU primitives for MLX: causal self-attention, GELU, layer norm";
   m.def("causal_attention", &causal_attention, nb::arg("qkv"), nb::arg("seed"),
         nb::arg("heads"), nb::arg("scale"), nb::arg("p"),
         "Causal attention of the fused projection qkv (B, T, 3C) -> (B, T, C).");
+  m.def("gelu", &gelu, nb::arg("x"), "GPT-2's tanh GELU, element-wise.");
+  m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"),
+        nb::arg("eps"), "Layer norm over the last axis.");
 }
