@@ -1,10 +1,11 @@
-"""Per-op CPU timings: built-in MLX kernels against mlx_model.fastops, same process.
+"""Per-op CPU timings: built-in MLX kernels, mlx_model.fastops and the fused C++ kernels.
 
 python bench/cpu_ops.py            # with the fast BLAS preload (the default)
 SHAKESPEARE_GPT_BLAS=off python bench/cpu_ops.py   # the wheel's reference BLAS
 
 The last group times one lane's share of the seed preset (batch 32 of 64), forward and
-backward from a random cotangent, each new formulation against the one it replaced.
+backward from a random cotangent, each new formulation against the one it replaced:
+the fused kernels (mlx_model._fused) against fastops, fastops against MLX's own.
 """
 
 # ruff: noqa: I001
@@ -22,7 +23,7 @@ import mlx_model  # noqa: E402,F401,I001  (must come before mlx.core: it preload
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from mlx_model import fastops  # noqa: E402
+from mlx_model import _fused, fastops  # noqa: E402
 
 
 def bench(name, f, *args, n=5):
@@ -81,10 +82,39 @@ def main() -> None:
     h = mx.random.normal((32, 128, 512)) * 2
     bench("GELU, nn.gelu_approx", fwd_bwd(nn.gelu_approx, h), h, n=20)
     bench("GELU, fastops.gelu", fwd_bwd(fastops.gelu, h), h, n=20)
+    ext = _fused.load()
+    if ext is not None:
+        bench("GELU, fused kernel", fwd_bwd(ext.gelu, h), h, n=20)
     q, k, v = (mx.random.normal((32, 4, 128, 32)) for _ in range(3))
     for block in (128, 32):
         attend = partial(fastops.causal_attention, scale=0.18, block=block)
         bench(f"attention core, query blocks of {block}", fwd_bwd(attend, q, k, v), q, k, v, n=20)
+    if ext is not None:
+        qkv = mx.concatenate([q, k, v], axis=1).transpose(0, 2, 1, 3).reshape(32, 128, 384)
+        zero = mx.zeros((1,), mx.uint32)
+        fused = partial(ext.causal_attention, seed=zero, heads=4, scale=0.18, p=0.0)
+        bench("attention core, fused kernel (from qkv)", fwd_bwd(fused, qkv), qkv, n=20)
+    x = mx.random.normal((32, 128, 128))
+    w, b_ = mx.random.normal((128,)), mx.random.normal((128,))
+    norm = partial(mx.fast.layer_norm, eps=1e-5)
+    bench("layer norm, mx.fast.layer_norm", fwd_bwd(norm, x, w, b_), x, w, b_, n=20)
+    bench(
+        "layer norm, fastops.layer_norm",
+        fwd_bwd(partial(fastops.layer_norm, eps=1e-5), x, w, b_),
+        x,
+        w,
+        b_,
+        n=20,
+    )
+    if ext is not None:
+        bench(
+            "layer norm, fused kernel",
+            fwd_bwd(partial(ext.layer_norm, eps=1e-5), x, w, b_),
+            x,
+            w,
+            b_,
+            n=20,
+        )
     drop = nn.Dropout(0.05)
     bench("dropout, nn.Dropout, forward", mx.compile(drop), s, n=20)
     fast_drop = mx.compile(lambda t: fastops.dropout(t, 0.05))

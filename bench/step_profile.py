@@ -13,7 +13,8 @@ pure-MLX forms (fastops: the model's fallback when the kernels cannot be built).
 Each op runs alone, compiled, at the preset's shapes (batch x context x width), forward
 and backward (the gradient of a sum), median of `--repeat` runs; the "per step" column
 multiplies by how often the op occurs in one step (e.g. once per layer). The last rows
-time the whole compiled training step with one lane and with one per core, alternating.
+time the whole compiled training step in lanes with and without the fused kernels,
+alternating.
 A second table gives each op's share of the real step by ablation (the step without it).
 """
 
@@ -231,21 +232,17 @@ def main() -> None:
     total_after = sum(r[1] * r[3] for r in summed)
     print(f"| sum of the ops | | | | {total_before:.1f} | {total_after:.1f} |")
 
-    # the whole step: one lane against one per core, and lanes with the pure-MLX
-    # attention instead of the fused one, alternating
+    # the whole step in lanes, with the fused kernels and with pure MLX, alternating.
+    # (One lane against lanes is measured against PyTorch as the peer instead:
+    # SHAKESPEARE_GPT_CPU_LANES=1 python bench/torch_vs_mlx.py. Switching OpenBLAS
+    # between 1 and 2 threads inside one process disturbed the rounds that followed.)
     blas_threads(1 if lanes > 1 else lanes)
-    runs = {
-        "one lane": step_ms(cfg, tc, 1),
-        "lanes": step_ms(cfg, tc, lanes),
-        "lanes, pure MLX": step_ms(cfg, tc, lanes, fused=False),
-    }
+    runs = {"lanes": step_ms(cfg, tc, lanes), "lanes, pure MLX": step_ms(cfg, tc, lanes, False)}
     whole: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
         for kind, run in runs.items():
-            blas_threads(lanes if kind == "one lane" else 1 if lanes > 1 else lanes)
             whole[kind].append(run(args.steps))
     med = {k: statistics.median(v) for k, v in whole.items()}
-    print(f"| whole step, one lane (BLAS on {lanes} threads) | 1 | | | {med['one lane']:.1f} | |")
     print(
         f"| whole step, {lanes} lanes, pure MLX (no fused kernels) | 1 | | | "
         f"{med['lanes, pure MLX']:.1f} | |"
