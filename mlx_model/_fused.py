@@ -1,9 +1,11 @@
-"""Build and load the fused CPU attention primitive (`csrc/causal_attention.cpp`).
+"""Build and load the fused CPU kernels (`csrc/cpu_kernels.cpp`): MLX primitives for
+causal self-attention, GPT-2's GELU and layer norm, each with its backward.
 
-MLX lets a C++ extension add primitives; Python cannot. The primitive computes
-causal self-attention from the fused q/k/v projection with each (batch, head)'s
-scores kept in cache, where the pure-MLX formulation (`fastops.causal_attention`)
-streams them through memory six to eight times; see the source for the details.
+MLX lets a C++ extension add primitives; Python cannot. The attention keeps each
+(batch, head)'s scores in cache, where the pure-MLX formulation
+(`fastops.causal_attention`) streams them through memory six to eight times; GELU and
+layer norm are loops built for this CPU, where MLX's compiled element-wise kernels
+use SSE2 only. See the source for the details.
 
 The extension is compiled on first use with the system C++ compiler against the
 installed MLX's headers and `libmlx`, and `nanobind` (a dependency on Linux: the
@@ -64,9 +66,9 @@ def _load_once() -> ModuleType | None:
                 # a damaged cached library (say, from a disk fault): build it once more
                 lib.unlink(missing_ok=True)
                 return _import(build())
-        except BuildError as err:
+        except (BuildError, OSError) as err:  # OSError: an unwritable cache, say
             warnings.warn(
-                f"the fused CPU attention is not available ({err}); training on the CPU "
+                f"the fused CPU kernels are not available ({err}); training on the CPU "
                 f"uses pure MLX, which is slower. Set {ENV}=off to silence this.",
                 RuntimeWarning,
                 stacklevel=4,
@@ -112,7 +114,12 @@ def build() -> Path:
         f"-I{python_include}",
     ]
     ours = ["-O3", "-march=native", "-fno-trapping-math", "-std=c++20", f"-I{mlx_root / 'include'}"]
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except subprocess.TimeoutExpired as err:
+        raise BuildError(f"{compiler} --version did not answer") from err
     key = hashlib.sha256(
         "\n".join(
             [

@@ -218,5 +218,9 @@ def test_without_a_compiler_it_warns_and_the_model_uses_pure_mlx(tmp_path):
     assert run.stdout.strip() == "none"
     assert "no C++ compiler (c++, g++ or clang++)" in run.stderr
     assert "uses pure MLX" in run.stderr
+    unwritable = tmp_path / "a-file"
+    unwritable.write_text("")
+    run = probe({"XDG_CACHE_HOME": str(unwritable)})  # the cache cannot be created
+    assert run.stdout.strip() == "none" and "fused CPU kernels are not available" in run.stderr
     off = probe({"SHAKESPEARE_GPT_FUSED": "off"})
     assert off.stdout.strip() == "none" and "Warning" not in off.stderr
