@@ -170,8 +170,7 @@ def main() -> None:
         return merge_heads(fastops.causal_attention(*split_heads(qkv, H), scale, drop))
 
     def fused(qkv):
-        seed = mx.random.randint(0, 2**31 - 1, (1,)).astype(mx.uint32)
-        return ext.causal_attention(qkv, seed, H, scale, cfg.dropout)
+        return ext.causal_attention(qkv, fastops.dropout_seed(), H, scale, cfg.dropout)
 
     # name, count per step, before fn, after fn (None: same), batched args, shared args,
     # whether the model runs the op in lanes

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 SYSTEM_CANDIDATES = ("libopenblas.so.0", "libopenblasp-r0.so")
@@ -120,30 +121,51 @@ def _shim(target: Path) -> Path:
     )
     stat = target.stat()
     key = hashlib.sha256(f"{source}{target}{stat.st_size}{stat.st_mtime_ns}".encode()).hexdigest()
-    cache = cache_dir()
-    shim = cache / f"libblas-shim-{key[:16]}.so"
+    shim = cache_dir() / f"libblas-shim-{key[:16]}.so"
     if shim.exists():
         return shim
     compiler = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) to build the scipy-openblas32 shim")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        src, out = Path(tmp) / "shim.c", Path(tmp) / "shim.so"
+
+    def build(tmp: Path) -> Path:
+        src, out = tmp / "shim.c", tmp / "shim.so"
         src.write_text(source)
+        run_compilers([[compiler, "-shared", "-fPIC", "-o", str(out), str(src)]], timeout=120)
+        return out
+
+    return build_cached(shim, build)
+
+
+def build_cached(path: Path, build: Callable[[Path], Path]) -> Path:
+    """path, made by build(a temporary folder next to it) -> the built file, moved in place
+    atomically: a concurrent build or import sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        os.replace(build(Path(tmp)), path)
+    return path
+
+
+def run_compilers(
+    commands: list[list[str]], timeout: float, error: type[Exception] = RuntimeError
+) -> None:
+    """Run the compiler commands side by side; `error` says which failed or ran too long."""
+    procs = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in commands
+    ]
+    failures = []
+    for command, proc in zip(commands, procs, strict=True):
         try:
-            build = subprocess.run(
-                [compiler, "-shared", "-fPIC", "-o", str(out), str(src)],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-        except subprocess.TimeoutExpired as err:
-            raise RuntimeError(f"building the BLAS shim with {compiler} timed out") from err
-        if build.returncode != 0:
-            raise RuntimeError(f"building the BLAS shim failed: {build.stderr.strip()[:300]}")
-        os.replace(out, shim)  # atomic: a concurrent import sees the whole file or none
-    return shim
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise error(f"{command[0]} took more than {timeout:g} s") from None
+        if proc.returncode != 0:
+            failures.append(f"{command[0]} exited {proc.returncode}: {err.strip()[-400:]}")
+    if failures:
+        raise error("; ".join(failures))
 
 
 def cache_dir() -> Path:

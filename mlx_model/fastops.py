@@ -205,6 +205,11 @@ def _hash32(x: mx.array) -> mx.array:
     return x ^ (x >> 16)
 
 
+def dropout_seed() -> mx.array:
+    """One draw from MLX's generator, a uint32 array of shape (1,), to seed hashed masks."""
+    return mx.random.randint(0, 2**31 - 1, (1,)).astype(mx.uint32)
+
+
 def dropout(x: mx.array, p: float) -> mx.array:
     """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
 
@@ -214,7 +219,6 @@ def dropout(x: mx.array, p: float) -> mx.array:
     element is dropped when its 32-bit hash is below round(p * 2^32), so the drop
     probability is p to within 2^-32.
     """
-    seed = mx.random.randint(0, 2**31 - 1, (1,)).astype(mx.uint32)
     index = mx.arange(x.size, dtype=mx.uint32).reshape(x.shape)
-    keep = _hash32(index + seed * 0x9E3779B9) >= round(p * 2**32)
+    keep = _hash32(index + dropout_seed() * 0x9E3779B9) >= round(p * 2**32)
     return mx.where(keep, x * (1.0 / (1.0 - p)), mx.array(0.0, x.dtype))

@@ -23,6 +23,12 @@ def _cpu_float32(x: mx.array) -> bool:
     return x.dtype == mx.float32 and mx.default_device() == mx.cpu
 
 
+def _kernels(module: nn.Module, x: mx.array):
+    """The fused CPU kernels (mlx_model._fused) for this module's op on x, or None:
+    on the CPU in float32, when the module's `use_fused` is on and they could be built."""
+    return _fused.load() if module.use_fused and _cpu_float32(x) else None
+
+
 def _attention_weights(q: mx.array, k: mx.array, scale: float) -> mx.array:
     """Causal softmax(q k^T * scale), (B, H, Tq, Tk)."""
     tq, tk = q.shape[2], k.shape[2]
@@ -103,7 +109,7 @@ class LayerNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.training and "bias" in self and _cpu_float32(x):  # its backward is faster
-            if (ext := _fused.load() if self.use_fused else None) is not None:
+            if (ext := _kernels(self, x)) is not None:
                 return ext.layer_norm(x, self.weight, self.bias, self.eps)
             return fastops.layer_norm(x, self.weight, self.bias, self.eps)
         bias = self.bias.astype(x.dtype) if "bias" in self else None
@@ -126,12 +132,9 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
         B, T, C = x.shape
         qkv = self.c_attn(x)
-        ext = _fused.load() if cache is None and self.use_fused and _cpu_float32(x) else None
-        if ext is not None:
+        if cache is None and (ext := _kernels(self, x)) is not None:
             return self._fused(ext, qkv)
-        q, k, v = mx.split(qkv, 3, axis=-1)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q, k, v = (t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
+        q, k, v = self._heads(qkv)
         if cache is not None:
             k = mx.concatenate([cache[0], k], axis=2)
             v = mx.concatenate([cache[1], v], axis=2)
@@ -149,20 +152,22 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_drop(self.c_proj(y)), (k, v)
 
-    def _fused(self, ext, qkv: mx.array) -> tuple[mx.array, tuple[mx.array, mx.array]]:
-        """Attention by the fused CPU primitive: from qkv (B, T, 3C) straight to (B, T, C)."""
-        B, T, C3 = qkv.shape
-        p = self.dropout if self.training else 0.0
-        if p > 0:  # the primitive's dropout masks are seeded from MLX's generator
-            seed = mx.random.randint(0, 2**31 - 1, (1,)).astype(mx.uint32)
-        else:
-            seed = mx.zeros((1,), mx.uint32)
-        y = ext.causal_attention(qkv, seed, self.n_head, 1.0 / math.sqrt(C3 // 3 // self.n_head), p)
-        # the cache, for generation's prefill; lazy, so training never computes it
-        _, k, v = (
+    def _heads(self, qkv: mx.array) -> tuple[mx.array, ...]:
+        """q, k, v (B, n_head, T, head_dim) from the fused projection (B, T, 3C)."""
+        B, T, _ = qkv.shape
+        return tuple(
             t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3)
             for t in mx.split(qkv, 3, axis=-1)
         )
+
+    def _fused(self, ext, qkv: mx.array) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """Attention by the fused CPU primitive: from qkv (B, T, 3C) straight to (B, T, C)."""
+        p = self.dropout if self.training else 0.0
+        # the primitive's dropout masks are seeded from MLX's generator
+        seed = fastops.dropout_seed() if p > 0 else mx.zeros((1,), mx.uint32)
+        scale = 1.0 / math.sqrt(qkv.shape[-1] // 3 // self.n_head)
+        y = ext.causal_attention(qkv, seed, self.n_head, scale, p)
+        _, k, v = self._heads(qkv)  # the cache, for generation's prefill; lazy, unused in training
         return self.resid_drop(self.c_proj(y)), (k, v)
 
     def decode(
@@ -196,7 +201,7 @@ class MLP(nn.Module):
         h = self.c_fc(x)
         if not _cpu_float32(h):
             h = nn.gelu_approx(h)
-        elif self.training and (ext := _fused.load() if self.use_fused else None) is not None:
+        elif self.training and (ext := _kernels(self, h)) is not None:
             h = ext.gelu(h)
         elif self.training:
             h = fastops.gelu(h)  # with its closed-form backward

@@ -1,13 +1,16 @@
-// Fused causal self-attention for MLX's CPU backend, as an MLX primitive.
+// Fused kernels for MLX's CPU backend, as MLX primitives: causal self-attention,
+// GPT-2's GELU and layer norm, each with its vector-Jacobian product as a second
+// primitive. Built at first use by mlx_model._fused (with the system C++ compiler,
+// against the installed MLX's headers and nanobind); without it the model uses pure
+// MLX.
 //
-// One primitive takes the fused q/k/v projection (B, T, 3C) and returns the heads'
-// output already laid out as (B, T, C), plus each row's log-sum-exp (B, H, T);
-// its vector-Jacobian product is a second primitive that returns d(q, k, v). For
-// each (batch, head) the T x T scores live in a buffer that stays in cache: the
-// products go to the BLAS that MLX uses (cblas_sgemm, resolved at load time), and
-// the masked softmax, its dropout and their gradients are single loops over that
-// buffer. The pure-MLX formulation makes six to eight passes over the scores in
-// main memory, and two transposes of q/k/v and y; this makes none of them.
+// Attention takes the fused q/k/v projection (B, T, 3C) and returns the heads' output
+// already laid out as (B, T, C), plus each row's log-sum-exp (B, H, T). For each
+// (batch, head) the T x T scores live in a buffer that stays in cache: the products go
+// to the BLAS that MLX uses (cblas_sgemm, resolved at load time), and the masked
+// softmax, its dropout and their gradients are single loops over that buffer. The
+// pure-MLX formulation makes six to eight passes over the scores in main memory, and
+// two transposes of q/k/v and y; this makes none of them.
 //
 // Exactness: the softmax is the usual max-subtracted one; exp is 2^n * 2^f with a
 // degree-7 polynomial for 2^f (as accurate as float32 expf to a few ulp); masked
@@ -20,8 +23,8 @@
 // by 1 / (1 - p). The seed is an input (a uint32 array of shape (1,)), so it comes
 // from MLX's generator.
 //
-// Built at first use by mlx_model._fused (with the system C++ compiler, against the
-// installed MLX's headers and nanobind); without it the model uses pure MLX.
+// GELU and layer norm are plain loops: built with -march=native they vectorise for
+// this CPU, where MLX's own compiled element-wise kernels use SSE2 only.
 
 #include <algorithm>
 #include <cmath>
@@ -113,10 +116,19 @@ struct Params {
   }
 };
 
-uint32_t drop_threshold(float p) {
-  double t = std::round(static_cast<double>(p) * 4294967296.0);
-  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
-}
+// The dropout of one call: an element is kept when the hash of its flat index mixed
+// with the seed is >= threshold, and kept ones are scaled by 1 / (1 - p).
+struct DropMask {
+  uint32_t threshold, seed_mix;
+  float keep_scale;
+  DropMask(float p, uint32_t seed)
+      : threshold(threshold_of(p)), seed_mix(seed * 0x9E3779B9u), keep_scale(1.0f / (1.0f - p)) {}
+
+  static uint32_t threshold_of(float p) {
+    double t = std::round(static_cast<double>(p) * 4294967296.0);
+    return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+  }
+};
 
 // Row reductions in eight partial sums, so the compiler vectorises them (it may not
 // reorder a single float accumulator).
@@ -151,14 +163,11 @@ inline float row_sum(const float* x, int n) {
   return sum;
 }
 
-// dst[j] = src[j] * keep_j / (1 - p) for j < n, where keep_j compares the hash of the
-// element's flat index `start + j` with the threshold.
-inline void drop_row(const float* src, float* dst, int n, uint32_t start, uint32_t seed_mix,
-                     uint32_t threshold, float keep_scale) {
+// dst[j] = src[j] * keep_j / (1 - p) for j < n, where element j's flat index is start + j
+inline void drop_row(const float* src, float* dst, int n, uint32_t start, const DropMask& m) {
   for (int j = 0; j < n; ++j) {
-    float s = hash32(start + static_cast<uint32_t>(j) + seed_mix) >= threshold ? keep_scale
-                                                                                : 0.0f;
-    dst[j] = src[j] * s;
+    uint32_t h = hash32(start + static_cast<uint32_t>(j) + m.seed_mix);
+    dst[j] = src[j] * (h >= m.threshold ? m.keep_scale : 0.0f);
   }
 }
 
@@ -188,11 +197,10 @@ void weights(const float* q, const float* k, int ld, int T, int D, float scale, 
 
 // dst = src * keep / (1 - p) over the lower triangle of one (batch, head), zero above.
 // `base` is the flat index of element (0, 0).
-void apply_dropout(const float* src, float* dst, int T, uint32_t base, uint32_t seed_mix,
-                   uint32_t threshold, float keep_scale) {
+void apply_dropout(const float* src, float* dst, int T, uint32_t base, const DropMask& m) {
   for (int i = 0; i < T; ++i) {
     uint32_t row = base + static_cast<uint32_t>(i) * static_cast<uint32_t>(T);
-    drop_row(src + i * T, dst + i * T, i + 1, row, seed_mix, threshold, keep_scale);
+    drop_row(src + i * T, dst + i * T, i + 1, row, m);
     std::fill(dst + i * T + i + 1, dst + (i + 1) * T, 0.0f);
   }
 }
@@ -201,8 +209,7 @@ void forward(const Shape4& s, const Params& prm, const float* qkv, uint32_t seed
              float* lse) {
   const int T = s.T, D = s.D, C = s.C(), ld = 3 * C;
   std::vector<float> P(static_cast<size_t>(T) * T), Pd;
-  uint32_t threshold = drop_threshold(prm.p), seed_mix = seed * 0x9E3779B9u;
-  float keep_scale = 1.0f / (1.0f - prm.p);
+  const DropMask mask(prm.p, seed);
   if (prm.p > 0) Pd.resize(P.size());
   for (int b = 0; b < s.B; ++b) {
     for (int h = 0; h < s.H; ++h) {
@@ -215,7 +222,7 @@ void forward(const Shape4& s, const Params& prm, const float* qkv, uint32_t seed
       const float* W = P.data();
       if (prm.p > 0) {
         uint32_t base = static_cast<uint32_t>((static_cast<size_t>(b) * s.H + h) * T * T);
-        apply_dropout(P.data(), Pd.data(), T, base, seed_mix, threshold, keep_scale);
+        apply_dropout(P.data(), Pd.data(), T, base, mask);
         W = Pd.data();
       }
       for (int r0 = 0; r0 < T; r0 += kBlock) {
@@ -231,8 +238,7 @@ void backward(const Shape4& s, const Params& prm, const float* qkv, uint32_t see
   const int T = s.T, D = s.D, C = s.C(), ld = 3 * C;
   const size_t TT = static_cast<size_t>(T) * T;
   std::vector<float> P(TT), dP(TT), Pd;
-  uint32_t threshold = drop_threshold(prm.p), seed_mix = seed * 0x9E3779B9u;
-  float keep_scale = 1.0f / (1.0f - prm.p);
+  const DropMask mask(prm.p, seed);
   if (prm.p > 0) Pd.resize(TT);
   for (int b = 0; b < s.B; ++b) {
     for (int h = 0; h < s.H; ++h) {
@@ -249,7 +255,7 @@ void backward(const Shape4& s, const Params& prm, const float* qkv, uint32_t see
       const float* W = P.data();
       uint32_t base = static_cast<uint32_t>(bh * TT);
       if (prm.p > 0) {
-        apply_dropout(P.data(), Pd.data(), T, base, seed_mix, threshold, keep_scale);
+        apply_dropout(P.data(), Pd.data(), T, base, mask);
         W = Pd.data();
       }
       // d(weights after dropout) = dO V^T, rows [r0, r1) against keys [0, r1)
@@ -264,7 +270,7 @@ void backward(const Shape4& s, const Params& prm, const float* qkv, uint32_t see
         int n = i + 1;
         if (prm.p > 0) {
           uint32_t row = base + static_cast<uint32_t>(i) * static_cast<uint32_t>(T);
-          drop_row(g, g, n, row, seed_mix, threshold, keep_scale);
+          drop_row(g, g, n, row, mask);
         }
         float dot = row_dot(p, g, n);
         for (int j = 0; j < n; ++j) g[j] = p[j] * (g[j] - dot);
@@ -285,74 +291,85 @@ void backward(const Shape4& s, const Params& prm, const float* qkv, uint32_t see
   }
 }
 
+// A primitive that runs on the CPU only, with its parameters compared for equivalence.
+template <class P>
+class CpuPrimitive : public mx::Primitive {
+ public:
+  CpuPrimitive(mx::Stream stream, P prm) : mx::Primitive(stream), prm_(prm) {}
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU only");
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return prm_ == static_cast<const CpuPrimitive&>(other).prm_;
+  }
+
+ protected:
+  // allocates the outputs, then runs fn on this primitive's stream
+  template <class F>
+  void dispatch(std::vector<mx::array>& outputs, F&& fn) {
+    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    mx::cpu::get_command_encoder(stream()).dispatch(std::forward<F>(fn));
+  }
+
+  P prm_;
+};
+
+struct NoParams {
+  bool operator==(const NoParams&) const { return true; }
+};
+
+mx::Stream cpu_stream() {
+  auto stream = mx::default_stream(mx::default_device());
+  if (stream.device != mx::Device::cpu) {
+    throw std::invalid_argument("the fused CPU kernels run on the CPU only");
+  }
+  return stream;
+}
+
+void check_float32(const mx::array& a, const char* what) {
+  if (a.dtype() != mx::float32) {
+    std::ostringstream bad;
+    bad << what << " must be float32, got " << a.dtype();
+    throw std::invalid_argument(bad.str());
+  }
+}
+
 Shape4 shape_of(const mx::array& qkv, int heads) {
   int C3 = qkv.shape(2);
   return {qkv.shape(0), qkv.shape(1), heads, C3 / 3 / heads};
 }
 
-class CausalAttentionGrad : public mx::Primitive {
+class CausalAttentionGrad : public CpuPrimitive<Params> {
  public:
-  CausalAttentionGrad(mx::Stream stream, Params prm) : mx::Primitive(stream), prm_(prm) {}
+  using CpuPrimitive::CpuPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs,
                 std::vector<mx::array>& outputs) override {
-    const auto& qkv = inputs[0];
-    const auto& seed = inputs[1];
-    const auto& lse = inputs[2];
-    const auto& dy = inputs[3];
-    auto& dqkv = outputs[0];
-    dqkv.set_data(mx::allocator::malloc(dqkv.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(qkv);
-    enc.set_input_array(seed);
-    enc.set_input_array(lse);
-    enc.set_input_array(dy);
-    enc.set_output_array(dqkv);
-    enc.dispatch([qkv, seed, lse, dy, dqkv, prm = prm_, s = shape_of(qkv, prm_.heads)]() mutable {
+    auto qkv = inputs[0], seed = inputs[1], lse = inputs[2], dy = inputs[3];
+    auto dqkv = outputs[0];
+    dispatch(outputs, [qkv, seed, lse, dy, dqkv, prm = prm_, s = shape_of(qkv, prm_.heads)]() mutable {
       backward(s, prm, qkv.data<float>(), seed.data<uint32_t>()[0], lse.data<float>(),
                dy.data<float>(), dqkv.data<float>());
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("CausalAttentionGrad runs on the CPU only");
-  }
-
   const char* name() const override { return "CausalAttentionGrad"; }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return prm_ == static_cast<const CausalAttentionGrad&>(other).prm_;
-  }
-
- private:
-  Params prm_;
 };
 
-class CausalAttention : public mx::Primitive {
+class CausalAttention : public CpuPrimitive<Params> {
  public:
-  CausalAttention(mx::Stream stream, Params prm) : mx::Primitive(stream), prm_(prm) {}
+  using CpuPrimitive::CpuPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs,
                 std::vector<mx::array>& outputs) override {
-    const auto& qkv = inputs[0];
-    const auto& seed = inputs[1];
-    auto& y = outputs[0];
-    auto& lse = outputs[1];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
-    lse.set_data(mx::allocator::malloc(lse.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(qkv);
-    enc.set_input_array(seed);
-    enc.set_output_array(y);
-    enc.set_output_array(lse);
-    enc.dispatch([qkv, seed, y, lse, prm = prm_, s = shape_of(qkv, prm_.heads)]() mutable {
+    auto qkv = inputs[0], seed = inputs[1];
+    auto y = outputs[0], lse = outputs[1];
+    dispatch(outputs, [qkv, seed, y, lse, prm = prm_, s = shape_of(qkv, prm_.heads)]() mutable {
       forward(s, prm, qkv.data<float>(), seed.data<uint32_t>()[0], y.data<float>(),
               lse.data<float>());
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("CausalAttention runs on the CPU only");
   }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
@@ -372,13 +389,6 @@ class CausalAttention : public mx::Primitive {
   }
 
   const char* name() const override { return "CausalAttention"; }
-
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return prm_ == static_cast<const CausalAttention&>(other).prm_;
-  }
-
- private:
-  Params prm_;
 };
 
 mx::array causal_attention(const mx::array& qkv, const mx::array& seed, int heads,
@@ -402,10 +412,7 @@ mx::array causal_attention(const mx::array& qkv, const mx::array& seed, int head
         << qkv.shape() << " with heads=" << heads;
   }
   if (!bad.str().empty()) throw std::invalid_argument(bad.str());
-  auto stream = mx::default_stream(mx::default_device());
-  if (stream.device != mx::Device::cpu) {
-    throw std::invalid_argument("the fused causal attention runs on the CPU only");
-  }
+  auto stream = cpu_stream();
   int B = qkv.shape(0), T = qkv.shape(1), C = qkv.shape(2) / 3;
   auto outs = mx::array::make_arrays(
       {{B, T, C}, {B, heads, T}}, {mx::float32, mx::float32},
@@ -437,44 +444,29 @@ void gelu_backward(const float* x, const float* dy, float* dx, size_t n) {
   }
 }
 
-class GeluGrad : public mx::Primitive {
+class GeluGrad : public CpuPrimitive<NoParams> {
  public:
-  explicit GeluGrad(mx::Stream stream) : mx::Primitive(stream) {}
+  explicit GeluGrad(mx::Stream stream) : CpuPrimitive(stream, {}) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs,
                 std::vector<mx::array>& outputs) override {
-    auto x = inputs[0], dy = inputs[1];
-    auto& dx = outputs[0];
-    dx.set_data(mx::allocator::malloc(dx.nbytes()));
-    mx::cpu::get_command_encoder(stream()).dispatch([x, dy, dx]() mutable {
+    auto x = inputs[0], dy = inputs[1], dx = outputs[0];
+    dispatch(outputs, [x, dy, dx]() mutable {
       gelu_backward(x.data<float>(), dy.data<float>(), dx.data<float>(), x.size());
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("GeluGrad runs on the CPU only");
-  }
-
   const char* name() const override { return "GeluGrad"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
-class Gelu : public mx::Primitive {
+class Gelu : public CpuPrimitive<NoParams> {
  public:
-  explicit Gelu(mx::Stream stream) : mx::Primitive(stream) {}
+  explicit Gelu(mx::Stream stream) : CpuPrimitive(stream, {}) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs,
                 std::vector<mx::array>& outputs) override {
-    auto x = inputs[0];
-    auto& y = outputs[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
-    mx::cpu::get_command_encoder(stream()).dispatch([x, y]() mutable {
-      gelu_forward(x.data<float>(), y.data<float>(), x.size());
-    });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("Gelu runs on the CPU only");
+    auto x = inputs[0], y = outputs[0];
+    dispatch(outputs, [x, y]() mutable { gelu_forward(x.data<float>(), y.data<float>(), x.size()); });
   }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
@@ -487,24 +479,7 @@ class Gelu : public mx::Primitive {
   }
 
   const char* name() const override { return "Gelu"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
-
-mx::Stream cpu_stream() {
-  auto stream = mx::default_stream(mx::default_device());
-  if (stream.device != mx::Device::cpu) {
-    throw std::invalid_argument("the fused CPU kernels run on the CPU only");
-  }
-  return stream;
-}
-
-void check_float32(const mx::array& a, const char* what) {
-  if (a.dtype() != mx::float32) {
-    std::ostringstream bad;
-    bad << what << " must be float32, got " << a.dtype();
-    throw std::invalid_argument(bad.str());
-  }
-}
 
 mx::array gelu(const mx::array& x) {
   check_float32(x, "x");
@@ -558,62 +533,49 @@ void layer_norm_backward(const float* x, const float* w, const float* mean, cons
     }
     float mg = row_sum(gp, C) / C, mgx = row_dot(gp, xh, C) / C;
     float* dxr = dx + r * C;
-    for (int c = 0; c < C; ++c) dxr[c] = rs * (g[c] - mg - xhat[c] * mgx);
+    for (int c = 0; c < C; ++c) dxr[c] = rs * (gp[c] - mg - xh[c] * mgx);
   }
 }
 
-class LayerNormGrad : public mx::Primitive {
+struct Eps {
+  float eps;
+  bool operator==(const Eps& o) const { return eps == o.eps; }
+};
+
+class LayerNormGrad : public CpuPrimitive<Eps> {
  public:
-  LayerNormGrad(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+  using CpuPrimitive::CpuPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs,
                 std::vector<mx::array>& outputs) override {
     auto x = inputs[0], w = inputs[1], mean = inputs[2], rstd = inputs[3], dy = inputs[4];
-    auto &dx = outputs[0], &dw = outputs[1], &db = outputs[2];
-    for (auto* o : {&dx, &dw, &db}) o->set_data(mx::allocator::malloc(o->nbytes()));
+    auto dx = outputs[0], dw = outputs[1], db = outputs[2];
     int C = x.shape(-1);
     size_t rows = x.size() / C;
-    mx::cpu::get_command_encoder(stream()).dispatch(
-        [x, w, mean, rstd, dy, dx, dw, db, rows, C]() mutable {
-          layer_norm_backward(x.data<float>(), w.data<float>(), mean.data<float>(),
-                              rstd.data<float>(), dy.data<float>(), rows, C, dx.data<float>(),
-                              dw.data<float>(), db.data<float>());
-        });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("LayerNormGrad runs on the CPU only");
+    dispatch(outputs, [x, w, mean, rstd, dy, dx, dw, db, rows, C]() mutable {
+      layer_norm_backward(x.data<float>(), w.data<float>(), mean.data<float>(),
+                          rstd.data<float>(), dy.data<float>(), rows, C, dx.data<float>(),
+                          dw.data<float>(), db.data<float>());
+    });
   }
 
   const char* name() const override { return "LayerNormGrad"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return eps_ == static_cast<const LayerNormGrad&>(other).eps_;
-  }
-
- private:
-  float eps_;
 };
 
-class LayerNorm : public mx::Primitive {
+class LayerNorm : public CpuPrimitive<Eps> {
  public:
-  LayerNorm(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+  using CpuPrimitive::CpuPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs,
                 std::vector<mx::array>& outputs) override {
     auto x = inputs[0], w = inputs[1], b = inputs[2];
-    auto &y = outputs[0], &mean = outputs[1], &rstd = outputs[2];
-    for (auto* o : {&y, &mean, &rstd}) o->set_data(mx::allocator::malloc(o->nbytes()));
+    auto y = outputs[0], mean = outputs[1], rstd = outputs[2];
     int C = x.shape(-1);
     size_t rows = x.size() / C;
-    mx::cpu::get_command_encoder(stream()).dispatch(
-        [x, w, b, y, mean, rstd, rows, C, eps = eps_]() mutable {
-          layer_norm_forward(x.data<float>(), w.data<float>(), b.data<float>(), eps, rows, C,
-                             y.data<float>(), mean.data<float>(), rstd.data<float>());
-        });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("LayerNorm runs on the CPU only");
+    dispatch(outputs, [x, w, b, y, mean, rstd, rows, C, eps = prm_.eps]() mutable {
+      layer_norm_forward(x.data<float>(), w.data<float>(), b.data<float>(), eps, rows, C,
+                         y.data<float>(), mean.data<float>(), rstd.data<float>());
+    });
   }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
@@ -624,7 +586,7 @@ class LayerNorm : public mx::Primitive {
     const auto& x = primals[0];
     auto grads = mx::array::make_arrays(
         {x.shape(), primals[1].shape(), primals[2].shape()},
-        {mx::float32, mx::float32, mx::float32}, std::make_shared<LayerNormGrad>(stream(), eps_),
+        {mx::float32, mx::float32, mx::float32}, std::make_shared<LayerNormGrad>(stream(), prm_),
         {x, primals[1], outputs[1], outputs[2], dy});
     std::vector<mx::array> out;
     for (int arg : argnums) out.push_back(grads[arg]);
@@ -632,12 +594,6 @@ class LayerNorm : public mx::Primitive {
   }
 
   const char* name() const override { return "LayerNorm"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return eps_ == static_cast<const LayerNorm&>(other).eps_;
-  }
-
- private:
-  float eps_;
 };
 
 mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::array& bias,
@@ -660,7 +616,7 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
   rows_shape.pop_back();
   auto outs = mx::array::make_arrays(
       {x.shape(), rows_shape, rows_shape}, {mx::float32, mx::float32, mx::float32},
-      std::make_shared<LayerNorm>(stream, eps),
+      std::make_shared<LayerNorm>(stream, Eps{eps}),
       {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream),
        mx::contiguous(bias, false, stream)});
   return outs[0];
