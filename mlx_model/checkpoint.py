@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import GPTConfig
 from .data import file_sha256
-from .io import atomic_path, write_text_atomic
+from .files import atomic_path, write_text_atomic
 from .model import GPT
 
 WEIGHTS = "model.safetensors"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .io import atomic_path
+from .files import atomic_path
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,11 @@ def evaluate(model: GPT, ids: np.ndarray, batch_size: int = 64) -> dict[str, flo
     for i in range(0, len(full), batch_size):
         x = mx.array(np.stack([w[0] for w in full[i : i + batch_size]]))
         y = mx.array(np.stack([w[1] for w in full[i : i + batch_size]]))
-        logits, _ = model(x)
+        logits = model(x)
         total += nn.losses.cross_entropy(logits, y, reduction="sum").item()
         count += y.size
     for x_np, y_np in tail:
-        logits, _ = model(mx.array(x_np[None]))
+        logits = model(mx.array(x_np[None]))
         total += nn.losses.cross_entropy(logits, mx.array(y_np[None]), reduction="sum").item()
         count += y_np.size
     loss = total / count

@@ -19,7 +19,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .config import GPTConfig
-from .io import atomic_path, write_text_atomic
+from .files import atomic_path, write_text_atomic
 from .model import GPT
 
 HF_WEIGHTS = "model.safetensors"

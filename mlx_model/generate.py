@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
+from .cache import KVCache
 from .config import SampleConfig
 from .data import Vocab
 from .model import GPT
@@ -49,13 +50,17 @@ def make_sampler(temperature: float, top_k: int | None, top_p: float | None) -> 
 
 
 def make_decode_step(model: GPT, sample: Sampler):
-    """The compiled one-token step: (tok (B,), pos, cache, key) -> (next tok, cache, key)."""
+    """The compiled one-token step: (tok (B,), cache state, key) -> (next tok, state, key).
+
+    The state is `[c.state for c in cache]`; its shapes never change, so it compiles once.
+    """
 
     @mx.compile
-    def step(tok, pos, cache, key):
-        logits, cache = model.decode(tok, pos, cache)
+    def step(tok, state, key):
+        cache = [KVCache(*s) for s in state]
+        logits = model(tok[:, None], cache)[:, -1]
         nxt, key = sample(logits, key)
-        return nxt, cache, key
+        return nxt, [c.state for c in cache], key
 
     return step
 
@@ -93,18 +98,19 @@ def generate_tokens(
         return
 
     def prefill(history: np.ndarray):
-        logits, cache = model(mx.array(history))
-        return logits[:, -1, :], model.pad_cache(cache), history.shape[1]
+        cache = model.make_cache(history.shape[0])
+        logits = model(mx.array(history), cache)
+        return logits[:, -1, :], [c.state for c in cache], history.shape[1]
 
     step = make_decode_step(model, sample)
-    logits, cache, pos = prefill(ids)
+    logits, state, pos = prefill(ids)
     tok, key = sample(logits, key)
     history = ids
     for i in range(max_tokens):
         last = i + 1 == max_tokens
         nxt = None
         if not last and pos < block:  # queue the next step before reading this token back
-            nxt, cache, key = step(tok, mx.array(pos, dtype=mx.int32), cache, key)
+            nxt, state, key = step(tok, state, key)
             mx.async_eval(nxt, key)
             pos += 1
         tok_np = np.array(tok, dtype=np.int32)
@@ -113,7 +119,7 @@ def generate_tokens(
             return
         history = np.concatenate([history[:, -block:], tok_np[:, None]], axis=1)
         if nxt is None:  # the cache is full: re-encode the last half of the context
-            logits, cache, pos = prefill(history[:, -(block // 2 + 1) :])
+            logits, state, pos = prefill(history[:, -(block // 2 + 1) :])
             nxt, key = sample(logits, key)
         tok = nxt
 
@@ -123,7 +129,7 @@ def _recompute(model: GPT, ids: np.ndarray, max_tokens: int, sample: Sampler, ke
     block = model.config.block_size
     history = ids
     for _ in range(max_tokens):
-        logits, _ = model(mx.array(history[:, -block:]))
+        logits = model(mx.array(history[:, -block:]))
         tok, key = sample(logits[:, -1, :], key)
         tok_np = np.array(tok, dtype=np.int32)
         yield tok_np

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mlx_model.io import atomic_path
+from mlx_model.files import atomic_path
 
 from .progress import terminal_bar
 from .store import ArtifactStore, StageOutput, code_version

@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from mlx_model.checkpoint import load_model
 from mlx_model.data import read_tokens
 from mlx_model.evaluate import evaluate
-from mlx_model.io import write_text_atomic
+from mlx_model.files import write_text_atomic
 
 from .prepare import VAL
 from .store import ArtifactStore, StageOutput, code_version

@@ -9,7 +9,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mlx_model.io import write_text_atomic
+from mlx_model.files import write_text_atomic
 
 from .store import ArtifactStore, StageOutput, safe_name
 

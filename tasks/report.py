@@ -20,7 +20,7 @@ from prefect import task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from mlx_model.io import atomic_path  # noqa: E402
+from mlx_model.files import atomic_path  # noqa: E402
 
 from .store import StageOutput  # noqa: E402
 from .train import METRICS  # noqa: E402

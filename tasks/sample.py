@@ -12,7 +12,7 @@ from mlx_model.checkpoint import load_model
 from mlx_model.config import SampleConfig
 from mlx_model.data import Vocab
 from mlx_model.generate import generate_text, stream_text
-from mlx_model.io import write_text_atomic
+from mlx_model.files import write_text_atomic
 
 from .prepare import VOCAB
 from .store import ArtifactStore, StageOutput, code_version

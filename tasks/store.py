@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_model.data import file_sha256
-from mlx_model.io import write_text_atomic
+from mlx_model.files import write_text_atomic
 
 ENV_ROOT = "SHAKESPEARE_GPT_ARTIFACTS"
 DEFAULT_ROOT = "artifacts"

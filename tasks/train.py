@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from mlx_model.config import GPTConfig, TrainConfig
 from mlx_model.data import Vocab, read_tokens
-from mlx_model.io import write_text_atomic
+from mlx_model.files import write_text_atomic
 from mlx_model.train import train
 
 from .prepare import TRAIN, VAL, VOCAB

@@ -110,7 +110,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from mlx_model.io import atomic_path
+    from mlx_model.files import atomic_path
     from tasks.store import ArtifactStore
 
     target, ready, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]

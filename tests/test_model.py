@@ -8,6 +8,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_model import ops
 from mlx_model.config import GPTConfig, SampleConfig, TrainConfig, get_preset
 from mlx_model.data import Vocab
 from mlx_model.generate import generate, generate_text, stream_text
@@ -20,17 +21,18 @@ def test_forward_shapes_and_dtype():
     mx.random.seed(0)
     model = GPT(CFG)
     idx = mx.array(np.random.default_rng(0).integers(0, 11, (3, 12)), dtype=mx.int32)
-    logits, cache = model(idx)
+    logits = model(idx)
     assert logits.shape == (3, 12, 11)
     assert logits.dtype == mx.float32
+    cache = model.make_cache(3)
     assert len(cache) == CFG.n_layer
-    assert cache[0][0].shape == (3, CFG.n_head, 12, CFG.head_dim)
+    assert cache[0].keys.shape == (3, CFG.n_head, 12, CFG.head_dim)
 
 
 def test_bfloat16_compute_keeps_float32_weights():
     model = GPT(CFG)
     idx = mx.zeros((2, 5), dtype=mx.int32)
-    logits, _ = model(idx, dtype=mx.bfloat16)
+    logits = model(idx, dtype=mx.bfloat16)
     assert logits.dtype == mx.float32
     assert model.h[0].attn.c_attn.weight.dtype == mx.float32
 
@@ -61,40 +63,40 @@ def test_kv_cache_matches_full_forward_batched():
     model = GPT(CFG)
     model.eval()
     idx = mx.array(np.random.default_rng(2).integers(0, 11, (2, 12)), dtype=mx.int32)
-    full, _ = model(idx)
-    logits, cache = model(idx[:, :5])
-    steps = [logits]
+    full = model(idx)
+    cache = model.make_cache(2)
+    steps = [model(idx[:, :5], cache)]  # a prompt of 5, then one token at a time
     for t in range(5, 12):
-        logits, cache = model(idx[:, t : t + 1], cache)
-        steps.append(logits)
-    cached = mx.concatenate(steps, axis=1)
-    assert mx.allclose(cached, full, atol=1e-5).item()
+        steps.append(model(idx[:, t : t + 1], cache))
+    assert cache[0].offset.item() == 12
+    assert mx.allclose(mx.concatenate(steps, axis=1), full, atol=1e-5).item()
     # and the cache is not a no-op: without it the single-token logits differ
-    alone, _ = model(idx[:, 11:12])
+    alone = model(idx[:, 11:12])
     assert not mx.allclose(alone[:, 0], full[:, 11], atol=1e-3).item()
 
 
-def test_fixed_size_decode_matches_full_forward():
-    """The compiled generation step (fixed-size cache, one token) gives the full pass's logits."""
+def test_compiled_decode_step_matches_full_forward_and_ignores_unfilled_slots():
+    """The compiled generation step (fixed-size cache state, one token) gives the full
+    pass's logits, whatever the buffers hold past the filled positions."""
+    from mlx_model.cache import KVCache
+    from mlx_model.generate import make_decode_step
+
     mx.random.seed(0)
     model = GPT(CFG)
     model.eval()
     idx = mx.array(np.random.default_rng(4).integers(0, 11, (3, 12)), dtype=mx.int32)
-    full, _ = model(idx)
-    logits, cache = model(idx[:, :4])
-    cache = model.pad_cache(cache)
-    assert cache[0][0].shape == (3, CFG.n_head, CFG.block_size, CFG.head_dim)
-    for t in range(4, 12):
-        step, cache = model.decode(idx[:, t], mx.array(t), cache)
-        assert mx.allclose(step, full[:, t], atol=1e-5).item(), t
-    # slots past `pos` are ignored: garbage there changes nothing
-    logits, cache = model(idx[:, :4])
-    pad = [(0, 0), (0, 0), (0, 8), (0, 0)]
-    junk = [
-        (mx.pad(k, pad, constant_values=7.0), mx.pad(v, pad, constant_values=7.0)) for k, v in cache
-    ]
-    step, _ = model.decode(idx[:, 4], mx.array(4), junk)
-    assert mx.allclose(step, full[:, 4], atol=1e-5).item()
+    full = model(idx)
+    greedy = make_decode_step(model, lambda logits, key: (mx.argmax(logits, -1), key))
+    for junk in (0.0, 7.0):
+        cache = [
+            KVCache(mx.full(c.keys.shape, junk), mx.full(c.values.shape, junk), c.offset)
+            for c in model.make_cache(3)
+        ]
+        model(idx[:, :4], cache)
+        state, key = [c.state for c in cache], mx.random.key(0)
+        for t in range(4, 12):
+            tok, state, key = greedy(idx[:, t], state, key)
+            assert mx.array_equal(tok, mx.argmax(full[:, t], -1)).item(), (junk, t)
 
 
 def test_cached_generation_equals_recompute_within_context():
@@ -123,14 +125,25 @@ def test_same_seed_same_tokens_different_seed_differs():
     assert not np.array_equal(a, c)
 
 
-def test_cached_generation_equals_recompute_greedy_past_context():
-    # while the context is not full the two agree token for token, also in batches
+def test_cached_generation_greedy_past_context_follows_its_windows():
+    """Two and a half contexts long, batched: past the context the cache re-encodes the
+    last half and goes on, so each token is the full forward's argmax over the window
+    the cache holds at that point (the whole history while it fits)."""
     mx.random.seed(1)
     model = GPT(CFG)
+    model.eval()
     prompt = np.array([[1, 2], [5, 6]], dtype=np.int32)
-    a = generate(model, prompt, CFG.block_size - 2, temperature=0.0)
-    b = generate(model, prompt, CFG.block_size - 2, temperature=0.0, use_cache=False)
-    np.testing.assert_array_equal(a, b)
+    block, n = CFG.block_size, 30
+    out = generate(model, prompt, n, temperature=0.0)
+    assert out.shape == (2, n)
+    history, window = prompt, prompt.shape[1]
+    for j in range(n):
+        if j > 0:
+            window = window + 1 if window < block else block // 2 + 1
+        logits = model(mx.array(history[:, -window:]))[:, -1]
+        np.testing.assert_array_equal(out[:, j], np.array(mx.argmax(logits, -1)), err_msg=str(j))
+        history = np.concatenate([history, out[:, j : j + 1]], axis=1)
+    assert window < len(history[0]) - 1  # it did go past the context
 
 
 def _vocab_model():
@@ -208,17 +221,17 @@ def test_config_round_trip():
 
 
 def test_attention_dropout_path_matches_fused_path_without_dropout():
-    from mlx_model.model import _attention_weights
+    from mlx_model.ops.reference import attention_weights
 
     q, k, v = (mx.random.normal((2, 2, 6, 4)) for _ in range(3))
-    explicit = _attention_weights(q, k, 0.5) @ v
+    explicit = attention_weights(q, k, 0.5) @ v
     with mx.stream(mx.cpu):
         fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, mask="causal")
     assert mx.allclose(explicit, fused, atol=1e-5).item()
 
 
 @pytest.mark.parametrize("batch", [2, 3, 5])
-def test_lanes_give_the_same_logits_gradients_and_cache(batch):
+def test_lanes_give_the_same_logits_and_gradients(batch):
     """The batch split over CPU streams (lanes) computes what one stream computes."""
     from mlx.utils import tree_flatten
 
@@ -228,25 +241,27 @@ def test_lanes_give_the_same_logits_gradients_and_cache(batch):
     y = mx.array(np.random.default_rng(2).integers(0, 11, (batch, 12)), dtype=mx.int32)
     results = []
     for lanes in (1, 2, 3):
-        model.lanes = lanes
-        logits, cache = model(idx)
-        loss, grads = nn.value_and_grad(model, loss_fn)(model, idx, y)
-        results.append((logits, cache, loss, dict(tree_flatten(grads))))
+        with ops.use(lanes=lanes):
+            assert ops.backend(mx.float32, True).lanes == lanes
+            logits = model(idx)
+            loss, grads = nn.value_and_grad(model, loss_fn)(model, idx, y)
+            results.append((logits, loss, dict(tree_flatten(grads))))
     one = results[0]
-    for logits, cache, loss, grads in results[1:]:
+    for logits, loss, grads in results[1:]:
         assert mx.allclose(logits, one[0], atol=1e-5).item()
-        assert mx.allclose(cache[1][0], one[1][1][0], atol=1e-5).item()
-        assert abs(loss.item() - one[2].item()) < 1e-5
+        assert abs(loss.item() - one[1].item()) < 1e-5
         for name, g in grads.items():
-            assert mx.allclose(g, one[3][name], atol=1e-5).item(), name
+            assert mx.allclose(g, one[2][name], atol=1e-5).item(), name
 
 
 def test_lanes_default_to_usable_cores_and_can_be_set(monkeypatch):
-    from mlx_model._blas import cpu_lanes
+    from mlx_model.runtime.lanes import cpu_lanes
 
+    monkeypatch.delenv("SHAKESPEARE_GPT_CPU_LANES", raising=False)
     assert cpu_lanes() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("SHAKESPEARE_GPT_CPU_LANES", "1")
-    assert GPT(CFG).lanes == 1
+    with ops.use("cpu"):
+        assert ops.backend(mx.float32, True).lanes == 1
     monkeypatch.setenv("SHAKESPEARE_GPT_CPU_LANES", "zero")
     with pytest.raises(ValueError, match="must be a whole number >= 1, got 'zero'"):
         cpu_lanes()

@@ -1,4 +1,4 @@
-"""Element-wise kernels for MLX's CPU backend, where transcendental functions are slow.
+"""The CPU backend in pure MLX: multiply-add forms where MLX's CPU kernels are slow.
 
 On Linux CPUs `mx.exp`, `mx.tanh` and friends run at roughly 15-25 ns per element,
 against about 0.5 ns for a multiply-add, so GELU and softmax dominate a training
@@ -15,9 +15,12 @@ exactly zero weight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import mlx.core as mx
+
+from .reference import Reference, merge_heads, split_heads
 
 _EXP2_P = (
     1.0,
@@ -90,7 +93,7 @@ def _softmax_grad(p: mx.array, cotangent: mx.array) -> mx.array:
 
 # A custom function's backward runs on whatever stream is the default when autodiff
 # reaches it, not on the forward's stream. Training on the CPU runs the model in
-# several streams at once (see `model.in_lanes`), so each stream gets its own copy of
+# several streams at once (see `mlx_model.ops.in_lanes`), so each stream gets its own copy of
 # these functions, whose backward is pinned to the stream of the forward.
 _per_stream: dict[tuple[str, str], mx.custom_function] = {}
 
@@ -222,3 +225,30 @@ def dropout(x: mx.array, p: float) -> mx.array:
     index = mx.arange(x.size, dtype=mx.uint32).reshape(x.shape)
     keep = _hash32(index + dropout_seed() * 0x9E3779B9) >= round(p * 2**32)
     return mx.where(keep, x * (1.0 / (1.0 - p)), mx.array(0.0, x.dtype))
+
+
+class Cpu(Reference):
+    """MLX's CPU in float32: the multiply-add forms above, the batch split over lanes."""
+
+    name = "cpu"
+
+    def __init__(self, training: bool, lanes: int = 1):
+        super().__init__(training)
+        self.lanes = lanes
+
+    def layer_norm(self, x, weight, bias, eps):
+        if not self.training or bias is None:  # inference: MLX's kernel fuses with its neighbours
+            return super().layer_norm(x, weight, bias, eps)
+        return layer_norm(x, weight, bias, eps)
+
+    def gelu(self, x):
+        return gelu(x) if self.training else gelu_forward(x)
+
+    def dropout(self, x, p):
+        return dropout(x, p) if self.training and p > 0 else x
+
+    def causal_attention(self, qkv, n_head, p):
+        q, k, v = split_heads(qkv, n_head)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        drop = (lambda w: dropout(w, p)) if self.training and p > 0 else None
+        return merge_heads(causal_attention(q, k, v, scale, drop))

@@ -1,4 +1,4 @@
-"""The fused CPU primitives (mlx_model/csrc/cpu_kernels.cpp, built by mlx_model._fused)."""
+"""The native CPU primitives (mlx_model/ops/csrc/cpu_kernels.cpp, built by mlx_model.ops.native)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_model import _fused, fastops
+from mlx_model import ops
 from mlx_model.config import GPTConfig
 from mlx_model.model import GPT, loss_fn
+from mlx_model.ops import cpu as fastops
+from mlx_model.ops import native
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="built on Linux")
 
 
 @pytest.fixture(scope="module")
 def ext():
-    module = _fused.load()
+    module = native.load()
     assert module is not None, "the fused attention did not build here (see the warning)"
     return module
 
@@ -150,11 +152,10 @@ def test_model_trains_the_same_with_and_without_it(ext, dropout):
     step = nn.value_and_grad(model, loss_fn)
 
     def run(fused: bool, lanes: int, seed: int = 7):
-        model.use_fused_kernels(fused)
-        model.lanes = lanes
-        mx.random.seed(seed)
-        loss, grads = step(model, idx, y)
-        return loss.item(), dict(tree_flatten(grads))
+        with ops.use("native" if fused else "cpu", lanes):
+            mx.random.seed(seed)
+            loss, grads = step(model, idx, y)
+            return loss.item(), dict(tree_flatten(grads))
 
     if dropout:
         pairs = [(run(True, 2), run(True, 2))]
@@ -168,23 +169,9 @@ def test_model_trains_the_same_with_and_without_it(ext, dropout):
             assert mx.allclose(g, grads_b[name], atol=1e-5).item(), name
 
 
-def test_cache_for_generation_is_the_plain_one(ext):
-    cfg = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_emb=16, dropout=0.0)
-    model = GPT(cfg)
-    model.eval()
-    idx = mx.array(np.random.default_rng(1).integers(0, 11, (3, 12)), dtype=mx.int32)
-    outs = []
-    for fused in (True, False):
-        model.use_fused_kernels(fused)
-        outs.append(model(idx))
-    assert mx.allclose(outs[0][0], outs[1][0], atol=1e-5).item()
-    for (k1, v1), (k2, v2) in zip(outs[0][1], outs[1][1], strict=True):
-        assert mx.allclose(k1, k2, atol=1e-5).item() and mx.allclose(v1, v2, atol=1e-5).item()
-
-
 PROBE = (
-    "import warnings, mlx_model, mlx.core as mx; from mlx_model import _fused; "
-    "m = _fused.load(); print('loaded' if m is not None else 'none')"
+    "import warnings, mlx_model, mlx.core as mx; from mlx_model.ops import native; "
+    "m = native.load(); print('loaded' if m is not None else 'none')"
 )
 
 
@@ -221,6 +208,4 @@ def test_without_a_compiler_it_warns_and_the_model_uses_pure_mlx(tmp_path):
     unwritable = tmp_path / "a-file"
     unwritable.write_text("")
     run = probe({"XDG_CACHE_HOME": str(unwritable)})  # the cache cannot be created
-    assert run.stdout.strip() == "none" and "fused CPU kernels are not available" in run.stderr
-    off = probe({"SHAKESPEARE_GPT_FUSED": "off"})
-    assert off.stdout.strip() == "none" and "Warning" not in off.stderr
+    assert run.stdout.strip() == "none" and "native CPU kernels are not available" in run.stderr

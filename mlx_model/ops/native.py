@@ -1,9 +1,10 @@
-"""Build and load the fused CPU kernels (`csrc/cpu_kernels.cpp`): MLX primitives for
-causal self-attention, GPT-2's GELU and layer norm, each with its backward.
+"""The native CPU kernels (`csrc/cpu_kernels.cpp`): MLX primitives for causal
+self-attention, GPT-2's GELU and layer norm, each with its backward; their build, and
+the backend that uses them.
 
 MLX lets a C++ extension add primitives; Python cannot. The attention keeps each
 (batch, head)'s scores in cache, where the pure-MLX formulation
-(`fastops.causal_attention`) streams them through memory six to eight times; GELU and
+(`ops.cpu.causal_attention`) streams them through memory six to eight times; GELU and
 layer norm are loops built for this CPU, where MLX's compiled element-wise kernels
 use SSE2 only. See the source for the details.
 
@@ -13,8 +14,8 @@ binding library MLX itself is built with, whose ABI it must share) and cached in
 `~/.cache/shakespeare-gpt/` under a key of everything that goes into it, including
 the CPU's features (it is built for this CPU, `-march=native`). A build takes about
 8 s on a 2-core machine. If anything is missing or fails, `load()` warns once and
-returns None, and the model uses pure MLX. `SHAKESPEARE_GPT_FUSED=off` switches it off. Linux
-only: that is where it is built and tested.
+returns None, and `mlx_model.ops` picks the pure-MLX CPU backend instead. Linux only:
+that is where it is built and tested.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import os
-import platform
+import math
 import shutil
 import subprocess
 import sys
@@ -33,9 +33,11 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-from ._blas import build_cached, cache_dir, run_compilers
+import mlx.core as mx
 
-ENV = "SHAKESPEARE_GPT_FUSED"
+from ..runtime.build import build_cached, cache_dir, cpu_features, run_compilers
+from . import cpu
+
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 MODULE = "_cpu_kernels"
 BUILD_TIMEOUT_S = 300
@@ -49,7 +51,7 @@ class BuildError(RuntimeError):
 
 def load() -> ModuleType | None:
     """The extension module, built if needed; None (after one warning) if it cannot be."""
-    if os.environ.get(ENV) == "off" or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return None
     return _load_once()
 
@@ -67,28 +69,17 @@ def _load_once() -> ModuleType | None:
                 return _import(build())
         except (BuildError, OSError) as err:  # OSError: an unwritable cache, say
             warnings.warn(
-                f"the fused CPU kernels are not available ({err}); training on the CPU "
-                f"uses pure MLX, which is slower. Set {ENV}=off to silence this.",
+                f"the native CPU kernels are not available ({err}); training on the CPU "
+                "uses pure MLX, which is slower. Set SHAKESPEARE_GPT_OPS=cpu to silence this.",
                 RuntimeWarning,
                 stacklevel=4,
             )
             return None
 
 
-def _cpu_features() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def build() -> Path:
     """The cached extension library, compiled if missing; BuildError says why it cannot be."""
     try:
-        import mlx.core as mx
         import nanobind
     except ImportError as err:
         raise BuildError(f"{err.name} is not installed") from err
@@ -129,7 +120,7 @@ def build() -> Path:
                 getattr(nanobind, "__version__", ""),
                 suffix,
                 version,
-                _cpu_features(),
+                cpu_features(),
                 *flags,
                 *ours,
             ]
@@ -156,8 +147,6 @@ def build() -> Path:
 
 
 def _import(lib: Path) -> ModuleType:
-    import mlx.core as mx  # nanobind finds mlx.core's array type: it must be imported first
-
     spec = importlib.util.spec_from_file_location(MODULE, lib)
     if spec is None or spec.loader is None:
         raise BuildError(f"cannot import {lib}")
@@ -173,3 +162,28 @@ def _import(lib: Path) -> ModuleType:
     if y.shape != (1, 2, 2) or not mx.allclose(y, mx.ones_like(y)).item():
         raise BuildError(f"the built extension {lib.name} computes a wrong result")
     return module
+
+
+class Native(cpu.Cpu):
+    """The CPU backend with the native kernels in place of the pure-MLX forms they fuse."""
+
+    name = "native"
+
+    def __init__(self, training: bool, lanes: int, ext: ModuleType):
+        super().__init__(training, lanes)
+        self.ext = ext
+
+    def layer_norm(self, x, weight, bias, eps):
+        if not self.training or bias is None:
+            return super().layer_norm(x, weight, bias, eps)
+        return self.ext.layer_norm(x, weight, bias, eps)
+
+    def gelu(self, x):
+        return self.ext.gelu(x) if self.training else super().gelu(x)
+
+    def causal_attention(self, qkv, n_head, dropout):
+        p = dropout if self.training else 0.0
+        # the primitive's dropout masks are seeded from MLX's generator
+        seed = cpu.dropout_seed() if p > 0 else mx.zeros((1,), mx.uint32)
+        scale = 1.0 / math.sqrt(qkv.shape[-1] // 3 // n_head)
+        return self.ext.causal_attention(qkv, seed, n_head, scale, p)

@@ -1,4 +1,4 @@
-"""Load an optimised BLAS before MLX on Linux CPUs, and pick the CPU lane count.
+"""Load an optimised BLAS before MLX on Linux CPUs.
 
 The `mlx[cpu]` wheel links the reference (netlib) BLAS, which makes matrix products
 tens of times slower than OpenBLAS. MLX resolves `cblas_sgemm` and the LAPACK routines
@@ -16,7 +16,7 @@ library to load instead, or `off`. Nothing happens on macOS (Accelerate) or when
 was already imported.
 
 MLX's CPU backend runs each stream's work on one thread, so the model spreads a batch
-over one stream per core ("lanes", see `mlx_model.model`). Each lane then calls the
+over one stream per core (`mlx_model.runtime.lanes`). Each lane then calls the
 BLAS itself, so OpenBLAS is set to one thread whenever there is more than one lane:
 its own worker threads would only compete with the other lanes and spin while
 element-wise work runs.
@@ -29,16 +29,15 @@ import hashlib
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
+
+from .build import build_cached, cache_dir, run_compilers
+from .lanes import cpu_lanes
 
 SYSTEM_CANDIDATES = ("libopenblas.so.0", "libopenblasp-r0.so")
 ENV = "SHAKESPEARE_GPT_BLAS"
-LANES_ENV = "SHAKESPEARE_GPT_CPU_LANES"
 # What libmlx (0.32) takes from a BLAS/LAPACK: `nm -D --undefined-only libmlx.so`.
 MLX_SYMBOLS = (
     "cblas_sgemm cblas_dgemm cblas_cgemm "
@@ -135,55 +134,3 @@ def _shim(target: Path) -> Path:
         return out
 
     return build_cached(shim, build)
-
-
-def build_cached(path: Path, build: Callable[[Path], Path]) -> Path:
-    """path, made by build(a temporary folder next to it) -> the built file, moved in place
-    atomically: a concurrent build or import sees the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        os.replace(build(Path(tmp)), path)
-    return path
-
-
-def run_compilers(
-    commands: list[list[str]], timeout: float, error: type[Exception] = RuntimeError
-) -> None:
-    """Run the compiler commands side by side; `error` says which failed or ran too long."""
-    procs = [
-        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for c in commands
-    ]
-    failures = []
-    for command, proc in zip(commands, procs, strict=True):
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise error(f"{command[0]} took more than {timeout:g} s") from None
-        if proc.returncode != 0:
-            failures.append(f"{command[0]} exited {proc.returncode}: {err.strip()[-400:]}")
-    if failures:
-        raise error("; ".join(failures))
-
-
-def cache_dir() -> Path:
-    """Where built libraries are cached: $XDG_CACHE_HOME (or ~/.cache)/shakespeare-gpt."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shakespeare-gpt"
-
-
-def cpu_lanes() -> int:
-    """How many CPU streams the model splits a batch over: one per usable core.
-
-    `SHAKESPEARE_GPT_CPU_LANES=N` overrides it (1 turns lanes off).
-    """
-    value = os.environ.get(LANES_ENV)
-    if value:
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"{LANES_ENV} must be a whole number >= 1, got {value!r}")
-        return int(value)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)

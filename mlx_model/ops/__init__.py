@@ -1,0 +1,138 @@
+"""The operations the GPT is written in, and the one place their implementation is chosen.
+
+`mlx_model.model` calls `layer_norm`, `gelu`, `dropout`, `causal_attention` (over the
+fused q/k/v projection) and `in_lanes` (a batch split over CPU streams). Each call goes
+to a backend chosen once per (device, dtype, training):
+
+- `reference` (`ops/reference.py`): MLX's own operations; every device and dtype.
+- `cpu` (`ops/cpu.py`): MLX's CPU in float32: multiply-add forms of exp, GELU, softmax
+  and layer norm with closed-form backwards, hashed dropout masks, attention in query
+  blocks, the batch split over one stream per core.
+- `native` (`ops/native.py`): the `cpu` backend with C++ primitives for attention, GELU
+  and layer norm in training, built on first use; `cpu` stands in if they cannot be built.
+
+The choice is `auto` (native, else cpu, on the CPU in float32; reference elsewhere)
+unless `SHAKESPEARE_GPT_OPS` or `use(...)` names one. All compute the same functions;
+`reference` and `cpu` draw different dropout masks, and float32 rounding differs in the
+last bits, so the backend and lane count are part of a training run's cache key
+(`signature`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_map
+
+from ..runtime.lanes import cpu_lanes
+from . import native
+from .cpu import Cpu
+from .reference import Reference, merge_heads, split_heads
+
+__all__ = ["merge_heads", "split_heads"]  # head layout, shared with the cached path
+
+ENV = "SHAKESPEARE_GPT_OPS"
+CHOICES = ("auto", "reference", "cpu", "native")
+
+_forced: list[tuple[str | None, int | None]] = []
+
+
+@contextlib.contextmanager
+def use(backend: str | None = None, lanes: int | None = None) -> Iterator[None]:
+    """Within the block, pick `backend` (one of CHOICES) and/or `lanes` CPU streams.
+
+    Applies to what is traced inside it: a compiled function keeps the choice it was
+    traced with.
+    """
+    if backend is not None and backend not in CHOICES:
+        raise ValueError(f"unknown ops backend {backend!r}; choose one of {list(CHOICES)}")
+    if lanes is not None and (not isinstance(lanes, int) or lanes < 1):
+        raise ValueError(f"lanes must be a whole number >= 1, got {lanes!r}")
+    _forced.append((backend, lanes))
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _setting() -> tuple[str, int]:
+    backend = next((b for b, _ in reversed(_forced) if b is not None), None)
+    lanes = next((n for _, n in reversed(_forced) if n is not None), None)
+    backend = backend or os.environ.get(ENV) or "auto"
+    if backend not in CHOICES:
+        raise ValueError(f"{ENV} must be one of {list(CHOICES)}, got {backend!r}")
+    return backend, lanes or cpu_lanes()
+
+
+def backend(dtype: mx.Dtype, training: bool) -> Reference:
+    """The backend for arrays of `dtype` on the default device, in training or not."""
+    on_cpu = mx.default_device() == mx.cpu
+    return _choose(on_cpu and dtype == mx.float32, training, *_setting())
+
+
+@functools.cache
+def _choose(cpu_float32: bool, training: bool, setting: str, lanes: int) -> Reference:
+    if not cpu_float32 or setting == "reference":
+        return Reference(training)
+    ext = native.load() if setting in ("auto", "native") else None
+    return native.Native(training, lanes, ext) if ext is not None else Cpu(training, lanes)
+
+
+def signature(dtype: str, training: bool = True) -> dict[str, Any]:
+    """What decides the numbers a run computes: device, backend, lane count."""
+    chosen = backend(getattr(mx, dtype), training)
+    return {"device": str(mx.default_device()), "backend": chosen.name, "lanes": chosen.lanes}
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array | None, eps: float, training: bool):
+    return backend(x.dtype, training).layer_norm(x, weight, bias, eps)
+
+
+def gelu(x: mx.array, training: bool) -> mx.array:
+    """GPT-2's tanh GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return backend(x.dtype, training).gelu(x)
+
+
+def dropout(x: mx.array, p: float, training: bool) -> mx.array:
+    """Inverted dropout (identity outside training)."""
+    return backend(x.dtype, training).dropout(x, p)
+
+
+def causal_attention(qkv: mx.array, n_head: int, dropout: float, training: bool) -> mx.array:
+    """Exact causal self-attention with dropout on its weights: (B, T, 3C) -> (B, T, C)."""
+    return backend(qkv.dtype, training).causal_attention(qkv, n_head, dropout)
+
+
+def in_lanes(fn: Callable[..., Any], x: mx.array, training: bool) -> Any:
+    """fn(x), with the batch (axis 0) split over the backend's CPU lanes, run at once."""
+    return split_batch(fn, backend(x.dtype, training).lanes, x)
+
+
+@functools.cache
+def _streams(n: int) -> tuple[mx.Stream, ...]:
+    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
+
+
+def split_batch(fn: Callable[..., Any], lanes: int, *xs: mx.array) -> Any:
+    """fn(*xs), with the batch (axis 0) split over `lanes` CPU streams that run at once.
+
+    The outputs (any tree of arrays) are joined along axis 0; fn must treat batch rows
+    independently. The model joins lanes after every block, which keeps the lanes'
+    work side by side in MLX's queue: MLX lets only a bounded number of tasks run
+    ahead, so two whole models in two streams would mostly run one after the other.
+    """
+    n = min(lanes, xs[0].shape[0])
+    if n <= 1:
+        return fn(*xs)
+    bounds = [xs[0].shape[0] * i // n for i in range(1, n)]
+    splits = [mx.split(x, bounds, axis=0) for x in xs]
+    outs = []
+    for lane, stream in enumerate(_streams(n)):
+        with mx.stream(stream):
+            outs.append(fn(*(parts[lane] for parts in splits)))
+    return tree_map(lambda *parts: mx.concatenate(parts, axis=0), outs[0], *outs[1:])

@@ -1,0 +1,65 @@
+"""The reference backend: MLX's own operations, on any device and in any dtype."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def split_heads(qkv: mx.array, n_head: int) -> tuple[mx.array, mx.array, mx.array]:
+    """q, k, v, each (B, n_head, T, head_dim), from the fused projection (B, T, 3C)."""
+    B, T, _ = qkv.shape
+    return tuple(
+        t.reshape(B, T, n_head, -1).transpose(0, 2, 1, 3) for t in mx.split(qkv, 3, axis=-1)
+    )
+
+
+def merge_heads(y: mx.array) -> mx.array:
+    """(B, n_head, T, head_dim) -> (B, T, C)."""
+    B, H, T, D = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+def attention_weights(q: mx.array, k: mx.array, scale: float) -> mx.array:
+    """Causal softmax(q k^T * scale), (B, H, Tq, Tk); queries are the last Tq of Tk."""
+    tq, tk = q.shape[2], k.shape[2]
+    future = mx.arange(tk)[None, :] > (mx.arange(tq)[:, None] + tk - tq)
+    scores = (q * scale) @ k.transpose(0, 1, 3, 2)
+    scores = mx.where(future, mx.array(-mx.inf, scores.dtype), scores)
+    return mx.softmax(scores, axis=-1, precise=True)
+
+
+class Reference:
+    """MLX's layer norm, tanh GELU, Bernoulli dropout and fused attention."""
+
+    name = "reference"
+    lanes = 1
+
+    def __init__(self, training: bool):
+        self.training = training
+
+    def layer_norm(self, x, weight, bias, eps):
+        bias = bias.astype(x.dtype) if bias is not None else None
+        return mx.fast.layer_norm(x, weight.astype(x.dtype), bias, eps)
+
+    def gelu(self, x):
+        return nn.gelu_approx(x)
+
+    def dropout(self, x, p):
+        if not self.training or p == 0:
+            return x
+        keep = mx.random.bernoulli(1.0 - p, x.shape)
+        return mx.where(keep, x * (1.0 / (1.0 - p)), mx.array(0.0, x.dtype))
+
+    def causal_attention(self, qkv, n_head, dropout):
+        q, k, v = split_heads(qkv, n_head)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if self.training and dropout > 0:
+            # dropout on the attention weights, as GPT-2: MLX's fused kernel has no such option
+            y = self.dropout(attention_weights(q, k, scale), dropout) @ v
+        else:
+            mask = "causal" if q.shape[2] > 1 else None
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return merge_heads(y)

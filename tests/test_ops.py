@@ -1,0 +1,123 @@
+"""The ops boundary: which backend runs, and that every backend computes the reference's
+functions (outputs and gradients), in training and in inference."""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_model import ops
+from mlx_model.config import GPTConfig
+from mlx_model.model import GPT, loss_fn
+
+FAST = ["cpu"] + (["native"] if sys.platform.startswith("linux") else [])
+
+
+def test_backend_is_chosen_per_dtype_and_setting(monkeypatch):
+    monkeypatch.delenv(ops.ENV, raising=False)
+    assert ops.backend(mx.bfloat16, True).name == "reference"
+    assert ops.backend(mx.float32, True).name == FAST[-1]  # auto: native where it builds
+    for name in ("reference", *FAST):
+        with ops.use(name):
+            assert ops.backend(mx.float32, True).name == name
+            assert ops.backend(mx.float16, False).name == "reference"
+    monkeypatch.setenv(ops.ENV, "cpu")
+    assert ops.backend(mx.float32, False).name == "cpu"
+    with ops.use("reference"):  # the innermost setting wins
+        assert ops.backend(mx.float32, False).name == "reference"
+    monkeypatch.setenv(ops.ENV, "fastest")
+    with pytest.raises(ValueError, match="SHAKESPEARE_GPT_OPS must be one of .* got 'fastest'"):
+        ops.backend(mx.float32, True)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="unknown ops backend 'gpu'"):
+        with ops.use("gpu"):
+            pass
+    with pytest.raises(ValueError, match="lanes must be a whole number >= 1, got 0"):
+        with ops.use(lanes=0):
+            pass
+
+
+def test_signature_names_what_changes_the_numbers():
+    with ops.use("cpu", lanes=1):
+        one = ops.signature("float32")
+    with ops.use("cpu", lanes=2):
+        two = ops.signature("float32")
+    with ops.use("reference"):
+        ref = ops.signature("float32")
+    assert one["backend"] == "cpu" and one["lanes"] == 1 and two["lanes"] == 2
+    assert ref["backend"] == "reference" and ref["lanes"] == 1
+    assert len({str(s) for s in (one, two, ref)}) == 3
+
+
+def _grads(fn, *args):
+    return mx.grad(lambda *a: (fn(*a) * mx.cos(fn(*a))).sum(), argnums=tuple(range(len(args))))(
+        *args
+    )
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("training", [True, False])
+def test_each_op_matches_the_reference(name, training):
+    mx.random.seed(0)
+    x = mx.random.normal((3, 40, 24)) * 2
+    w, b = mx.random.normal((24,)), mx.random.normal((24,))
+    qkv = mx.random.normal((3, 40, 72))
+    cases = {
+        "layer_norm": (lambda x, w, b: ops.layer_norm(x, w, b, 1e-5, training), (x, w, b)),
+        "gelu": (lambda x: ops.gelu(x, training), (x,)),
+        "dropout 0": (lambda x: ops.dropout(x, 0.0, training), (x,)),
+        "attention": (lambda qkv: ops.causal_attention(qkv, 4, 0.0, training), (qkv,)),
+    }
+    for what, (fn, args) in cases.items():
+        with ops.use("reference"):
+            ref = fn(*args)
+        with ops.use(name):
+            out = fn(*args)
+        assert mx.abs(out - ref).max().item() < 2e-5, what
+        if not training:  # inference forms have no backward (the exp is built from bits)
+            continue
+        with ops.use("reference"):
+            ref_grads = _grads(fn, *args)
+        with ops.use(name):
+            grads = _grads(fn, *args)
+        for g, r in zip(grads, ref_grads, strict=True):
+            assert mx.abs(g - r).max().item() < 5e-5 * max(1.0, mx.abs(r).max().item()), what
+
+
+@pytest.mark.parametrize("name", ["reference", *FAST])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_dropout_keeps_the_expected_share_and_scale(name, dtype):
+    x = mx.ones((200, 500), dtype)
+    with ops.use(name):
+        mx.random.seed(1)
+        y = np.array(ops.dropout(x, 0.2, True).astype(mx.float32))
+    assert abs((y == 0).mean() - 0.2) < 0.01
+    assert np.allclose(y[y != 0], 1 / 0.8, rtol=1e-2)  # bfloat16 rounds 1.25 exactly
+    with ops.use(name):
+        assert ops.dropout(x, 0.2, False) is x  # identity outside training
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_the_model_computes_the_same_loss_and_gradients_on_every_backend(lanes):
+    cfg = GPTConfig(vocab_size=11, block_size=40, n_layer=2, n_head=2, n_emb=16, dropout=0.0)
+    mx.random.seed(3)
+    model = GPT(cfg)
+    idx = mx.array(np.random.default_rng(1).integers(0, 11, (5, 40)), dtype=mx.int32)
+    y = mx.array(np.random.default_rng(2).integers(0, 11, (5, 40)), dtype=mx.int32)
+    results = {}
+    for name in ("reference", *FAST):
+        with ops.use(name, lanes):
+            loss, grads = nn.value_and_grad(model, loss_fn)(model, idx, y)
+            results[name] = (loss.item(), dict(tree_flatten(grads)))
+    ref_loss, ref_grads = results.pop("reference")
+    for name, (loss, grads) in results.items():
+        assert abs(loss - ref_loss) < 1e-5, name
+        for key, g in grads.items():
+            assert mx.allclose(g, ref_grads[key], atol=1e-5).item(), (name, key)
