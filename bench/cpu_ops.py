@@ -1,11 +1,11 @@
-"""Per-op CPU timings: built-in MLX kernels, mlx_model.fastops and the fused C++ kernels.
+"""Per-op CPU timings: built-in MLX kernels, mlx_model.ops.cpu and the native C++ kernels.
 
 python bench/cpu_ops.py            # with the fast BLAS preload (the default)
 SHAKESPEARE_GPT_BLAS=off python bench/cpu_ops.py   # the wheel's reference BLAS
 
 The last group times one lane's share of the seed preset (batch 32 of 64), forward and
 backward from a random cotangent, each new formulation against the one it replaced:
-the fused kernels (mlx_model._fused) against fastops, fastops against MLX's own.
+the native kernels (mlx_model.ops.native) against ops.cpu, ops.cpu against MLX's own.
 """
 
 # ruff: noqa: I001
@@ -23,7 +23,9 @@ import mlx_model  # noqa: E402,F401,I001  (must come before mlx.core: it preload
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from mlx_model import _fused, fastops  # noqa: E402
+from mlx_model.ops import cpu as fastops  # noqa: E402
+from mlx_model.ops import native as _fused  # noqa: E402
+from mlx_model.runtime import blas  # noqa: E402
 
 
 def bench(name, f, *args, n=5):
@@ -53,7 +55,7 @@ def fwd_bwd(f, *args):
 
 
 def main() -> None:
-    print("BLAS preloaded:", mlx_model._blas.loaded)
+    print("BLAS preloaded:", blas.loaded)
     a, b = mx.random.normal((8192, 128)), mx.random.normal((128, 512))
     bench("matmul (8192x128)(128x512)", lambda: a @ b)
     x = mx.random.normal((8192, 512))

@@ -4,11 +4,11 @@
     python bench/step_profile.py --preset seed
 
 "Before": MLX's built-in kernels in one stream, OpenBLAS using every core.
-"After": what the model runs now: the fused attention primitive (mlx_model._fused),
-mlx_model.fastops (multiply-add exp, GELU, layer norm, dropout) with the batch split
-over one stream per core (`in_lanes`) where the model splits it, OpenBLAS
+"After": what the model runs now: the native attention primitive (mlx_model.ops.native),
+mlx_model.ops.cpu (multiply-add exp, GELU, layer norm, dropout) with the batch split
+over one stream per core (`ops.split_batch`) where the model splits it, OpenBLAS
 single-threaded in each lane. Attention, layer norm and GELU are also timed in their
-pure-MLX forms (fastops: the model's fallback when the kernels cannot be built).
+pure-MLX forms (ops.cpu: the model's fallback when the kernels cannot be built).
 
 Each op runs alone, compiled, at the preset's shapes (batch x context x width), forward
 and backward (the gradient of a sum), median of `--repeat` runs; the "per step" column
@@ -37,10 +37,14 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_model import _blas, _fused, fastops  # noqa: E402
+from mlx_model import ops  # noqa: E402
+from mlx_model.ops import cpu as fastops  # noqa: E402
+from mlx_model.ops import native as _fused  # noqa: E402
+from mlx_model.runtime import blas as _blas  # noqa: E402
+from mlx_model.runtime.lanes import cpu_lanes  # noqa: E402
 from mlx_model.config import get_preset  # noqa: E402
 from mlx_model.data import train_batch  # noqa: E402
-from mlx_model.model import GPT, in_lanes  # noqa: E402
+from mlx_model.model import GPT  # noqa: E402
 from mlx_model.train import make_optimizer, make_step  # noqa: E402
 
 
@@ -63,7 +67,7 @@ def timed(fn, batched: tuple, shared: tuple, repeat: int, lanes: int) -> float:
 
         if n_b == 0:
             return lane().sum()
-        return in_lanes(lane, lanes, *args[:n_b]).sum()
+        return ops.split_batch(lane, lanes, *args[:n_b]).sum()
 
     args = (*batched, *shared)
     grad = mx.compile(mx.value_and_grad(total, list(range(len(args)))))
@@ -99,8 +103,6 @@ def step_ms(cfg, tc, lanes: int, fused: bool = True):
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 200_000).astype(np.uint16)
     mx.random.seed(0)
     model = GPT(cfg)
-    model.lanes = lanes
-    model.use_fused_kernels(fused)
     opt = make_optimizer(tc)
     opt.init(model.trainable_parameters())
     model.train()
@@ -118,7 +120,8 @@ def step_ms(cfg, tc, lanes: int, fused: bool = True):
         mx.eval(loss)
         return 1000 * (time.perf_counter() - t) / n
 
-    run(2)
+    with ops.use("native" if fused else "cpu", lanes):  # traced here: the choice sticks
+        run(2)
     return run
 
 
@@ -133,7 +136,7 @@ def main() -> None:
     tc = get_preset(args.preset).train
     B, T, C, H, L = tc.batch_size, cfg.block_size, cfg.n_emb, cfg.n_head, cfg.n_layer
     D = C // H
-    lanes = _blas.cpu_lanes()
+    lanes = cpu_lanes()
     r = mx.random.normal
     x, h4 = r((B, T, C)), r((B, T, 4 * C))
     qkv = r((B, T, 3 * C))
@@ -271,9 +274,11 @@ def main() -> None:
     ablated_runs = {}
     for name, overrides in ablations.items():
         _fused.load = lambda overrides=overrides: Ablated(**overrides)
+        ops._choose.cache_clear()
         dropout = 0.0 if name == "dropout" else cfg.dropout
         ablated_runs[name] = step_ms(cfg.replace(dropout=dropout), tc, lanes)
     _fused.load = real_load
+    ops._choose.cache_clear()
     ablated: dict[str, list[float]] = {k: [] for k in ablated_runs}
     for _ in range(args.rounds):
         for name, run in ablated_runs.items():

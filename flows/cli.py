@@ -1,24 +1,71 @@
-"""`shakespeare-gpt`: run the pipeline, one stage of it, sample, serve on a schedule, export."""
+"""`shakespeare-gpt`: run the pipeline, one stage of it, sample, serve on a schedule, export.
+
+Exit codes: 0 done, 2 bad input (one line, `error: ...`), 3 the Prefect API stopped
+answering, 1 anything else (with its traceback).
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-import urllib.request
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+# The temporary Prefect server the CLI starts must not try to send telemetry from an
+# offline machine (it logs an error when it cannot); a user's own setting wins.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from tasks.config import DEFAULT_PRESET, PRESETS
-from tasks.download import CANONICAL_URL, MAX_BYTES, TINY_SHAKESPEARE_SHA256
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+import urllib.request  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
-from .pipeline import STAGES, export_pipeline, pipeline
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL  # noqa: E402
+
+from tasks.config import (  # noqa: E402
+    DEFAULT_PRESET,
+    PRESETS,
+    SECTIONS,
+    RunConfig,
+    help_text,
+    parse_value,
+)
+from tasks.download import TransientDownloadError  # noqa: E402
+from tasks.preflight import check_export_target, check_run  # noqa: E402
+
+from .pipeline import STAGES, check_stage, export_pipeline, fresh_stages, pipeline  # noqa: E402
 
 DEPLOYMENT = "scheduled"
+DEBUG_ENV = "SHAKESPEARE_GPT_DEBUG"
+# Flags that override one configuration field each; `--set SECTION.FIELD=VALUE` reaches any.
+FLAGS = (
+    *(("source", f) for f in ("source", "sha256", "max_bytes")),
+    ("training", "max_iters"),
+    ("data", "val_fraction"),
+    *(("sampling", f) for f in ("prompt", "max_tokens", "temperature", "top_k", "top_p")),
+    *(("sampling", f) for f in ("seed", "stop")),
+)
+PROJECT_DIRS = tuple(str(Path(__file__).resolve().parents[1] / d) for d in ("flows", "tasks"))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (`error: ...`, exit 2), without the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _field_type(section: str, name: str):
+    def parse(text: str) -> Any:
+        try:
+            return parse_value(section, name, text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = name  # argparse names it in "invalid <name> value"
+    return parse
 
 
 def _positive_int(text: str) -> int:
@@ -29,19 +76,28 @@ def _positive_int(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of {', '.join(sorted(PRESETS))}")
     p.add_argument(
         "--artifacts",
         default=None,
         help="artifact root (default: $SHAKESPEARE_GPT_ARTIFACTS or ./artifacts)",
     )
-    p.add_argument("--source", default=CANONICAL_URL, help="corpus URL (http, https, file) or path")
-    p.add_argument("--sha256", default=TINY_SHAKESPEARE_SHA256, help="expected corpus digest")
+    for section, name in FLAGS:
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=f"{section}.{name}",
+            metavar=name.upper(),
+            type=_field_type(section, name),
+            default=None,
+            help=f"{help_text(SECTIONS[section], name)} ({section}.{name})",
+        )
     p.add_argument(
-        "--max-bytes", type=int, default=MAX_BYTES, help="refuse a larger download (bytes)"
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help=f"override any configuration field; sections: {', '.join(SECTIONS)}",
     )
-    p.add_argument("--max-iters", type=int, default=None, help="override the preset's step count")
-    p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument(
         "--force",
         action="append",
@@ -56,18 +112,15 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="STAGE",
         help="recompute STAGE and every stage after it, reusing the cached upstream",
     )
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", default=None, help="end the sample before this string")
+    p.add_argument("--verbose", action="store_true", help="show Prefect's own log lines too")
+    p.add_argument(
+        "--debug", action="store_true", help=f"tracebacks for every error ({DEBUG_ENV}=1)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shakespeare-gpt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="shakespeare-gpt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _common(sub.add_parser("run", help="run the whole pipeline"))
     stage = sub.add_parser("stage", help="run the pipeline up to STAGE, reusing cached upstream")
     stage.add_argument("name", help=f"one of {', '.join(STAGES)}")
@@ -91,24 +144,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """{section: {field: value}} from the flags that were given and `--set`."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for section, name in FLAGS:
+        value = getattr(args, f"{section}.{name}")
+        if value is not None:
+            overrides.setdefault(section, {})[name] = value
+    for item in args.set:
+        target, sep, text = item.partition("=")
+        section, _, name = target.partition(".")
+        if not sep or not name:
+            raise ValueError(f"--set takes SECTION.FIELD=VALUE, got {item!r}")
+        overrides.setdefault(section, {})[name] = parse_value(section, name, text)
+    return overrides
+
+
 def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "preset": args.preset,
+        "overrides": overrides_from(args),
         "artifacts": args.artifacts,
-        "source": args.source,
-        "sha256": args.sha256,
-        "max_bytes": args.max_bytes,
         "from_stage": args.from_stage,
         "force": args.force,
-        "val_fraction": args.val_fraction,
-        "max_iters": args.max_iters,
-        "prompt": args.prompt,
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "stop": args.stop,
     }
 
 
@@ -121,8 +179,42 @@ def api_answers(api_url: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def serve(args: argparse.Namespace) -> int:
+class _ProjectLinesOnly(logging.Filter):
+    """Pass log records written by the project's own code (progress, reuse), not Prefect's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.pathname.startswith(PROJECT_DIRS)
+
+
+def quiet_prefect_console() -> None:
+    """Keep Prefect's own lines (engine states, server start, tracebacks) off the terminal;
+    the flow-run logs sent to the API, which the UI shows, are untouched."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(_ProjectLinesOnly())
+
+
+def checked(args: argparse.Namespace) -> dict[str, Any]:
+    """The flow's parameters, everything that can be checked from them checked."""
     params = flow_parameters(args)
+    config = RunConfig.resolve(params["preset"], params["overrides"])
+    until = {"run": None, "stage": getattr(args, "name", None), "sample": "sample"}.get(
+        args.command, "train"
+    )
+    if until:
+        check_stage(until)
+    fresh_stages(until, args.from_stage, args.force)
+    check_run(config, args.artifacts)
+    if args.command == "export":
+        check_export_target(args.out)
+    return params
+
+
+def serve(args: argparse.Namespace, params: dict[str, Any]) -> int:
     # scheduled runs start in their own process: pin the artifact root to an absolute path
     root = args.artifacts or os.environ.get("SHAKESPEARE_GPT_ARTIFACTS") or "artifacts"
     params["artifacts"] = str(Path(root).resolve())
@@ -136,48 +228,10 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def export(args: argparse.Namespace) -> int:
-    try:
-        out = export_pipeline(out=args.out, **flow_parameters(args))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported the trained model as GPT2LMHeadModel to {out}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    if args.command == "export":
-        return export(args)
-    until = {"run": None, "stage": getattr(args, "name", None), "sample": "sample"}[args.command]
-    for what, name in (("stage", until), ("stage", args.from_stage)):
-        if name is not None and name not in STAGES:
-            print(
-                f"error: unknown {what} {name!r}; choose one of {', '.join(STAGES)}",
-                file=sys.stderr,
-            )
-            return 2
-    try:
-        summary = pipeline(**flow_parameters(args), until=until, stream=True)
-    except Exception as err:
-        api = PREFECT_API_URL.value()
-        if not api or api_answers(api):
-            raise
-        root = args.artifacts or os.environ.get("SHAKESPEARE_GPT_ARTIFACTS") or "artifacts"
-        print(
-            f"error: the Prefect API at {api} is not answering ({type(err).__name__}: {err}).\n"
-            f"Stages that finished are kept under {Path(root).resolve()} and are verified by "
-            "digest before reuse; rerun the same command when the server is back (or unset "
-            "PREFECT_API_URL) to continue from them.",
-            file=sys.stderr,
-        )
-        return 3
-    if "sample" in summary and summary["cached"]["sample"]:
+def report(summary: dict[str, Any]) -> None:
+    if summary["sample"] is not None and summary["cached"]["sample"]:
         print(f"----- sample -----\n{summary['sample']}")  # a cache hit: nothing was streamed
-    if "eval" in summary:
+    if summary["eval"] is not None:
         e = summary["eval"]
         print("----- validation -----")
         print(
@@ -191,7 +245,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     ui = PREFECT_UI_URL.value()
     if ui:
         print(f"flow run: {ui}/runs/flow-run/{summary['flow_run_id']}")
+
+
+def execute(args: argparse.Namespace, params: dict[str, Any]) -> int:
+    if args.command == "serve":
+        return serve(args, params)
+    if args.command == "export":
+        out = export_pipeline(
+            out=args.out, **{k: params[k] for k in ("preset", "overrides", "artifacts", "force")}
+        )
+        print(f"exported the trained model as GPT2LMHeadModel to {out}")
+        return 0
+    until = {"run": None, "stage": getattr(args, "name", None), "sample": "sample"}[args.command]
+    report(pipeline(**params, until=until, stream=True))
     return 0
+
+
+def explain(err: BaseException, args: argparse.Namespace) -> str | None:
+    """The one line for an expected error, or None for a bug (which keeps its traceback)."""
+    if isinstance(err, TransientDownloadError):
+        return f"{err}\nhint: no network? pass a local copy with --source PATH (or file:///PATH)"
+    if isinstance(
+        err, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+    ):
+        return str(err)
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV) == "1"
+    try:
+        params = checked(args)
+    except ValueError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.verbose:
+        quiet_prefect_console()
+    try:
+        return execute(args, params)
+    except Exception as err:
+        api = PREFECT_API_URL.value()
+        if api and not api_answers(api):
+            root = args.artifacts or os.environ.get("SHAKESPEARE_GPT_ARTIFACTS") or "artifacts"
+            print(
+                f"error: the Prefect API at {api} is not answering ({type(err).__name__}: {err}).\n"
+                f"Stages that finished are kept under {Path(root).resolve()} and are verified by "
+                "digest before reuse; rerun the same command when the server is back (or unset "
+                "PREFECT_API_URL) to continue from them.",
+                file=sys.stderr,
+            )
+            return 3
+        message = explain(err, args)
+        if message is None or debug:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ def _check_fraction(obj: Any, name: str, low_open: bool = False) -> None:
         raise ValueError(f"{type(obj).__name__}.{name} must be in {interval}, got {value!r}")
 
 
-class _Serializable:
+class Serializable:
+    """to_dict, from_dict (refusing unknown fields), digest and replace for a config dataclass."""
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
@@ -46,18 +48,28 @@ class _Serializable:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its help text (shown by the command line)."""
+    return field(default=default, metadata={"help": help})
+
+
+def help_text(cls: type, name: str) -> str:
+    """The help text of field `name` of dataclass `cls`."""
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
+
+
 @dataclass(frozen=True)
-class GPTConfig(_Serializable):
+class GPTConfig(Serializable):
     """GPT-2-shaped model: learned positions, pre-LayerNorm blocks, GELU MLP."""
 
-    vocab_size: int = 65
-    block_size: int = 128  # context length in tokens
-    n_layer: int = 3
-    n_head: int = 4
-    n_emb: int = 128
-    dropout: float = 0.1
-    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
-    tie_weights: bool = True  # share the token embedding with the LM head, as GPT-2
+    vocab_size: int = option(65, "token ids 0 .. vocab_size-1 (set from the vocabulary)")
+    block_size: int = option(128, "context length in tokens")
+    n_layer: int = option(3, "transformer blocks")
+    n_head: int = option(4, "attention heads per block")
+    n_emb: int = option(128, "embedding width")
+    dropout: float = option(0.1, "dropout probability (embeddings, attention, residuals)")
+    bias: bool = option(True, "biases in Linear layers and LayerNorms, as GPT-2")
+    tie_weights: bool = option(True, "share the token embedding with the LM head, as GPT-2")
 
     def __post_init__(self) -> None:
         _check_positive(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_emb"))
@@ -73,24 +85,26 @@ class GPTConfig(_Serializable):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Serializable):
-    """Optimisation and schedule; every field has a help text in TRAIN_HELP."""
+class TrainConfig(Serializable):
+    """Optimisation and schedule."""
 
-    batch_size: int = 64
-    max_iters: int = 2442
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    eval_interval: int = 250
-    eval_batches: int = 20
-    checkpoint_interval: int = 250
-    log_interval: int = 50
-    seed: int = 1337
-    compute_dtype: str = "float32"
+    batch_size: int = option(64, "sequences per optimisation step")
+    max_iters: int = option(2442, "optimisation steps in the whole run")
+    learning_rate: float = option(1e-3, "peak AdamW learning rate, reached after warm-up")
+    min_lr: float = option(1e-4, "floor of the cosine decay")
+    warmup_iters: int = option(100, "steps of linear warm-up from 0 to learning_rate")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay, on matrices only")
+    beta1: float = option(0.9, "AdamW first-moment decay")
+    beta2: float = option(0.99, "AdamW second-moment decay")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 disables)")
+    eval_interval: int = option(250, "estimate train/val loss every this many steps")
+    eval_batches: int = option(20, "batches of fixed windows per loss estimate")
+    checkpoint_interval: int = option(250, "write the latest checkpoint every this many steps")
+    log_interval: int = option(50, "report progress every this many steps")
+    seed: int = option(1337, "seeds initialisation, batch sampling and dropout")
+    compute_dtype: str = option(
+        "float32", "dtype of the forward/backward pass (float32, bfloat16, float16)"
+    )
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -113,46 +127,27 @@ class TrainConfig(_Serializable):
             )
 
 
-TRAIN_HELP: dict[str, str] = {
-    "batch_size": "sequences per optimisation step",
-    "max_iters": "optimisation steps in the whole run",
-    "learning_rate": "peak AdamW learning rate, reached after warm-up",
-    "min_lr": "floor of the cosine decay",
-    "warmup_iters": "steps of linear warm-up from 0 to learning_rate",
-    "weight_decay": "AdamW decoupled weight decay, applied to matrices only",
-    "beta1": "AdamW first-moment decay",
-    "beta2": "AdamW second-moment decay",
-    "grad_clip": "clip the global gradient norm to this (0 disables)",
-    "eval_interval": "estimate train/val loss every this many steps",
-    "eval_batches": "batches of fixed windows per loss estimate",
-    "checkpoint_interval": "write the latest checkpoint every this many steps",
-    "log_interval": "report progress every this many steps",
-    "seed": "seeds initialisation, batch sampling and dropout",
-    "compute_dtype": "dtype of the forward/backward pass; weights stay float32",
-}
-
-
 @dataclass(frozen=True)
-class DataConfig(_Serializable):
+class DataConfig(Serializable):
     """How the corpus becomes token files."""
 
-    val_fraction: float = 0.1
+    val_fraction: float = option(0.1, "share of the corpus (its end) held out for validation")
 
     def __post_init__(self) -> None:
         _check_fraction(self, "val_fraction", low_open=True)
 
 
 @dataclass(frozen=True)
-class SampleConfig(_Serializable):
+class SampleConfig(Serializable):
     """Generation parameters."""
 
-    prompt: str = "\n"
-    max_tokens: int = 500
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-    stop: str | None = None
+    prompt: str = option("\n", "text the sample continues")
+    max_tokens: int = option(500, "characters to generate")
+    temperature: float = option(0.8, "softmax temperature (0: greedy)")
+    top_k: int | None = option(None, "sample among the k most likely tokens only")
+    top_p: float | None = option(None, "sample from the smallest set with this probability mass")
+    seed: int = option(0, "sampling seed: same seed, same text")
+    stop: str | None = option(None, "end the sample before this string")
 
     def __post_init__(self) -> None:
         _check_positive(self, ("max_tokens",))

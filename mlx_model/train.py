@@ -30,6 +30,10 @@ from .data import file_sha256, fixed_windows, get_batch, train_batch
 from .model import GPT, loss_fn
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+# the folders `train` writes under its output folder: the best model so far, and the
+# resumable state of the last checkpoint
+BEST = "best"
+LATEST = "latest"
 
 
 class AdamWMatrices(optim.AdamW):
@@ -113,13 +117,13 @@ def estimate_loss(model: GPT, ids: np.ndarray, starts: np.ndarray, block: int, b
 
 def _best_checkpoint_intact(out_dir: Path) -> bool:
     """Resuming needs the best checkpoint the latest one refers to, unchanged."""
-    state_path = out_dir / "latest" / STATE
+    state_path = out_dir / LATEST / STATE
     if not state_path.exists():
         return False
     best = json.loads(state_path.read_text())["best"]
     if best["step"] < 0:
         return True
-    weights = out_dir / "best" / WEIGHTS
+    weights = out_dir / BEST / WEIGHTS
     return weights.exists() and file_sha256(weights) == best["sha256"]
 
 
@@ -150,7 +154,7 @@ def train(
     state = None
     if _best_checkpoint_intact(out_dir):
         try:
-            state = load_train_state(out_dir / "latest", model, optimizer)
+            state = load_train_state(out_dir / LATEST, model, optimizer)
         except (CorruptCheckpointError, FileNotFoundError) as err:
             warnings.warn(f"not resuming: {err}; training from step 0", stacklevel=2)
             mx.random.seed(tc.seed)  # start exactly as a fresh run would
@@ -203,8 +207,8 @@ def train(
                 )
             history.append(record)
             if record["val_loss"] < best["val_loss"]:
-                save_model(out_dir / "best", model)
-                sha = file_sha256(out_dir / "best" / WEIGHTS)
+                save_model(out_dir / BEST, model)
+                sha = file_sha256(out_dir / BEST / WEIGHTS)
                 best = {"val_loss": record["val_loss"], "step": done, "sha256": sha}
             if callback:
                 callback(
@@ -221,7 +225,7 @@ def train(
                 )
         if done % tc.checkpoint_interval == 0 or done == end:
             save_train_state(
-                out_dir / "latest",
+                out_dir / LATEST,
                 model,
                 optimizer,
                 {"step": done, "history": history, "best": best, "train_config": tc.to_dict()},

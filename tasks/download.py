@@ -8,22 +8,23 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mlx_model.config import Serializable, option
 from mlx_model.files import atomic_path
 
 from .progress import terminal_bar
-from .store import ArtifactStore, StageOutput, code_version
+from .store import ArtifactStore, StageOutput, code_version, finished
 
 CANONICAL_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 CORPUS = "input.txt"
-MAX_BYTES = 64 * 1024 * 1024
 CHUNK = 1 << 16
 
 
@@ -35,10 +36,32 @@ class TransientDownloadError(OSError):
     """A network failure worth retrying (refused, reset, 5xx, truncated body)."""
 
 
-def check_sha256(sha256: str) -> str:
-    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {sha256!r}")
-    return sha256
+@dataclass(frozen=True)
+class SourceConfig(Serializable):
+    """Where the corpus comes from and what it must be."""
+
+    source: str = option(CANONICAL_URL, "corpus URL (http, https, file) or local path")
+    sha256: str = option(TINY_SHAKESPEARE_SHA256, "expected SHA-256 of the corpus")
+    max_bytes: int = option(64 * 1024 * 1024, "refuse a larger download (bytes)")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        if not isinstance(self.max_bytes, int) or self.max_bytes <= 0:
+            raise ValueError(f"max_bytes must be a positive integer, got {self.max_bytes!r}")
+        scheme = urllib.parse.urlsplit(self.source).scheme.lower()
+        if len(scheme) > 1 and scheme not in ("http", "https", "file"):
+            raise ValueError(
+                f"unsupported source scheme {scheme!r} in {self.source!r}: use http, https or file"
+            )
+
+    @property
+    def local_path(self) -> Path | None:
+        """The file a file:// URL or a plain path names (None for http and https)."""
+        parts = urllib.parse.urlsplit(self.source)
+        if parts.scheme.lower() == "file":
+            return Path(urllib.request.url2pathname(parts.path))
+        return Path(self.source) if len(parts.scheme) <= 1 else None
 
 
 def _open(source: str, timeout: float):
@@ -69,7 +92,7 @@ def fetch(
     source: str,
     dest: Path,
     sha256: str,
-    max_bytes: int = MAX_BYTES,
+    max_bytes: int = SourceConfig.max_bytes,
     timeout: float = 30.0,
     on_progress: Callable[[int, int | None], None] | None = None,
 ) -> int:
@@ -116,23 +139,20 @@ def _retry_transient(task, task_run, state) -> bool:
     retry_condition_fn=_retry_transient,
     cache_policy=NO_CACHE,
 )
-def download_corpus(
-    store: ArtifactStore,
-    source: str = CANONICAL_URL,
-    sha256: str = TINY_SHAKESPEARE_SHA256,
-    max_bytes: int = MAX_BYTES,
-    force: bool = False,
-) -> StageOutput:
+def download_corpus(store: ArtifactStore, corpus: SourceConfig, force: bool = False) -> StageOutput:
     """Fetch the corpus and verify its SHA-256; cached on (source, digest)."""
-    check_sha256(sha256)
-    if not isinstance(max_bytes, int) or max_bytes <= 0:
-        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
-    key = {"source": source, "sha256": sha256, "code": code_version(__name__)}
+    key = {"source": corpus.source, "sha256": corpus.sha256, "code": code_version(__name__)}
 
     def compute(directory: Path) -> dict:
         with terminal_bar("download", "download", None) as bar:
             progress = (lambda done, total: bar(completed=done, total=total)) if bar else None
-            size = fetch(source, directory / CORPUS, sha256, max_bytes, on_progress=progress)
-        return {"bytes": size, "source": source}
+            size = fetch(
+                corpus.source,
+                directory / CORPUS,
+                corpus.sha256,
+                corpus.max_bytes,
+                on_progress=progress,
+            )
+        return {"bytes": size, "source": corpus.source}
 
-    return store.run("download", key, compute, [CORPUS], force)
+    return finished(store.run("download", key, compute, [CORPUS], force))

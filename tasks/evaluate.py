@@ -8,14 +8,15 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mlx_model import ops
 from mlx_model.checkpoint import load_model
 from mlx_model.data import read_tokens
 from mlx_model.evaluate import evaluate
 from mlx_model.files import write_text_atomic
 
 from .prepare import VAL
-from .store import ArtifactStore, StageOutput, code_version
-from .train import WEIGHTS
+from .store import ArtifactStore, StageOutput, code_version, finished
+from .train import WEIGHTS, best_model
 
 RESULT = "eval.json"
 
@@ -28,14 +29,15 @@ def evaluate_model(
     key = {
         "weights": model.digest(WEIGHTS),
         "val": tokens.digest(VAL),
-        "code": code_version("mlx_model.model", "mlx_model.evaluate", "mlx_model.data"),
+        "code": code_version(__name__),
+        "ops": ops.signature("float32", training=False),
     }
 
     def compute(directory: Path) -> dict:
-        gpt = load_model(Path(model.path) / "best")
+        gpt = load_model(best_model(model))
         val_ids, _ = read_tokens(tokens.file(VAL))
         result = evaluate(gpt, val_ids)
         write_text_atomic(directory / RESULT, json.dumps(result, indent=2))
         return result
 
-    return store.run("evaluate", key, compute, [RESULT], force)
+    return finished(store.run("evaluate", key, compute, [RESULT], force))

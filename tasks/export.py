@@ -12,6 +12,7 @@ from mlx_model.export import export_hf
 
 from .prepare import VOCAB
 from .store import StageOutput
+from .train import best_model
 
 
 @task(name="export-hf", cache_policy=NO_CACHE)
@@ -20,5 +21,5 @@ def export_model(trained: StageOutput, out_dir: str) -> str:
 
     Raises ValueError naming what prevents it when the model cannot be expressed as GPT-2.
     """
-    model = load_model(Path(trained.path) / "best")
+    model = load_model(best_model(trained))
     return str(export_hf(model, Path(out_dir), trained.file(VOCAB)))

@@ -7,10 +7,11 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mlx_model.config import DataConfig
+from mlx_model.config import DataConfig, SampleConfig
 from mlx_model.data import Vocab, split_tokens, write_tokens
 
-from .store import ArtifactStore, StageOutput, code_version
+from .download import CORPUS
+from .store import ArtifactStore, StageOutput, code_version, finished
 
 VOCAB = "vocab.json"
 TRAIN = "train.arrow"
@@ -34,14 +35,23 @@ def read_corpus(path: Path) -> str:
 @task(name="vocab", cache_policy=NO_CACHE)
 def build_vocab(store: ArtifactStore, corpus: StageOutput, force: bool = False) -> StageOutput:
     """Build the sorted character vocabulary of the corpus."""
-    key = {"corpus": corpus.digest("input.txt"), "code": code_version("mlx_model.data")}
+    key = {"corpus": corpus.digest(CORPUS), "code": code_version(__name__)}
 
     def compute(directory: Path) -> dict:
-        vocab = Vocab.from_text(read_corpus(corpus.file("input.txt")))
+        vocab = Vocab.from_text(read_corpus(corpus.file(CORPUS)))
         vocab.save(directory / VOCAB)
         return {"size": vocab.size}
 
-    return store.run("vocab", key, compute, [VOCAB], force)
+    return finished(store.run("vocab", key, compute, [VOCAB], force))
+
+
+@task(name="check-prompt", cache_policy=NO_CACHE)
+def check_prompt(vocab: StageOutput, sampling: SampleConfig) -> None:
+    """Refuse a prompt or stop string with characters outside the vocabulary, before training."""
+    v = Vocab.load(vocab.file(VOCAB))
+    v.encode(sampling.prompt)
+    if sampling.stop:
+        v.encode(sampling.stop)
 
 
 @task(name="tokenize", cache_policy=NO_CACHE)
@@ -54,19 +64,19 @@ def tokenize(
 ) -> StageOutput:
     """Encode the corpus and write train/val Arrow IPC files."""
     key = {
-        "corpus": corpus.digest("input.txt"),
+        "corpus": corpus.digest(CORPUS),
         "vocab": vocab.digest(VOCAB),
         "data": data.to_dict(),
-        "code": code_version("mlx_model.data", __name__),
+        "code": code_version(__name__),
     }
 
     def compute(directory: Path) -> dict:
         v = Vocab.load(vocab.file(VOCAB))
-        ids = v.encode(read_corpus(corpus.file("input.txt")))
+        ids = v.encode(read_corpus(corpus.file(CORPUS)))
         train_ids, val_ids = split_tokens(ids, data.val_fraction)
         for name, split in ((TRAIN, train_ids), (VAL, val_ids)):
             meta = {
-                "corpus_sha256": corpus.digest("input.txt"),
+                "corpus_sha256": corpus.digest(CORPUS),
                 "vocab_sha256": vocab.digest(VOCAB),
                 "split": name.removesuffix(".arrow"),
                 "val_fraction": data.val_fraction,
@@ -74,4 +84,4 @@ def tokenize(
             write_tokens(directory / name, split, meta)
         return {"train_tokens": len(train_ids), "val_tokens": len(val_ids), "dtype": str(ids.dtype)}
 
-    return store.run("tokenize", key, compute, [TRAIN, VAL], force)
+    return finished(store.run("tokenize", key, compute, [TRAIN, VAL], force))

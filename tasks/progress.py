@@ -21,8 +21,6 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from mlx_model.train import Progress as TrainProgress
-
 from .logs import stage_logger
 
 ENV = "SHAKESPEARE_GPT_PROGRESS"  # "1" forces the terminal bars on, "0" off
@@ -87,7 +85,7 @@ def training_reporter(max_iters: int, description: str) -> Iterator[Any]:
     artifact = RunProgressArtifact("training-progress", description)
     with terminal_bar("train", "training", max_iters) as bar:
 
-        def report(p: TrainProgress) -> None:
+        def report(p) -> None:  # p: mlx_model.train.Progress
             logger = stage_logger()
             if p.kind == "eval":
                 logger.info(

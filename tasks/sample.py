@@ -8,15 +8,16 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mlx_model import ops
 from mlx_model.checkpoint import load_model
 from mlx_model.config import SampleConfig
 from mlx_model.data import Vocab
-from mlx_model.generate import generate_text, stream_text
 from mlx_model.files import write_text_atomic
+from mlx_model.generate import generate_text, stream_text
 
 from .prepare import VOCAB
-from .store import ArtifactStore, StageOutput, code_version
-from .train import WEIGHTS
+from .store import ArtifactStore, StageOutput, code_version, finished
+from .train import WEIGHTS, best_model
 
 TEXT = "sample.txt"
 
@@ -53,12 +54,13 @@ def sample_model(
     key = {
         "weights": model.digest(WEIGHTS),
         "sampling": sampling.to_dict(),
-        "code": code_version("mlx_model.model", "mlx_model.generate", __name__),
+        "code": code_version(__name__),
+        "ops": ops.signature("float32", training=False),
     }
 
     def compute(directory: Path) -> dict:
-        text = sample_text(Path(model.path) / "best", vocab, sampling, stream)
+        text = sample_text(best_model(model), vocab, sampling, stream)
         write_text_atomic(directory / TEXT, text)
         return {"chars": len(text), "text": text}
 
-    return store.run("sample", key, compute, [TEXT], force)
+    return finished(store.run("sample", key, compute, [TEXT], force))

@@ -13,11 +13,12 @@ A file whose digest no longer matches meta.json makes the stage recompute.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
+import functools
 import hashlib
-import importlib
-import inspect
+import importlib.util
 import json
 import logging
 import os
@@ -27,6 +28,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prefect.client.schemas.objects import State
+from prefect.context import TaskRunContext
+from prefect.states import Completed
 
 from mlx_model.data import file_sha256
 from mlx_model.files import write_text_atomic
@@ -57,12 +62,76 @@ def digest_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def code_version(*modules: str) -> str:
-    """Digest of the source of `modules`: editing the code a stage runs invalidates its cache."""
+PROJECT_PACKAGES = ("mlx_model", "tasks")
+
+
+def code_version(module: str) -> str:
+    """Digest of every project source file `module` can execute: editing any of them
+    invalidates the stage's cache.
+
+    The files are found, not listed: the module, every project module it imports
+    (at any depth, including imports inside functions), the `__init__` of each package
+    on the way, and each such package's data files (`mlx_model/ops/csrc/*.cpp`).
+    """
     h = hashlib.sha256()
-    for name in modules:
-        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    root = Path(importlib.util.find_spec(PROJECT_PACKAGES[0]).origin).parents[1]
+    for path in sorted(_source_files(module)):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
+
+
+@functools.cache
+def _source_files(module: str) -> frozenset[Path]:
+    files: set[Path] = set()
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name.split(".")[0] not in PROJECT_PACKAGES:
+            continue
+        seen.add(name)
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:  # a name inside a module, not a module
+            continue
+        if spec is None or spec.origin is None:
+            continue
+        path = Path(spec.origin)
+        files.add(path)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run too
+        if spec.submodule_search_locations:  # a package: its data files
+            files |= {f for f in _data_files(path.parent)}
+        package = name if spec.submodule_search_locations else name.rpartition(".")[0]
+        todo += _imports(path, package)
+    return frozenset(files)
+
+
+def _imports(path: Path, package: str) -> list[str]:
+    """The absolute names `path` imports (modules, or names that may be modules)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            names += [base, *(f"{base}.{a.name}" for a in node.names)]
+    return names
+
+
+def _data_files(folder: Path) -> Iterator[Path]:
+    """Files beside a package's modules that are not Python, in folders that are not packages."""
+    for path in folder.iterdir():
+        if path.is_dir():
+            if path.name != "__pycache__" and not (path / "__init__.py").exists():
+                yield from (
+                    p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                )
+        elif path.suffix not in (".py", ".pyc"):
+            yield path
 
 
 @dataclass(frozen=True)
@@ -111,7 +180,7 @@ class ArtifactStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def lookup(self, stage: str, key: str, verify: bool = True) -> StageOutput | None:
+    def lookup(self, stage: str, key: str) -> StageOutput | None:
         """The finished output for (stage, key), or None if absent, incomplete or corrupted."""
         directory = self.stage_dir(stage, key)
         meta_path = directory / META
@@ -129,7 +198,7 @@ class ArtifactStore:
             if not path.exists():
                 log.warning("%s is missing; recomputing %s", path, stage)
                 return None
-            if verify and file_sha256(path) != digest:
+            if file_sha256(path) != digest:
                 log.warning("%s does not match its recorded digest; recomputing %s", path, stage)
                 return None
         return StageOutput(
@@ -176,3 +245,19 @@ class ArtifactStore:
             }
             write_text_atomic(directory / META, json.dumps(meta, indent=2, default=str))
         return StageOutput(stage, key, str(directory), files, False, info, self.run_name)
+
+
+def finished(output: StageOutput) -> StageOutput | State:
+    """What a stage's task returns: inside a Prefect task run, a reused output becomes a
+    completed state named `Cached` whose message names the run that produced it and its
+    folder, so the UI shows reused stages as such; the flow takes the output back with
+    `output_of`."""
+    if not output.cached or TaskRunContext.get() is None:
+        return output
+    message = f"reused from run {output.produced_by} ({output.path})"
+    return Completed(name="Cached", message=message, data=output)
+
+
+def output_of(result: StageOutput | State) -> StageOutput:
+    """The StageOutput a stage's task returned (see `finished`)."""
+    return result.result() if isinstance(result, State) else result

@@ -9,19 +9,23 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from mlx_model import checkpoint, ops
 from mlx_model.config import GPTConfig, TrainConfig
 from mlx_model.data import Vocab, read_tokens
 from mlx_model.files import write_text_atomic
-from mlx_model.train import train
+from mlx_model.train import BEST, LATEST, train
 
 from .prepare import TRAIN, VAL, VOCAB
 from .progress import training_reporter
-from .store import ArtifactStore, StageOutput, code_version
+from .store import ArtifactStore, StageOutput, code_version, finished
 
-WEIGHTS = "best/model.safetensors"
-CONFIG = "best/config.json"
 METRICS = "metrics.json"
-MODEL_CODE = ("mlx_model.model", "mlx_model.train", "mlx_model.data", "mlx_model.checkpoint")
+WEIGHTS = f"{BEST}/{checkpoint.WEIGHTS}"  # the best model, which later stages load
+
+
+def best_model(trained: StageOutput) -> Path:
+    """The folder of the best model a train stage wrote (for `load_model`)."""
+    return Path(trained.path) / BEST
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -42,12 +46,13 @@ def train_model(
         "vocab": vocab.digest(VOCAB),
         "model": cfg.to_dict(),
         "training": training.to_dict(),
-        "code": code_version(*MODEL_CODE),
+        "code": code_version(__name__),
+        "ops": ops.signature(training.compute_dtype),
     }
 
     def compute(directory: Path) -> dict:
         if force:
-            shutil.rmtree(directory / "latest", ignore_errors=True)
+            shutil.rmtree(directory / LATEST, ignore_errors=True)
         train_ids, _ = read_tokens(tokens.file(TRAIN))
         val_ids, _ = read_tokens(tokens.file(VAL))
         with training_reporter(training.max_iters, f"training {directory.name}") as report:
@@ -64,4 +69,5 @@ def train_model(
         write_text_atomic(directory / METRICS, json.dumps(metrics, indent=2))
         return {k: v for k, v in metrics.items() if k != "history"}
 
-    return store.run("train", key, compute, [WEIGHTS, CONFIG, VOCAB, METRICS], force)
+    config = f"{BEST}/{checkpoint.CONFIG}"
+    return finished(store.run("train", key, compute, [WEIGHTS, config, VOCAB, METRICS], force))

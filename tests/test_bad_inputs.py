@@ -6,6 +6,7 @@ import ast
 import hashlib
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,19 @@ from mlx_model.model import GPT
 from tasks.store import ArtifactStore
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "BAD_INPUTS.md"
+FLOW_ROW = re.compile(r"^\| (flow|cli) \| ([^|]+?) \| `(.+)` \| `(.+)` \| `(.+?)`")
 ROW = re.compile(r"^\| (\w+) \| ([^|]+?) \| `(.+)` \| `(.+?)`")
 
 
-def rows() -> list[tuple[str, str, str, str]]:
-    found = [ROW.match(line).groups() for line in DOC.read_text().splitlines() if ROW.match(line)]
-    assert len(found) >= 40, "docs/BAD_INPUTS.md lost its rows"
+def rows() -> list[tuple[str, ...]]:
+    found = []
+    for line in DOC.read_text().splitlines():
+        if match := FLOW_ROW.match(line):
+            found.append(match.groups())
+        elif match := ROW.match(line):
+            where, parameter, value, message = match.groups()
+            found.append((where, parameter, value, "", message))
+    assert len(found) >= 50, "docs/BAD_INPUTS.md lost its rows"
     return found
 
 
@@ -43,50 +51,87 @@ def files(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def flow_base(tmp_path_factory, corpus_path, corpus_sha):
-    return {
+def placed(text: str, files: dict) -> str:
+    for name, path in files.items():
+        text = text.replace(name, str(path))
+    return text
+
+
+def flow_params(parameter: str, value, corpus: Path, artifacts: Path, files: dict) -> dict:
+    """The flow's parameters: the tiny preset on the local corpus, with the row's bad value."""
+    source = {"source": str(corpus), "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest()}
+    params = {
         "preset": "tiny",
-        "artifacts": str(tmp_path_factory.mktemp("bad-inputs-artifacts")),
-        "source": str(corpus_path),
-        "sha256": corpus_sha,
-        "max_tokens": 20,
+        "artifacts": str(artifacts),
+        "overrides": {"source": source, "sampling": {"max_tokens": 20}},
     }
-
-
-def flow_params(parameter: str, value, base: dict, files: dict) -> dict:
-    params = dict(base)
+    if isinstance(value, str):
+        value = placed(value, files)
     if parameter == "*":
         params.update(value)
-        return params
-    if isinstance(value, str) and value in files:
-        path = files[value]
-        value = str(path)
-        if parameter == "source":
-            params["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    params[parameter] = value
+    elif "." in parameter:
+        section, field = parameter.split(".")
+        params["overrides"].setdefault(section, {})[field] = value
+        if parameter == "source.source" and Path(value).is_file():
+            source["sha256"] = hashlib.sha256(Path(value).read_bytes()).hexdigest()
+    else:
+        params[parameter] = value
     return params
 
 
-@pytest.mark.parametrize("row", rows(), ids=row_id)
-def test_bad_input_gets_its_message(row, files, flow_base, prefect_harness, capsys, tmp_path):
-    where, parameter, literal, message = row
-    value = ast.literal_eval(literal)
-    if where == "flow":
-        from flows.pipeline import pipeline
+def cli_args(command: str, params: dict) -> list[str]:
+    """The row's command line, after the options that point it at the local corpus."""
+    argv = shlex.split(command)
+    source = params["overrides"]["source"]
+    base = ["--preset", "tiny", "--artifacts", params["artifacts"], "--max-tokens", "20"]
+    base += ["--source", source["source"], "--sha256", source["sha256"]]
+    if "--source" in argv:  # the row's source, with its own digest
+        base = base[:6] + ["--sha256", source["sha256"]]
+    return [
+        *argv[:1],
+        *([argv[1]] if argv[0] == "stage" else []),
+        *base,
+        *argv[1 + (argv[0] == "stage") :],
+    ]
 
-        with pytest.raises(Exception) as info:
-            pipeline(**flow_params(parameter, value, flow_base, files))
-        assert message in str(info.value), str(info.value)
-    elif where == "cli":
-        command, _, option = parameter.partition(" ")
-        argv = [command, option, value] if option else [command, value]
+
+def written(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+@pytest.mark.parametrize("row", rows(), ids=row_id)
+def test_bad_input_gets_its_message(row, files, corpus_path, prefect_harness, capsys, tmp_path):
+    where, parameter, literal, command, message = row
+    value = ast.literal_eval(literal)
+    if where in ("flow", "cli"):
+        params = flow_params(parameter, value, corpus_path, tmp_path / "flow", files)
+        if where == "flow":
+            from flows.pipeline import pipeline
+
+            with pytest.raises(Exception) as info:
+                pipeline(**params)
+            assert message in str(info.value), str(info.value)
+        params["artifacts"] = str(tmp_path / "cli")
+        argv = cli_args(placed(command, files), params)
+        capsys.readouterr()
         try:
-            code = main([*argv, "--artifacts", str(tmp_path)])
+            code = main(argv)
         except SystemExit as exit_:  # argparse's own errors
             code = exit_.code
-        assert code == 2
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert message in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+        root = tmp_path / "cli"
+        assert not (root / "runs").exists()  # no run manifest: the run was rejected
+        if (
+            not any(
+                s in parameter
+                for s in ("source.source", "sha256", "max_bytes", "val_fraction", "prompt", "stop")
+            )
+            or "must" in message
+        ):
+            assert written(root) == [], written(root)  # refused before any work
     elif where == "config":
         cls_name, field = parameter.split(".")
         cls = {"GPTConfig": GPTConfig, "TrainConfig": TrainConfig}[cls_name]

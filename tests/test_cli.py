@@ -20,7 +20,7 @@ def test_unknown_preset_is_refused():
     proc = subprocess.run(
         [sys.executable, "-m", "flows", "run", "--preset", "huge"], capture_output=True, text=True
     )
-    assert proc.returncode == 2 and "invalid choice: 'huge'" in proc.stderr
+    assert proc.returncode == 2 and "unknown preset 'huge'" in proc.stderr
 
 
 def test_run_then_rerun_sample_stage(tmp_path, corpus_path, corpus_sha, capsys, prefect_harness):

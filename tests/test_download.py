@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.download import ChecksumError, TransientDownloadError, download_corpus, fetch
+from tasks.download import (
+    ChecksumError,
+    SourceConfig,
+    TransientDownloadError,
+    download_corpus,
+    fetch,
+)
 from tasks.store import ArtifactStore
 
 
@@ -57,12 +63,12 @@ def test_oversize_download_is_refused(corpus_path, corpus_sha, tmp_path):
 
 def test_download_task_plain_path_and_file_url(corpus_path, corpus_sha, tmp_path):
     store = ArtifactStore(tmp_path)
-    a = download_corpus.fn(store, str(corpus_path), corpus_sha)
-    b = download_corpus.fn(store, corpus_path.as_uri(), corpus_sha)
+    a = download_corpus.fn(store, SourceConfig(str(corpus_path), corpus_sha))
+    b = download_corpus.fn(store, SourceConfig(corpus_path.as_uri(), corpus_sha))
     assert a.file("input.txt").read_bytes() == corpus_path.read_bytes()
     assert b.digest("input.txt") == corpus_sha
     assert not a.cached and not b.cached  # different sources, different keys
-    assert download_corpus.fn(store, str(corpus_path), corpus_sha).cached
+    assert download_corpus.fn(store, SourceConfig(str(corpus_path), corpus_sha)).cached
 
 
 def test_download_task_retries_a_500_then_succeeds(
@@ -71,7 +77,7 @@ def test_download_task_retries_a_500_then_succeeds(
     url, handler = http_server
     handler.plan = ["500", "500"]
     out = download_corpus.with_options(retry_delay_seconds=0)(
-        ArtifactStore(tmp_path), url, corpus_sha
+        ArtifactStore(tmp_path), SourceConfig(url, corpus_sha)
     )
     assert out.digest("input.txt") == corpus_sha
     assert handler.requests == 3
@@ -84,5 +90,5 @@ def test_download_task_does_not_retry_a_checksum_error(
     handler.plan = ["corrupt"]
     task = download_corpus.with_options(retry_delay_seconds=0)
     with pytest.raises(ChecksumError):
-        task(ArtifactStore(tmp_path), url, corpus_sha)
+        task(ArtifactStore(tmp_path), SourceConfig(url, corpus_sha))
     assert handler.requests == 1

@@ -16,7 +16,7 @@ import pytest
 from server import PrefectServer
 
 from mlx_model.data import file_sha256
-from tasks.download import TransientDownloadError, download_corpus
+from tasks.download import SourceConfig, TransientDownloadError, download_corpus
 from tasks.store import ArtifactStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,13 +182,14 @@ def test_flipped_bytes_in_tokens_and_checkpoint_are_detected_and_recomputed(
 ):
     from flows.pipeline import pipeline
 
-    params = dict(
-        preset="tiny", artifacts=str(tmp_path), source=str(corpus_path), sha256=corpus_sha,
-        max_tokens=20,
-    )  # fmt: skip
+    overrides = {
+        "source": {"source": str(corpus_path), "sha256": corpus_sha},
+        "sampling": {"max_tokens": 20},
+    }
+    params = dict(preset="tiny", artifacts=str(tmp_path), overrides=overrides)
     first = pipeline(**params)
-    arrow = Path(first["paths"]["tokenize"]) / "train.arrow"
-    weights = Path(first["paths"]["train"]) / "best" / "model.safetensors"
+    arrow = Path(first["outputs"]["tokenize"].path) / "train.arrow"
+    weights = Path(first["outputs"]["train"].path) / "best" / "model.safetensors"
     flip_byte(arrow)
     flip_byte(weights)
     with caplog.at_level("WARNING"):
@@ -204,7 +205,7 @@ def test_flipped_bytes_in_tokens_and_checkpoint_are_detected_and_recomputed(
 
 
 def recorded_digest(summary, stage: str, name: str) -> str:
-    meta = json.loads((Path(summary["paths"][stage]) / "meta.json").read_text())
+    meta = json.loads((Path(summary["outputs"][stage].path) / "meta.json").read_text())
     return meta["files"][name]
 
 
@@ -214,18 +215,18 @@ def test_download_faults_retry_or_fail_clearly_keeping_nothing(
     url, handler = http_server
     # a 500, then a truncated body, then the real thing: retried through to success
     handler.plan = ["500", "truncate"]
-    out = download_corpus(ArtifactStore(tmp_path / "a"), url, corpus_sha)
+    out = download_corpus(ArtifactStore(tmp_path / "a"), SourceConfig(url, corpus_sha))
     assert handler.requests == 3 and file_sha256(Path(out.path) / "input.txt") == corpus_sha
     # a wrong body: not retried (it would not help), named, and nothing kept
     handler.plan, handler.requests = ["corrupt"], 0
     with pytest.raises(ValueError, match=f"expected sha256 {corpus_sha}"):
-        download_corpus(ArtifactStore(tmp_path / "b"), url, corpus_sha)
+        download_corpus(ArtifactStore(tmp_path / "b"), SourceConfig(url, corpus_sha))
     assert handler.requests == 1
     assert not [p for p in (tmp_path / "b").rglob("*") if p.is_file() and "input" in p.name]
     # connection refused: retried, then a clear error; nothing kept
     closed = "http://127.0.0.1:9/input.txt"
     with pytest.raises(TransientDownloadError, match="127.0.0.1:9/input.txt is unreachable"):
-        download_corpus(ArtifactStore(tmp_path / "c"), closed, corpus_sha)
+        download_corpus(ArtifactStore(tmp_path / "c"), SourceConfig(closed, corpus_sha))
     assert not list((tmp_path / "c").glob("download/*/meta.json"))
     assert not [p for p in (tmp_path / "c").rglob("*") if p.is_file() and "input" in p.name]
 

@@ -13,15 +13,13 @@ STAGES = ["download", "vocab", "tokenize", "train", "evaluate", "sample"]
 
 @pytest.fixture
 def run(tmp_path, corpus_path, corpus_sha, prefect_harness):
-    def _run(**overrides):
-        params = dict(
-            preset="tiny",
-            artifacts=str(tmp_path / "artifacts"),
-            source=corpus_path.as_uri(),
-            sha256=corpus_sha,
-            max_tokens=40,
-        )
-        return pipeline(**{**params, **overrides})
+    def _run(sampling=None, training=None, **params):
+        overrides = {
+            "source": {"source": corpus_path.as_uri(), "sha256": corpus_sha},
+            "sampling": {"max_tokens": 40, **(sampling or {})},
+            "training": training or {},
+        }
+        return pipeline("tiny", overrides, str(tmp_path / "artifacts"), **params)
 
     return _run
 
@@ -40,16 +38,16 @@ def test_end_to_end_then_caching(run, tmp_path):
     assert recomputed(second) == []  # all cache hits, no training
     assert second["sample"] == first["sample"]
 
-    new_prompt = run(prompt="KING:", temperature=0.5)
+    new_prompt = run(sampling={"prompt": "KING:", "temperature": 0.5})
     assert recomputed(new_prompt) == ["sample"]
     assert new_prompt["sample"].startswith("KING:")
 
-    longer = run(max_iters=35)  # a different training config
+    longer = run(training={"max_iters": 35})  # a different training config
     assert recomputed(longer) == ["train", "evaluate", "sample"]
 
     # a deleted artifact file makes its stage recompute instead of failing
     (tmp_path / "artifacts" / "evaluate").rename(tmp_path / "evaluate-moved")
-    (Path(second["paths"]["train"]) / "best" / "model.safetensors").unlink()
+    (Path(second["outputs"]["train"].path) / "best" / "model.safetensors").unlink()
     after_delete = run()
     assert "train" in recomputed(after_delete) and "evaluate" in recomputed(after_delete)
     assert after_delete["cached"]["tokenize"]

@@ -106,7 +106,17 @@ def test_ui_shows_metrics_sample_and_loss_curve(prefect_server, tiny_args):
             seen[key] = page.inner_text("main") if page.locator("main").count() else ""
             seen[key] = seen[key] or page.inner_text("body")
             page.screenshot(path=str(SCREENSHOTS / f"artifact-{key}.png"), full_page=True)
+        # a rerun reuses every stage: its task runs carry Prefect's "Cached" state
+        again = cli(prefect_server, "run", *tiny_args, "--prompt", "ROMEO:").stdout
+        assert all(json.loads(field(again, "cached")).values())
+        page.goto(field(again, "flow run"))
+        page.wait_for_load_state("networkidle")
+        page.get_by_text("Task Runs", exact=True).first.click()
+        page.get_by_text("Cached", exact=True).first.wait_for(timeout=30_000)
+        seen["cached_badges"] = str(page.get_by_text("Cached", exact=True).count())
+        page.screenshot(path=str(SCREENSHOTS / "rerun-task-runs-cached.png"), full_page=True)
         browser.close()
+    assert int(seen["cached_badges"]) >= 6, seen["cached_badges"]  # the six reused stages
     # the metrics table: its header and one row per evaluation (tiny: steps 10, 20, 30)
     table = seen["training-metrics"]
     assert "train_loss" in table and "val_loss" in table and "tokens_per_sec" in table
@@ -122,7 +132,12 @@ def test_ui_shows_metrics_sample_and_loss_curve(prefect_server, tiny_args):
 
 def test_serve_registers_the_schedule_and_runs_a_triggered_run(prefect_server, tiny_args, tmp_path):
     from prefect import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -158,13 +173,29 @@ def test_serve_registers_the_schedule_and_runs_a_triggered_run(prefect_server, t
                         break
                     assert time.monotonic() < deadline, "no scheduled runs were created"
                     time.sleep(1)
+            overrides = deployment.parameters["overrides"]
             run = run_deployment(
-                "shakespeare-gpt/nightly", parameters={"max_tokens": 20}, timeout=240
+                "shakespeare-gpt/nightly",
+                parameters={"overrides": {**overrides, "sampling": {"max_tokens": 20}}},
+                timeout=240,
             )
+            # a bad value through the API: the same check as the CLI's, before any stage
+            bad = run_deployment(
+                "shakespeare-gpt/nightly",
+                parameters={"overrides": {**overrides, "training": {"max_iters": -5}}},
+                timeout=240,
+            )
+            with get_client(sync_client=True) as client:
+                tasks = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[bad.id]))
+                )
         assert run.state is not None and run.state.is_completed(), (
             run.state,
             (tmp_path / "serve.log").read_text()[-3000:],
         )
+        assert bad.state is not None and bad.state.is_failed(), bad.state
+        assert "TrainConfig.max_iters must be a positive integer, got -5" in bad.state.message
+        assert tasks == []  # refused before any stage ran
     finally:
         serve.terminate()
         serve.wait(timeout=60)

@@ -9,7 +9,7 @@ import pytest
 
 from mlx_model.config import TINY, DataConfig, SampleConfig
 from mlx_model.data import read_tokens
-from tasks.download import download_corpus
+from tasks.download import SourceConfig, download_corpus
 from tasks.evaluate import evaluate_model
 from tasks.prepare import build_vocab, read_corpus, tokenize
 from tasks.sample import sample_model
@@ -20,7 +20,7 @@ from tasks.train import train_model
 @pytest.fixture(scope="module")
 def stages(corpus_path, corpus_sha, tmp_path_factory, prefect_harness):
     store = ArtifactStore(tmp_path_factory.mktemp("artifacts"))
-    corpus = download_corpus.fn(store, str(corpus_path), corpus_sha)
+    corpus = download_corpus.fn(store, SourceConfig(str(corpus_path), corpus_sha))
     vocab = build_vocab.fn(store, corpus)
     tokens = tokenize.fn(store, corpus, vocab, DataConfig(0.1))
     return store, corpus, vocab, tokens

@@ -1,0 +1,42 @@
+"""Checks that need only a run's parameters, made before any stage starts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from .config import RunConfig
+from .store import default_root
+
+
+def check_run(config: RunConfig, artifacts: str | None) -> None:
+    """Raise ValueError naming what would make the run fail: a local corpus that is not
+    a file, or an artifact root that is not a folder or cannot be created."""
+    local = config.source.local_path
+    if local is not None and not local.is_file():
+        raise ValueError(f"corpus source {config.source.source!r} is not a file")
+    check_writable_folder(Path(artifacts) if artifacts else default_root(), "artifact root")
+
+
+def check_export_target(out: str) -> None:
+    """Raise ValueError if `out` cannot become the export folder."""
+    check_writable_folder(Path(out), "export target")
+
+
+def check_writable_folder(path: Path, what: str) -> None:
+    """`path` is a writable folder or can be created as one. A folder that had to be
+    created to find out is removed again: a rejected run leaves nothing behind."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} exists and is not a folder")
+    missing = [p for p in [path.absolute(), *path.absolute().parents] if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=path))
+    except OSError as err:
+        raise ValueError(f"{what} {str(path)!r} cannot be written: {err.strerror}") from None
+    finally:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
