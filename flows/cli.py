@@ -32,7 +32,7 @@ from tasks.config import (  # noqa: E402
     help_text,
     parse_value,
 )
-from tasks.download import TransientDownloadError  # noqa: E402
+from tasks.download import TransientDownloadError, UnreachableError  # noqa: E402
 from tasks.preflight import check_export_target, check_run  # noqa: E402
 
 from .pipeline import STAGES, check_stage, export_pipeline, fresh_stages, pipeline  # noqa: E402
@@ -263,7 +263,7 @@ def execute(args: argparse.Namespace, params: dict[str, Any]) -> int:
 
 def explain(err: BaseException, args: argparse.Namespace) -> str | None:
     """The one line for an expected error, or None for a bug (which keeps its traceback)."""
-    if isinstance(err, TransientDownloadError):
+    if isinstance(err, TransientDownloadError | UnreachableError):
         return f"{err}\nhint: no network? pass a local copy with --source PATH (or file:///PATH)"
     if isinstance(
         err, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)

@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.config import DEFAULT_PRESET, Overrides, RunConfig
+from tasks.config import DEFAULT_PRESET, RunConfig
 from tasks.download import download_corpus
 from tasks.evaluate import evaluate_model
 from tasks.export import export_model
@@ -61,7 +61,7 @@ def _flow_run_name() -> str:
 @flow(name="shakespeare-gpt", flow_run_name=_flow_run_name, log_prints=True)
 def pipeline(
     preset: str = DEFAULT_PRESET,
-    overrides: Overrides | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
     artifacts: str | None = None,
     until: str | None = None,
     from_stage: str | None = None,
@@ -124,7 +124,7 @@ def _export_run_name() -> str:
 def export_pipeline(
     out: str,
     preset: str = DEFAULT_PRESET,
-    overrides: Overrides | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
     artifacts: str | None = None,
     force: list[str] | None = None,
 ) -> str:

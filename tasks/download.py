@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,6 +31,10 @@ CHUNK = 1 << 16
 
 class ChecksumError(ValueError):
     """The payload's SHA-256 is not the expected one."""
+
+
+class UnreachableError(OSError):
+    """The source's host has no address here (no network, or a wrong name): not retried."""
 
 
 class TransientDownloadError(OSError):
@@ -77,6 +82,8 @@ def _open(source: str, timeout: float):
         except urllib.error.URLError as err:
             if scheme == "file":
                 raise FileNotFoundError(f"{source}: {err.reason}") from None
+            if isinstance(err.reason, socket.gaierror):  # no DNS answer: retrying will not help
+                raise UnreachableError(f"{source} is unreachable: {err.reason}") from None
             raise TransientDownloadError(f"{source} is unreachable: {err.reason}") from None
         length = response.headers.get("Content-Length")
         return response, int(length) if length else None

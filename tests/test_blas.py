@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux CPU wheel")
 
 PROBE = (
-    "import mlx_model, mlx.core as mx; from mlx_model import _blas; "
+    "import mlx_model, mlx.core as mx; from mlx_model.runtime import blas as _blas; "
     "mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64))); print(_blas.loaded)"
 )
 SYSTEM_OPENBLAS = ctypes.util.find_library("openblas")
