@@ -46,6 +46,7 @@ FLAGS = (
     ("data", "val_fraction"),
     *(("sampling", f) for f in ("prompt", "max_tokens", "temperature", "top_k", "top_p")),
     *(("sampling", f) for f in ("seed", "stop")),
+    *(("parallel", f) for f in ("processes", "backend", "hostfile")),
 )
 PROJECT_DIRS = tuple(str(Path(__file__).resolve().parents[1] / d) for d in ("flows", "tasks"))
 

@@ -95,7 +95,9 @@ def pipeline(
     if vocab and "sample" in wanted:
         check_prompt(vocab, config.sampling)  # before training: it needs only the vocabulary
     tokens = stage("tokenize", tokenize, corpus, vocab, config.data)
-    trained = stage("train", train_model, tokens, vocab, config.model, config.training)
+    trained = stage(
+        "train", train_model, tokens, vocab, config.model, config.training, config.parallel
+    )
     evaluation = stage("evaluate", evaluate_model, trained, tokens)
     sample = stage("sample", sample_model, trained, config.sampling, stream=stream)
 

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -99,6 +100,9 @@ class TrainConfig(Serializable):
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 disables)")
     eval_interval: int = option(250, "estimate train/val loss every this many steps")
     eval_batches: int = option(20, "batches of fixed windows per loss estimate")
+    patience: int = option(
+        0, "stop after this many evaluations in a row without a new best validation loss (0: never)"
+    )
     checkpoint_interval: int = option(250, "write the latest checkpoint every this many steps")
     log_interval: int = option(50, "report progress every this many steps")
     seed: int = option(1337, "seeds initialisation, batch sampling and dropout")
@@ -112,6 +116,8 @@ class TrainConfig(Serializable):
             ("batch_size", "max_iters", "eval_interval", "eval_batches", "checkpoint_interval"),
         )
         _check_positive(self, ("log_interval",))
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise ValueError(f"TrainConfig.patience must be an integer >= 0, got {self.patience!r}")
         if self.warmup_iters < 0:
             raise ValueError(f"TrainConfig.warmup_iters must be >= 0, got {self.warmup_iters!r}")
         if not self.learning_rate > 0:
@@ -125,6 +131,59 @@ class TrainConfig(Serializable):
                 "TrainConfig.compute_dtype must be float32, bfloat16 or float16, "
                 f"got {self.compute_dtype!r}"
             )
+
+
+BACKENDS = ("auto", "ring", "nccl", "mpi")
+
+
+@dataclass(frozen=True)
+class ParallelConfig(Serializable):
+    """How many processes train together (data-parallel, through `mlx.launch`)."""
+
+    processes: int = option(1, "training processes (1: this process alone)")
+    backend: str = option(
+        "auto", "mlx.launch backend: auto (nccl with CUDA, else ring), ring, nccl, mpi"
+    )
+    hostfile: str | None = option(None, "mlx.launch hostfile (JSON) for several machines")
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("processes",))
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"ParallelConfig.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"
+            )
+        if self.hostfile is not None:
+            hosts = read_hostfile(self.hostfile)
+            if self.processes not in (1, len(hosts)):
+                raise ValueError(
+                    f"hostfile {self.hostfile!r} lists {len(hosts)} processes, but "
+                    f"processes is {self.processes}"
+                )
+
+    @property
+    def world_size(self) -> int:
+        return len(read_hostfile(self.hostfile)) if self.hostfile else self.processes
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or self.hostfile is not None
+
+
+def read_hostfile(path: str) -> list[dict[str, Any]]:
+    """The hosts of an `mlx.launch` hostfile (one per process); raises naming what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"hostfile {path!r} cannot be read: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"hostfile {path!r} is not JSON: {err}") from None
+    hosts = data.get("hosts") if isinstance(data, dict) else data
+    if not isinstance(hosts, list) or not hosts:
+        raise ValueError(f"hostfile {path!r} has no list of hosts")
+    for i, host in enumerate(hosts):
+        if not isinstance(host, dict) or not isinstance(host.get("ssh"), str):
+            raise ValueError(f'hostfile {path!r}: host {i} needs an "ssh" name, got {host!r}')
+    return hosts
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
-"""The training loop: compiled AdamW steps on random windows, periodic evaluation, resume."""
+"""The training loop: compiled AdamW steps on random windows, compiled loss estimates,
+early stopping and exact resume; data-parallel over MLX's distributed group when the
+process was started by `mlx.launch` (a group of one is plain single-process training)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -16,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .checkpoint import (
     STATE,
@@ -63,20 +67,40 @@ def make_optimizer(tc: TrainConfig) -> AdamWMatrices:
     )
 
 
-def make_step(model: GPT, optimizer: optim.Optimizer, tc: TrainConfig, dtype=mx.float32):
-    """The compiled training step `(x, y) -> loss`, updating model, optimizer and RNG state."""
+def make_step(
+    model: GPT, optimizer: optim.Optimizer, tc: TrainConfig, dtype=mx.float32, group=None
+):
+    """The compiled training step `(x, y) -> loss`, updating model, optimizer and RNG state.
+
+    Over a group of several processes, each passes its share of the batch; gradients are
+    averaged across the group (batched all-reduces), and so is the returned loss.
+    """
     state = [model.state, optimizer.state, mx.random.state]
     value_and_grad = nn.value_and_grad(model, partial(loss_fn, dtype=dtype))
+    world = group.size() if group is not None else 1
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(x: mx.array, y: mx.array) -> mx.array:
         loss, grads = value_and_grad(model, x, y)
+        if world > 1:
+            grads = nn.average_gradients(grads, group=group)
+            loss = mx.distributed.all_sum(loss, group=group) / world
         if tc.grad_clip > 0:
             grads, _ = optim.clip_grad_norm(grads, tc.grad_clip)
         optimizer.update(model, grads)
         return loss
 
     return step
+
+
+def make_loss_sum(model: GPT, dtype=mx.float32):
+    """The compiled `(x, y) -> summed next-token loss`, for evaluation (call in eval mode)."""
+
+    @partial(mx.compile, inputs=model.state)
+    def loss_sum(x: mx.array, y: mx.array) -> mx.array:
+        return nn.losses.cross_entropy(model(x, dtype=dtype), y, reduction="sum")
+
+    return loss_sum
 
 
 @dataclass
@@ -98,21 +122,45 @@ class TrainResult:
     best_val_loss: float
     best_step: int
     final_step: int
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
     resumed_from: int | None = None
     tokens_per_sec: float = 0.0
+    train_log: list[dict[str, Any]] = field(default_factory=list)  # one per log interval
+    stopped_early: bool = False
 
 
-def estimate_loss(model: GPT, ids: np.ndarray, starts: np.ndarray, block: int, batch: int, dtype):
-    """Mean loss over fixed windows, in eval mode (no dropout)."""
-    model.eval()
-    total = 0.0
-    for i in range(0, len(starts), batch):
-        x, y = get_batch(ids, starts[i : i + batch], block)
-        loss = loss_fn(model, mx.array(x), mx.array(y), dtype)
-        total += loss.item() * len(x)
-    model.train()
-    return total / len(starts)
+def estimate_loss(
+    loss_sum, ids: np.ndarray, starts: np.ndarray, block: int, batch: int, group=None
+):
+    """Mean loss over fixed windows, summed on the device: one host read per estimate.
+    Over a group, each process takes every world-th window and the sums are reduced."""
+    world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
+    mine = starts[rank::world]
+    total = mx.zeros(())
+    for i in range(0, len(mine), batch):
+        x, y = get_batch(ids, mine[i : i + batch], block)
+        total = total + loss_sum(mx.array(x), mx.array(y))
+    if world > 1:
+        total = mx.distributed.all_sum(total, group=group)
+    return total.item() / (len(starts) * block)
+
+
+def weights_digest(model: GPT) -> str:
+    """SHA-256 of every parameter's bytes, in a fixed order."""
+    h = hashlib.sha256()
+    for name, value in sorted(tree_flatten(model.parameters())):
+        h.update(name.encode() + np.array(value).tobytes())
+    return h.hexdigest()
+
+
+def check_same_weights(model: GPT, group) -> None:
+    """Raise if the processes of the group hold different weights (compared by digest)."""
+    digest = np.frombuffer(bytes.fromhex(weights_digest(model)), dtype=np.int32)
+    gathered = np.array(mx.distributed.all_gather(mx.array(digest), group=group))
+    rows = gathered.reshape(group.size(), -1)
+    differ = [r for r in range(group.size()) if not np.array_equal(rows[r], rows[0])]
+    if differ:
+        raise RuntimeError(f"the weights of rank(s) {differ} differ from rank 0's")
 
 
 def _best_checkpoint_intact(out_dir: Path) -> bool:
@@ -125,6 +173,41 @@ def _best_checkpoint_intact(out_dir: Path) -> bool:
         return True
     weights = out_dir / BEST / WEIGHTS
     return weights.exists() and file_sha256(weights) == best["sha256"]
+
+
+def _fresh(cfg: GPTConfig, tc: TrainConfig) -> tuple[GPT, optim.Optimizer]:
+    mx.random.seed(tc.seed)
+    model = GPT(cfg)
+    optimizer = make_optimizer(tc)
+    optimizer.init(model.trainable_parameters())
+    mx.eval(model.parameters(), optimizer.state)
+    return model, optimizer
+
+
+def _restore(cfg: GPTConfig, tc: TrainConfig, out_dir: Path, world: int):
+    """Model, optimizer and the saved loop state (None for a fresh start)."""
+    model, optimizer = _fresh(cfg, tc)
+    if not _best_checkpoint_intact(out_dir):
+        return model, optimizer, None
+    try:
+        state = load_train_state(out_dir / LATEST, model, optimizer)
+    except (CorruptCheckpointError, FileNotFoundError) as err:
+        warnings.warn(f"not resuming: {err}; training from step 0", stacklevel=3)
+        model, optimizer = _fresh(cfg, tc)  # start exactly as a fresh run would
+        return model, optimizer, None
+    if state is not None and state.get("train_config") != tc.to_dict():
+        raise ValueError(f"{out_dir / LATEST} was written with a different training config")
+    if state is not None and state.get("world_size", 1) != world:
+        raise ValueError(
+            f"{out_dir / LATEST} was written by {state.get('world_size', 1)} processes, "
+            f"not {world}: resume with the same layout"
+        )
+    return model, optimizer, state
+
+
+def _patience_spent(tc: TrainConfig, history: list[dict[str, Any]], best_step: int) -> bool:
+    """Early stopping: `patience` evaluations in a row without a new best."""
+    return tc.patience > 0 and sum(h["step"] > best_step for h in history) >= tc.patience
 
 
 def train(
@@ -140,108 +223,99 @@ def train(
 
     If `out_dir/latest` holds a complete checkpoint, training resumes from it and
     continues exactly as an uninterrupted run would. `stop_after` ends the run
-    early at that step (after checkpointing), to simulate an interruption.
-    Returns the best validation loss, its step and the evaluation history.
+    early at that step (after checkpointing), to simulate an interruption; `patience`
+    ends it when validation stops improving. Under `mlx.launch` every process runs
+    this with the same arguments: each computes its share of every batch, rank 0
+    alone writes files and reports. Returns the best validation loss, its step and
+    the history.
     """
     out_dir = Path(out_dir)
     dtype = DTYPES[tc.compute_dtype]
-    mx.random.seed(tc.seed)
-    model = GPT(cfg)
-    optimizer = make_optimizer(tc)
-    optimizer.init(model.trainable_parameters())
-    mx.eval(model.parameters(), optimizer.state)
-
-    state = None
-    if _best_checkpoint_intact(out_dir):
-        try:
-            state = load_train_state(out_dir / LATEST, model, optimizer)
-        except (CorruptCheckpointError, FileNotFoundError) as err:
-            warnings.warn(f"not resuming: {err}; training from step 0", stacklevel=2)
-            mx.random.seed(tc.seed)  # start exactly as a fresh run would
-            model = GPT(cfg)
-            optimizer = make_optimizer(tc)
-            optimizer.init(model.trainable_parameters())
-            mx.eval(model.parameters(), optimizer.state)
-    if state is not None and state.get("train_config") != tc.to_dict():
-        raise ValueError(f"{out_dir / 'latest'} was written with a different training config")
+    group = mx.distributed.init()
+    world, rank = group.size(), group.rank()
+    if tc.batch_size % world:
+        raise ValueError(f"batch_size {tc.batch_size} does not split over {world} processes evenly")
+    writer = rank == 0
+    model, optimizer, state = _restore(cfg, tc, out_dir, world)
     start = state["step"] if state else 0
     history: list[dict[str, Any]] = state["history"] if state else []
+    train_log: list[dict[str, Any]] = state.get("train_log", []) if state else []
     best = state["best"] if state else {"val_loss": math.inf, "step": -1}
 
-    step_fn = make_step(model, optimizer, tc, dtype)
-
+    step_fn = make_step(model, optimizer, tc, dtype, group if world > 1 else None)
+    loss_sum = make_loss_sum(model, dtype)
+    n_eval = tc.eval_batches * tc.batch_size
     eval_starts = {
-        "train": fixed_windows(train_ids, cfg.block_size, tc.eval_batches * tc.batch_size, tc.seed),
-        "val": fixed_windows(val_ids, cfg.block_size, tc.eval_batches * tc.batch_size, tc.seed),
+        "train": fixed_windows(train_ids, cfg.block_size, n_eval, tc.seed),
+        "val": fixed_windows(val_ids, cfg.block_size, n_eval, tc.seed),
     }
     schedule = lr_schedule(tc)
-    model.train()
+    report = callback if writer and callback else (lambda p: None)
+    share = slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world)
     tokens_per_step = tc.batch_size * cfg.block_size
     t_last, step_last, t0 = time.perf_counter(), start, time.perf_counter()
     tps = 0.0
     losses = []
     end = tc.max_iters if stop_after is None else min(stop_after, tc.max_iters)
-    for step in range(start, end):
+    stopped = _patience_spent(tc, history, best["step"])
+    done = start
+    model.train()
+    for step in range(start, end if not stopped else start):
         x, y = train_batch(train_ids, cfg.block_size, tc.batch_size, tc.seed, step)
-        mx.random.seed(tc.seed * 1_000_003 + step)  # dropout masks depend on (seed, step) only
-        losses.append(step_fn(mx.array(x), mx.array(y)))
+        # dropout masks depend on (seed, step, rank) only; a group of one keeps the old seeds
+        mx.random.seed((tc.seed * 1_000_003 + step) * world + rank)
+        losses.append(step_fn(mx.array(x[share]), mx.array(y[share])))
         mx.async_eval(losses[-1], model.parameters(), optimizer.state)
         done = step + 1
         if done % tc.log_interval == 0 or done == tc.max_iters:
-            mean_loss = mx.mean(mx.stack(losses)).item()  # the only host sync
+            mean_loss = mx.mean(mx.stack(losses)).item()  # the only host sync between estimates
             losses.clear()
             now = time.perf_counter()
             tps = tokens_per_step * (done - step_last) / max(now - t_last, 1e-9)
             t_last, step_last = now, done
-            if callback:
-                callback(
-                    Progress(
-                        done, tc.max_iters, mean_loss, None, float(schedule(done)), tps, now - t0
-                    )
-                )
+            lr = float(schedule(done))
+            train_log.append(
+                {"step": done, "train_loss": mean_loss, "lr": lr, "tokens_per_sec": tps}
+            )
+            report(Progress(done, tc.max_iters, mean_loss, None, lr, tps, now - t0))
         if done % tc.eval_interval == 0 or done == tc.max_iters:
+            model.eval()
             record = {"step": done, "lr": float(schedule(done)), "tokens_per_sec": tps}
             for split, ids in (("train", train_ids), ("val", val_ids)):
                 record[f"{split}_loss"] = estimate_loss(
-                    model, ids, eval_starts[split], cfg.block_size, tc.batch_size, dtype
-                )
+                    loss_sum, ids, eval_starts[split], cfg.block_size, tc.batch_size // world,
+                    group if world > 1 else None,
+                )  # fmt: skip
+            model.train()
             history.append(record)
             if record["val_loss"] < best["val_loss"]:
-                save_model(out_dir / BEST, model)
-                sha = file_sha256(out_dir / BEST / WEIGHTS)
-                best = {"val_loss": record["val_loss"], "step": done, "sha256": sha}
-            if callback:
-                callback(
-                    Progress(
-                        done,
-                        tc.max_iters,
-                        record["train_loss"],
-                        record["val_loss"],
-                        record["lr"],
-                        tps,
-                        time.perf_counter() - t0,
-                        kind="eval",
-                    )
+                best = {"val_loss": record["val_loss"], "step": done}
+                if writer:
+                    save_model(out_dir / BEST, model)
+                    best["sha256"] = file_sha256(out_dir / BEST / WEIGHTS)
+            stopped = _patience_spent(tc, history, best["step"])
+            report(
+                Progress(
+                    done, tc.max_iters, record["train_loss"], record["val_loss"], record["lr"],
+                    tps, time.perf_counter() - t0, kind="eval",
                 )
-        if done % tc.checkpoint_interval == 0 or done == end:
-            save_train_state(
-                out_dir / LATEST,
-                model,
-                optimizer,
-                {"step": done, "history": history, "best": best, "train_config": tc.to_dict()},
-            )
-    result = TrainResult(best["val_loss"], best["step"], end, history, start or None, tps)
-    if callback:
-        callback(
-            Progress(
-                end,
-                tc.max_iters,
-                None,
-                best["val_loss"],
-                0.0,
-                tps,
-                time.perf_counter() - t0,
-                "done",
-            )
+            )  # fmt: skip
+        if done % tc.checkpoint_interval == 0 or done == end or stopped:
+            if world > 1:
+                check_same_weights(model, group)
+            if writer:
+                loop = {"step": done, "history": history, "train_log": train_log, "best": best}
+                meta = {"train_config": tc.to_dict(), "world_size": world}
+                save_train_state(out_dir / LATEST, model, optimizer, {**loop, **meta})
+        if stopped:
+            break
+    final = done if stopped else end
+    result = TrainResult(
+        best["val_loss"], best["step"], final, history, start or None, tps, train_log, stopped
+    )
+    report(
+        Progress(
+            final, tc.max_iters, None, best["val_loss"], 0.0, tps, time.perf_counter() - t0, "done"
         )
+    )
     return result

@@ -17,6 +17,7 @@ from mlx_model.config import (
     PRESETS,
     DataConfig,
     GPTConfig,
+    ParallelConfig,
     SampleConfig,
     TrainConfig,
     get_preset,
@@ -32,6 +33,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainConfig,
     "data": DataConfig,
     "sampling": SampleConfig,
+    "parallel": ParallelConfig,
 }
 Overrides = dict[str, dict[str, Any]]
 
@@ -48,6 +50,7 @@ class RunConfig:
     training: TrainConfig
     data: DataConfig
     sampling: SampleConfig
+    parallel: ParallelConfig
 
     @classmethod
     def resolve(cls, preset: str = DEFAULT_PRESET, overrides: Overrides | None = None) -> RunConfig:
@@ -62,6 +65,7 @@ class RunConfig:
             "training": chosen.train,
             "data": chosen.data,
             "sampling": SampleConfig(),
+            "parallel": ParallelConfig(),
         }
         for section, changes in (overrides or {}).items():
             if section not in SECTIONS:

@@ -12,8 +12,14 @@ from .store import default_root
 
 
 def check_run(config: RunConfig, artifacts: str | None) -> None:
-    """Raise ValueError naming what would make the run fail: a local corpus that is not
-    a file, or an artifact root that is not a folder or cannot be created."""
+    """Raise ValueError naming what would make the run fail: a batch that does not split
+    over the training processes, a local corpus that is not a file, or an artifact root
+    that is not a folder or cannot be created."""
+    world = config.parallel.world_size
+    if config.training.batch_size % world:
+        raise ValueError(
+            f"batch_size {config.training.batch_size} does not split over {world} processes evenly"
+        )
     local = config.source.local_path
     if local is not None and not local.is_file():
         raise ValueError(f"corpus source {config.source.source!r} is not a file")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,11 +11,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mlx_model import checkpoint, ops
-from mlx_model.config import GPTConfig, TrainConfig
+from mlx_model.config import GPTConfig, ParallelConfig, TrainConfig
 from mlx_model.data import Vocab, read_tokens
+from mlx_model.distributed import backend, rank_lanes, train_distributed
 from mlx_model.files import write_text_atomic
 from mlx_model.train import BEST, LATEST, train
 
+from .logs import stage_logger
 from .prepare import TRAIN, VAL, VOCAB
 from .progress import training_reporter
 from .store import ArtifactStore, StageOutput, code_version, finished
@@ -35,11 +38,15 @@ def train_model(
     vocab: StageOutput,
     model: GPTConfig,
     training: TrainConfig,
+    parallel: ParallelConfig | None = None,
     force: bool = False,
 ) -> StageOutput:
     """Train the GPT; resumes from the stage's latest checkpoint if one exists."""
+    parallel = parallel or ParallelConfig()
     v = Vocab.load(vocab.file(VOCAB))
     cfg = model.replace(vocab_size=v.size)
+    with ops.use(lanes=rank_lanes(parallel)):
+        signature = ops.signature(training.compute_dtype)
     key = {
         "train": tokens.digest(TRAIN),
         "val": tokens.digest(VAL),
@@ -47,27 +54,30 @@ def train_model(
         "model": cfg.to_dict(),
         "training": training.to_dict(),
         "code": code_version(__name__),
-        "ops": ops.signature(training.compute_dtype),
+        "ops": signature,
     }
+    if parallel.distributed:  # the reduction order over the group changes the numbers
+        key["parallel"] = {"world_size": parallel.world_size, "backend": backend(parallel)}
+    runtime = {**signature, "dtype": training.compute_dtype}
+    runtime["processes"] = parallel.world_size
 
     def compute(directory: Path) -> dict:
         if force:
             shutil.rmtree(directory / LATEST, ignore_errors=True)
-        train_ids, _ = read_tokens(tokens.file(TRAIN))
-        val_ids, _ = read_tokens(tokens.file(VAL))
+        stage_logger().info("training on %s", ", ".join(f"{k} {v}" for k, v in runtime.items()))
+        train_path, val_path = tokens.file(TRAIN), tokens.file(VAL)
         with training_reporter(training.max_iters, f"training {directory.name}") as report:
-            result = train(cfg, training, train_ids, val_ids, directory, callback=report)
+            if parallel.distributed:
+                result = train_distributed(
+                    cfg, training, parallel, train_path, val_path, directory, report
+                )
+            else:
+                train_ids, val_ids = read_tokens(train_path)[0], read_tokens(val_path)[0]
+                result = train(cfg, training, train_ids, val_ids, directory, callback=report)
         shutil.copyfile(vocab.file(VOCAB), directory / VOCAB)
-        metrics = {
-            "best_val_loss": result.best_val_loss,
-            "best_step": result.best_step,
-            "final_step": result.final_step,
-            "resumed_from": result.resumed_from,
-            "tokens_per_sec": result.tokens_per_sec,
-            "history": result.history,
-        }
+        metrics = {**dataclasses.asdict(result), "runtime": runtime}
         write_text_atomic(directory / METRICS, json.dumps(metrics, indent=2))
-        return {k: v for k, v in metrics.items() if k != "history"}
+        return {k: v for k, v in metrics.items() if k not in ("history", "train_log")}
 
     config = f"{BEST}/{checkpoint.CONFIG}"
     return finished(store.run("train", key, compute, [WEIGHTS, config, VOCAB, METRICS], force))

@@ -84,9 +84,10 @@ def _choose(cpu_float32: bool, training: bool, setting: str, lanes: int) -> Refe
 
 
 def signature(dtype: str, training: bool = True) -> dict[str, Any]:
-    """What decides the numbers a run computes: device, backend, lane count."""
+    """What decides the numbers a run computes: MLX's version, device, backend, lane count."""
     chosen = backend(getattr(mx, dtype), training)
-    return {"device": str(mx.default_device()), "backend": chosen.name, "lanes": chosen.lanes}
+    device = str(mx.default_device())
+    return {"mlx": mx.__version__, "device": device, "backend": chosen.name, "lanes": chosen.lanes}
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array | None, eps: float, training: bool):

@@ -1,0 +1,172 @@
+"""Data-parallel training through MLX's own launcher, `mlx.launch`.
+
+The parent (`train_distributed`) writes the run's spec to a JSON file and starts
+`mlx.launch`, which starts one process per rank (NCCL on NVIDIA GPUs, ring over TCP on
+any machine, or MPI). Each rank runs this module's `__main__`: the ordinary training
+loop (`mlx_model.train.train`), which finds its group through `mx.distributed.init()`.
+Rank 0 prints its progress as marked JSON lines on stdout; the parent turns them back
+into `Progress` callbacks. When a rank dies, `mlx.launch` stops the others and names
+it; the parent raises `RankFailedError` with that rank, and the latest checkpoint
+(written by rank 0 only, atomically) stays usable for a rerun with the same layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import GPTConfig, ParallelConfig, TrainConfig
+from .files import write_text_atomic
+from .runtime.lanes import cpu_lanes
+
+PROGRESS = "@@progress "
+RESULT = "@@result "
+SPEC = "launch.json"
+_LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
+_RANK_FAILED = re.compile(r"Node with rank (\d+) (exited with code (-?\d+)|was killed)")
+
+
+class RankFailedError(RuntimeError):
+    """A rank of a data-parallel run died; the message names it."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def backend(parallel: ParallelConfig) -> str:
+    """The launcher backend: `auto` is NCCL where CUDA is available, else ring."""
+    if parallel.backend != "auto":
+        return parallel.backend
+    import mlx.core as mx
+
+    return "nccl" if mx.cuda.is_available() else "ring"
+
+
+def rank_lanes(parallel: ParallelConfig) -> int:
+    """CPU lanes per process: the cores of one machine shared between its ranks."""
+    return max(1, cpu_lanes() // (1 if parallel.hostfile else parallel.processes))
+
+
+def launch_command(parallel: ParallelConfig, spec: Path) -> list[str]:
+    """The `mlx.launch` command line that runs every rank on `spec`."""
+    cmd = [sys.executable, "-c", _LAUNCH, "--backend", backend(parallel)]
+    if parallel.hostfile:
+        cmd += ["--hostfile", parallel.hostfile]
+    else:  # one host: this machine, its cores shared between the ranks
+        cmd += ["--hosts", "127.0.0.1", "-n", str(parallel.processes)]
+        cmd += ["--env", f"SHAKESPEARE_GPT_CPU_LANES={rank_lanes(parallel)}"]
+        cmd += ["--starting-port", str(_free_port()), "--nccl-port", str(_free_port())]
+    return [*cmd, "--python", sys.executable, "--", "-m", __name__, str(spec)]
+
+
+def train_distributed(
+    cfg: GPTConfig,
+    tc: TrainConfig,
+    parallel: ParallelConfig,
+    train_path: Path,
+    val_path: Path,
+    out_dir: Path,
+    callback: Callable | None = None,
+):
+    """Train over `parallel.world_size` processes; return rank 0's `TrainResult`."""
+    from .train import Progress, TrainResult
+
+    out_dir = Path(out_dir)
+    spec = out_dir / SPEC
+    write_text_atomic(
+        spec,
+        json.dumps(
+            {
+                "model": cfg.to_dict(),
+                "training": tc.to_dict(),
+                "train": str(Path(train_path).resolve()),
+                "val": str(Path(val_path).resolve()),
+                "out_dir": str(out_dir.resolve()),
+            }
+        ),
+    )
+    proc = subprocess.Popen(
+        launch_command(parallel, spec),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
+    reader.start()
+    result = None
+    for line in proc.stdout:
+        if line.startswith(PROGRESS) and callback:
+            callback(Progress(**json.loads(line[len(PROGRESS) :])))
+        elif line.startswith(RESULT):
+            result = TrainResult(**json.loads(line[len(RESULT) :]))
+    proc.wait()
+    reader.join()
+    if result is None:
+        raise RankFailedError(_failure(errors, parallel, out_dir, proc.returncode))
+    return result
+
+
+def _failure(errors: list[str], parallel: ParallelConfig, out_dir: Path, code: int) -> str:
+    failed = [m for m in map(_RANK_FAILED.search, errors) if m]
+    # the first rank to fail is the cause; the others were stopped by the launcher
+    cause = next((m for m in failed if m.group(3) not in ("-15", "143")), None) or (
+        failed[0] if failed else None
+    )
+    what = (
+        f"rank {cause.group(1)} of {parallel.world_size} "
+        + ("was killed" if cause.group(2) == "was killed" else f"exited with code {cause.group(3)}")
+        if cause
+        else f"the launcher exited with code {code} before rank 0 finished"
+    )
+    last = next((e.strip() for e in reversed(errors) if e.strip() and "[WARN]" not in e), "")
+    detail = f" (last error line: {last[-300:]})" if last else ""
+    return (
+        f"data-parallel training failed: {what}{detail}. The latest checkpoint in "
+        f"{out_dir / 'latest'} is kept; rerun with the same layout to resume from it."
+    )
+
+
+def main(spec_path: str) -> None:
+    """One rank: train on the spec's files; rank 0 reports on stdout."""
+    import mlx.core as mx
+
+    from .data import read_tokens
+    from .train import train
+
+    spec = json.loads(Path(spec_path).read_text())
+    train_ids, _ = read_tokens(Path(spec["train"]))
+    val_ids, _ = read_tokens(Path(spec["val"]))
+    rank = mx.distributed.init().rank()
+
+    def emit(progress) -> None:
+        print(PROGRESS + json.dumps(dataclasses.asdict(progress)), flush=True)
+
+    result = train(
+        GPTConfig.from_dict(spec["model"]),
+        TrainConfig.from_dict(spec["training"]),
+        train_ids,
+        val_ids,
+        Path(spec["out_dir"]),
+        callback=emit,
+    )
+    if rank == 0:
+        print(RESULT + json.dumps(dataclasses.asdict(result)), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main(sys.argv[1])

@@ -1,0 +1,123 @@
+"""Data-parallel training over `mlx.launch` ranks (the ring backend on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_model.config import TINY, ParallelConfig
+from mlx_model.data import Vocab, split_tokens, write_tokens
+from mlx_model.distributed import RankFailedError, train_distributed
+from mlx_model.train import LATEST, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def token_files(corpus_path, tmp_path_factory):
+    text = corpus_path.read_text()
+    ids = Vocab.from_text(text).encode(text)
+    folder = tmp_path_factory.mktemp("tokens")
+    train_ids, val_ids = split_tokens(ids, 0.1)
+    write_tokens(folder / "train.arrow", train_ids, {})
+    write_tokens(folder / "val.arrow", val_ids, {})
+    return folder / "train.arrow", folder / "val.arrow", train_ids, val_ids
+
+
+def test_two_ring_processes_compute_what_one_process_computes(token_files, tmp_path):
+    train_path, val_path, train_ids, val_ids = token_files
+    cfg, tc = TINY.model.replace(vocab_size=65), TINY.train
+    one = train(cfg, tc, train_ids, val_ids, tmp_path / "one")
+    two = train_distributed(
+        cfg, tc, ParallelConfig(processes=2), train_path, val_path, tmp_path / "two"
+    )
+    # each rank took half of every batch; averaged gradients give one process's step
+    # (float32 sums in another order: equal to about 1e-6)
+    for a, b in zip(one.history, two.history, strict=True):
+        assert a["step"] == b["step"]
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-4
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
+    for a, b in zip(one.train_log, two.train_log, strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4
+    assert two.final_step == tc.max_iters and two.best_step == one.best_step
+    # only rank 0 wrote; every checkpoint compared the ranks' weight digests on the way
+    assert (tmp_path / "two" / LATEST / "state.json").exists()
+
+
+def _rank_pid(spec: Path, rank: int) -> int | None:
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(spec).encode() in cmdline and f"MLX_RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def _checkpoint_step(out: Path) -> int:
+    import json
+
+    try:
+        return json.loads((out / LATEST / "state.json").read_text())["step"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_a_killed_rank_fails_the_run_naming_it_and_a_rerun_resumes(token_files, tmp_path):
+    train_path, val_path, _, _ = token_files
+    cfg = TINY.model.replace(vocab_size=65)
+    tc = TINY.train.replace(max_iters=800, checkpoint_interval=20, eval_interval=400)
+    parallel, out = ParallelConfig(processes=2), tmp_path / "run"
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = train_distributed(cfg, tc, parallel, train_path, val_path, out)
+        except RankFailedError as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while _checkpoint_step(out) < 40:
+        assert time.monotonic() < deadline and thread.is_alive(), outcome
+        time.sleep(0.05)
+    pid = _rank_pid(out / "launch.json", 1)
+    assert pid is not None
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the other rank hung"
+    assert time.monotonic() - killed_at < 60
+    message = str(outcome["error"])
+    assert "rank 1 of 2" in message and "latest checkpoint" in message
+    step = _checkpoint_step(out)
+    assert 40 <= step < tc.max_iters
+    result = train_distributed(cfg, tc, parallel, train_path, val_path, out)
+    assert result.resumed_from == step and result.final_step == tc.max_iters
+
+
+def test_resuming_with_another_layout_is_refused(token_files, tmp_path):
+    train_path, val_path, train_ids, val_ids = token_files
+    cfg, tc = TINY.model.replace(vocab_size=65), TINY.train
+    train(cfg, tc, train_ids, val_ids, tmp_path, stop_after=10)
+    with pytest.raises(RankFailedError, match="written by 1 processes, not 2"):
+        train_distributed(cfg, tc, ParallelConfig(processes=2), train_path, val_path, tmp_path)
+
+
+def test_the_launch_line_uses_mlx_launch(tmp_path):
+    from mlx_model.distributed import launch_command
+
+    cmd = launch_command(ParallelConfig(processes=2, backend="ring"), tmp_path / "launch.json")
+    assert "mlx._distributed_utils.launch" in cmd[2]
+    assert cmd[cmd.index("--backend") + 1] == "ring" and cmd[cmd.index("-n") + 1] == "2"
+    assert cmd[-3:] == ["-m", "mlx_model.distributed", str(tmp_path / "launch.json")]
+    assert np.isscalar(int(cmd[cmd.index("--starting-port") + 1]))
