@@ -120,7 +120,7 @@ def torch_model(cfg: GPTConfig):
 
         def forward(self, idx, cache=None):
             offset = 0 if cache is None else cache[0][0].shape[2]
-            pos = torch.arange(offset, offset + idx.shape[1])
+            pos = torch.arange(offset, offset + idx.shape[1], device=idx.device)
             x = self.drop(self.wte(idx) + self.wpe(pos))
             new = []
             for i, block in enumerate(self.h):

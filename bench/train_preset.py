@@ -30,7 +30,19 @@ from mlx_model.checkpoint import load_model  # noqa: E402
 from mlx_model.config import get_preset  # noqa: E402
 from mlx_model.data import Vocab, split_tokens  # noqa: E402
 from mlx_model.evaluate import evaluate  # noqa: E402
+from mlx_model.config import ParallelConfig  # noqa: E402
+from mlx_model.data import write_tokens  # noqa: E402
+from mlx_model.distributed import train_distributed  # noqa: E402
 from mlx_model.train import train  # noqa: E402
+
+H100_BF16_FLOPS = 989e12  # dense bfloat16 peak of an H100 SXM
+
+
+def flops_per_token(cfg) -> float:
+    """6N (N without the position embedding) plus attention, as nanoGPT estimates it."""
+    c, v = cfg, cfg.vocab_size
+    n = v * c.n_emb + c.n_layer * (12 * c.n_emb * c.n_emb + 13 * c.n_emb) + 2 * c.n_emb
+    return 6 * n + 12 * c.n_layer * c.n_emb * c.block_size
 
 
 def main() -> None:
@@ -40,6 +52,10 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--stop-after", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--processes", type=int, default=1, help="data-parallel ranks (mlx.launch)")
+    p.add_argument(
+        "--target", type=float, default=1.47, help="report the first estimate at or below"
+    )
     args = p.parse_args()
     preset = get_preset(args.preset)
     text = Path(args.corpus).read_text()
@@ -68,7 +84,22 @@ def main() -> None:
             )
 
     t0 = time.perf_counter()
-    result = train(cfg, tc, train_ids, val_ids, out, callback=report, stop_after=args.stop_after)
+    if args.processes > 1:
+        if args.stop_after:
+            tc = tc.replace(
+                max_iters=args.stop_after, warmup_iters=min(tc.warmup_iters, args.stop_after)
+            )
+        paths = []
+        for name, ids in (("train", train_ids), ("val", val_ids)):
+            paths.append(out / f"{name}.arrow")
+            write_tokens(paths[-1], ids, {})
+        parallel = ParallelConfig(processes=args.processes, backend="auto")
+        result = train_distributed(cfg, tc, parallel, *paths, out / "run", callback=report)
+        out = out / "run"
+    else:
+        result = train(
+            cfg, tc, train_ids, val_ids, out, callback=report, stop_after=args.stop_after
+        )
     seconds = time.perf_counter() - t0
     full = evaluate(load_model(out / "best"), val_ids) if result.best_step > 0 else None
     steps = result.final_step
@@ -92,6 +123,22 @@ def main() -> None:
                 "tokens_per_sec_overall": round(tokens / seconds),
                 "ms_per_step_overall": round(1000 * seconds / steps, 2),
                 "peak_memory_mb": round(mx.get_peak_memory() / 2**20, 1),
+                "processes": args.processes,
+                "global_batch": tc.batch_size,
+                "stopped_early": result.stopped_early,
+                "loop_seconds": result.seconds,
+                "mfu_last_interval": round(
+                    result.tokens_per_sec * flops_per_token(cfg) / H100_BF16_FLOPS, 3
+                ),
+                "target": args.target,
+                "first_at_target": next(
+                    (
+                        {k: round(v, 4) for k, v in h.items()}
+                        for h in result.history
+                        if h["val_loss"] <= args.target
+                    ),
+                    None,
+                ),
             }
         )
     )

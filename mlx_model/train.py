@@ -127,6 +127,7 @@ class TrainResult:
     tokens_per_sec: float = 0.0
     train_log: list[dict[str, Any]] = field(default_factory=list)  # one per log interval
     stopped_early: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time: total, eval, checkpoints
 
 
 def estimate_loss(
@@ -258,6 +259,7 @@ def train(
     losses = []
     end = tc.max_iters if stop_after is None else min(stop_after, tc.max_iters)
     stopped = _patience_spent(tc, history, best["step"])
+    spent = {"eval": 0.0, "checkpoints": 0.0}
     done = start
     model.train()
     for step in range(start, end if not stopped else start):
@@ -279,6 +281,7 @@ def train(
             )
             report(Progress(done, tc.max_iters, mean_loss, None, lr, tps, now - t0))
         if done % tc.eval_interval == 0 or done == tc.max_iters:
+            e0 = time.perf_counter()
             model.eval()
             record = {"step": done, "lr": float(schedule(done)), "tokens_per_sec": tps}
             for split, ids in (("train", train_ids), ("val", val_ids)):
@@ -287,6 +290,7 @@ def train(
                     group if world > 1 else None,
                 )  # fmt: skip
             model.train()
+            record["elapsed"] = time.perf_counter() - t0  # since this process started training
             history.append(record)
             if record["val_loss"] < best["val_loss"]:
                 best = {"val_loss": record["val_loss"], "step": done}
@@ -294,6 +298,8 @@ def train(
                     save_model(out_dir / BEST, model)
                     best["sha256"] = file_sha256(out_dir / BEST / WEIGHTS)
             stopped = _patience_spent(tc, history, best["step"])
+            spent["eval"] += time.perf_counter() - e0
+            t_last += time.perf_counter() - e0  # throughput counts training steps only
             report(
                 Progress(
                     done, tc.max_iters, record["train_loss"], record["val_loss"], record["lr"],
@@ -301,18 +307,23 @@ def train(
                 )
             )  # fmt: skip
         if done % tc.checkpoint_interval == 0 or done == end or stopped:
+            c0 = time.perf_counter()
             if world > 1:
                 check_same_weights(model, group)
             if writer:
                 loop = {"step": done, "history": history, "train_log": train_log, "best": best}
                 meta = {"train_config": tc.to_dict(), "world_size": world}
                 save_train_state(out_dir / LATEST, model, optimizer, {**loop, **meta})
+            spent["checkpoints"] += time.perf_counter() - c0
+            t_last += time.perf_counter() - c0
         if stopped:
             break
     final = done if stopped else end
+    spent["total"] = time.perf_counter() - t0
     result = TrainResult(
-        best["val_loss"], best["step"], final, history, start or None, tps, train_log, stopped
-    )
+        best["val_loss"], best["step"], final, history, start or None, tps, train_log, stopped,
+        {k: round(v, 3) for k, v in spent.items()},
+    )  # fmt: skip
     report(
         Progress(
             final, tc.max_iters, None, best["val_loss"], 0.0, tps, time.perf_counter() - t0, "done"

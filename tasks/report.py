@@ -28,25 +28,49 @@ from .train import METRICS  # noqa: E402
 LOSS_CURVE = "loss_curve.png"
 
 
-def metrics_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per evaluation: step, train and validation loss, learning rate, tokens/s."""
-    return [
+def metrics_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per log interval: the mean loss of its training batches, learning rate and
+    tokens/s, and where an evaluation ran, its train and validation estimates."""
+    evals = {h["step"]: h for h in metrics["history"]}
+    log = metrics.get("train_log") or [
         {
             "step": h["step"],
-            "train_loss": round(h["train_loss"], 4),
-            "val_loss": round(h["val_loss"], 4),
-            "lr": float(f"{h['lr']:.3g}"),
-            "tokens_per_sec": round(h["tokens_per_sec"]),
+            "train_loss": None,
+            "lr": h["lr"],
+            "tokens_per_sec": h["tokens_per_sec"],
         }
-        for h in history
+        for h in metrics["history"]
     ]
 
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 4)
 
-def loss_curve_png(history: list[dict[str, Any]], title: str) -> bytes:
-    """Train and validation loss against step, as PNG bytes."""
-    steps = [h["step"] for h in history]
+    rows = []
+    for entry in log:
+        estimate = evals.get(entry["step"], {})
+        rows.append(
+            {
+                "step": entry["step"],
+                "batch_loss": rounded(entry["train_loss"]),
+                "train_loss": rounded(estimate.get("train_loss")),
+                "val_loss": rounded(estimate.get("val_loss")),
+                "lr": float(f"{entry['lr']:.3g}"),
+                "tokens_per_sec": round(entry["tokens_per_sec"]),
+            }
+        )
+    return rows
+
+
+def loss_curve_png(metrics: dict[str, Any], title: str) -> bytes:
+    """The training batches' loss at every log interval, and the train and validation
+    estimates at every evaluation, against step, as PNG bytes."""
+    history, log = metrics["history"], metrics.get("train_log", [])
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    ax.plot(steps, [h["train_loss"] for h in history], marker="o", ms=3, label="train")
+    if log:
+        steps = [h["step"] for h in log]
+        ax.plot(steps, [h["train_loss"] for h in log], lw=1, alpha=0.6, label="training batches")
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["train_loss"] for h in history], marker="o", ms=3, label="train estimate")
     ax.plot(steps, [h["val_loss"] for h in history], marker="o", ms=3, label="validation")
     best = min(history, key=lambda h: h["val_loss"])
     ax.axvline(best["step"], color="grey", lw=0.8, ls="--")
@@ -64,13 +88,12 @@ def loss_curve_png(history: list[dict[str, Any]], title: str) -> bytes:
 def report_training(trained: StageOutput, run_dir: Path, run_name: str) -> str:
     """Table artifact of the evaluation history and a markdown artifact with the loss curve."""
     metrics = json.loads(trained.file(METRICS).read_text())
-    history = metrics["history"]
     create_table_artifact(
-        table=metrics_rows(history),
+        table=metrics_rows(metrics),
         key="training-metrics",
-        description=f"train/validation loss per evaluation, run {run_name}",
+        description=f"training loss per log interval, estimates per evaluation, run {run_name}",
     )
-    png = loss_curve_png(history, f"loss curve, {run_name}")
+    png = loss_curve_png(metrics, f"loss curve, {run_name}")
     path = Path(run_dir) / LOSS_CURVE
     with atomic_path(path) as tmp:
         tmp.write_bytes(png)
@@ -80,7 +103,9 @@ def report_training(trained: StageOutput, run_dir: Path, run_name: str) -> str:
         markdown=(
             f"## Loss curve\n\n![loss curve](data:image/png;base64,{encoded})\n\n"
             f"Best validation estimate **{metrics['best_val_loss']:.4f}** at step "
-            f"{metrics['best_step']} of {metrics['final_step']} ({origin}). "
+            f"{metrics['best_step']} of {metrics['final_step']}"
+            f"{' (stopped early: no improvement)' if metrics.get('stopped_early') else ''} "
+            f"({origin}). "
             f"File: `{path}`\n"
         ),
         key="loss-curve",
@@ -104,6 +129,14 @@ def report_run(run_name: str, params: dict[str, Any], outputs: list[StageOutput]
             "| --- | --- | --- | --- |\n"
             f"| {e['val_loss']:.4f} | {e['perplexity']:.3f} | {e['bits_per_char']:.4f} "
             f"| {e['tokens']} |\n"
+        )
+    if "train" in by_stage and "runtime" in by_stage["train"].info:
+        t = by_stage["train"].info
+        runtime = ", ".join(f"{k} {v}" for k, v in t["runtime"].items())
+        stop = " (stopped early)" if t.get("stopped_early") else ""
+        parts.append(
+            f"## Training\n\nBest validation estimate {t['best_val_loss']:.4f} at step "
+            f"{t['best_step']} of {t['final_step']}{stop}; trained with {runtime}.\n"
         )
     rows = "".join(
         f"| {o.stage} | {'reused' if o.cached else 'computed'} | {o.produced_by or ''} "

@@ -1,0 +1,162 @@
+# ruff: noqa: I001
+"""The PyTorch reference for the GPU comparison: nanoGPT's way of training on the same
+shape, the same batches and the same evaluation schedule as `mlx_model`.
+
+    python bench/torch_gpu.py --preset nanogpt-char --corpus input.txt [--target 1.47]
+
+`torch.compile`, bfloat16 autocast, fused AdamW (decay on matrices only), the preset's
+warm-up + cosine schedule, gradient clipping; batches from `mlx_model.data.train_batch`
+and loss estimates on `fixed_windows`, exactly the project's. Prints one JSON line:
+steady tokens/s and ms/step (evaluation excluded), the estimated model FLOP utilisation,
+and the wall time from the first step to the first estimate at or below `--target`.
+`bench/train_preset.py` prints the same fields for the project's side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from mlx_model.config import get_preset  # noqa: E402
+from mlx_model.data import Vocab, fixed_windows, get_batch, split_tokens, train_batch  # noqa: E402
+from torch_vs_mlx import torch_model  # noqa: E402
+
+H100_BF16_FLOPS = 989e12  # dense bfloat16 peak of an H100 SXM
+
+
+def flops_per_token(cfg, n_params: int) -> float:
+    """6N for the matrices plus the attention scores and values (nanoGPT's estimate)."""
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_emb * cfg.block_size
+
+
+def lr_at(tc, step: int) -> float:
+    if step < tc.warmup_iters:
+        return tc.learning_rate * step / tc.warmup_iters
+    t = (step - tc.warmup_iters) / max(tc.max_iters - tc.warmup_iters, 1)
+    return tc.min_lr + 0.5 * (tc.learning_rate - tc.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="nanogpt-char")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--target", type=float, default=1.47)
+    p.add_argument("--max-iters", type=int, default=None)
+    args = p.parse_args()
+    preset = get_preset(args.preset)
+    text = Path(args.corpus).read_text()
+    vocab = Vocab.from_text(text)
+    train_ids, val_ids = split_tokens(vocab.encode(text), 0.1)
+    cfg, tc = preset.model.replace(vocab_size=vocab.size), preset.train
+    max_iters = args.max_iters or tc.max_iters
+    dev = torch.device("cuda")
+    torch.manual_seed(tc.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = torch_model(cfg).to(dev)
+    n_params = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": tc.weight_decay},
+        {"params": other, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), fused=True)
+    compiled = torch.compile(model)
+
+    def loss_of(x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, _ = compiled(x)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+    def to_device(x, y):
+        return (
+            torch.from_numpy(a.astype(np.int64)).pin_memory().to(dev, non_blocking=True)
+            for a in (x, y)
+        )
+
+    n_eval = tc.eval_batches * tc.batch_size
+    windows = {
+        s: fixed_windows(ids, cfg.block_size, n_eval, tc.seed)
+        for s, ids in (("train", train_ids), ("val", val_ids))
+    }
+
+    @torch.no_grad()
+    def estimate(split: str, ids: np.ndarray) -> float:
+        model.eval()
+        total = torch.zeros((), device=dev)
+        for i in range(0, n_eval, tc.batch_size):
+            x, y = to_device(*get_batch(ids, windows[split][i : i + tc.batch_size], cfg.block_size))
+            total += loss_of(x, y)
+        model.train()
+        return (total / tc.eval_batches).item()
+
+    history, reached, eval_seconds = [], None, 0.0
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    steady_start = None
+    for step in range(max_iters):
+        if step == 20:  # after compilation
+            torch.cuda.synchronize()
+            steady_start, eval_at_start = time.perf_counter(), eval_seconds
+        for group in opt.param_groups:
+            group["lr"] = lr_at(tc, step)
+        x, y = to_device(*train_batch(train_ids, cfg.block_size, tc.batch_size, tc.seed, step))
+        loss = loss_of(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % tc.eval_interval == 0:
+            e0 = time.perf_counter()
+            train_est, val = estimate("train", train_ids), estimate("val", val_ids)
+            history.append(
+                {
+                    "step": done,
+                    "train_loss": train_est,
+                    "val_loss": val,
+                    "elapsed": time.perf_counter() - t0,
+                }
+            )
+            eval_seconds += time.perf_counter() - e0
+            if reached is None and val <= args.target:
+                reached = history[-1]
+                break
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    steps = done - 20
+    train_seconds = (time.perf_counter() - steady_start) - (eval_seconds - eval_at_start)
+    tps = steps * tc.batch_size * cfg.block_size / train_seconds
+    print(
+        json.dumps(
+            {
+                "side": "pytorch",
+                "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name(),
+                "preset": args.preset,
+                "steps": done,
+                "tokens_per_sec": round(tps),
+                "ms_per_step": round(1000 * train_seconds / steps, 2),
+                "mfu": round(tps * flops_per_token(cfg, n_params) / H100_BF16_FLOPS, 3),
+                "target": args.target,
+                "first_at_target": reached,
+                "wall_seconds": round(wall, 1),
+                "history": history,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
