@@ -34,7 +34,12 @@ from mlx_model.model import GPT, loss_fn  # noqa: E402
 from mlx_model.train import DTYPES, make_optimizer  # noqa: E402
 
 
-def timed_step(cfg, tc, group, exchange, batch: int, steps: int) -> float:
+def timed_step(
+    cfg, tc, group, exchange, batch: int, steps: int, loss_sum=False, fresh=False, seed=False
+) -> float:
+    """ms per step; `loss_sum` also all-reduces the loss in the step, `fresh` makes a new
+    input array from numpy every step, `seed` reseeds MLX's generator every step (as the
+    training loop does)."""
     mx.random.seed(0)
     model = GPT(cfg)
     optimizer = make_optimizer(tc)
@@ -46,6 +51,8 @@ def timed_step(cfg, tc, group, exchange, batch: int, steps: int) -> float:
     def step(x, y):
         loss, grads = value_and_grad(model, x, y)
         grads = exchange(grads)
+        if loss_sum:
+            loss = mx.distributed.all_sum(loss, group=group) / group.size()
         grads, _ = optim.clip_grad_norm(grads, tc.grad_clip)
         optimizer.update(model, grads)
         return loss
@@ -56,8 +63,13 @@ def timed_step(cfg, tc, group, exchange, batch: int, steps: int) -> float:
         loss = step(x, x)
         mx.async_eval(loss, model.parameters(), optimizer.state)
     mx.eval(loss)
+    x_np = np.array(x)
     t = time.perf_counter()
-    for _ in range(steps):
+    for i in range(steps):
+        if seed:
+            mx.random.seed(i)
+        if fresh:
+            x = mx.array(np.roll(x_np, i, axis=1))
         loss = step(x, x)
         mx.async_eval(loss, model.parameters(), optimizer.state)
     mx.eval(loss)
@@ -84,8 +96,17 @@ def main() -> None:
         ),
     }
     out = {"preset": args.preset, "world": world, "batch_per_rank": args.batch}
-    for name, exchange in variants.items():
-        ms = timed_step(cfg, tc, group, exchange, args.batch, args.steps)
+    loop_like = {"loss_sum": True, "fresh": True, "seed": True}
+    runs = [(name, exchange, {}) for name, exchange in variants.items()]
+    runs += [
+        ("average+loss_sum", variants["average"], {"loss_sum": True}),
+        ("average+fresh", variants["average"], {"fresh": True}),
+        ("average+seed", variants["average"], {"seed": True}),
+        ("average+all", variants["average"], loop_like),
+        ("bf16+all", variants["bf16"], loop_like),
+    ]
+    for name, exchange, flags in runs:
+        ms = timed_step(cfg, tc, group, exchange, args.batch, args.steps, **flags)
         out[name] = {
             "ms_per_step": round(ms, 2),
             "tokens_per_sec": round(world * args.batch * cfg.block_size / ms * 1000),
