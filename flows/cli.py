@@ -34,8 +34,11 @@ from tasks.config import (  # noqa: E402
 )
 from tasks.download import TransientDownloadError, UnreachableError  # noqa: E402
 from tasks.preflight import check_export_target, check_run  # noqa: E402
+from tasks.store import default_root  # noqa: E402
+from tasks.sweep import BEST_OF, best_trial, leaderboard_rows, parse_grid, trials  # noqa: E402
 
 from .pipeline import STAGES, check_stage, export_pipeline, fresh_stages, pipeline  # noqa: E402
+from .sweep import dask_runner, sweep_pipeline  # noqa: E402
 
 DEPLOYMENT = "scheduled"
 DEBUG_ENV = "SHAKESPEARE_GPT_DEBUG"
@@ -76,14 +79,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of {', '.join(sorted(PRESETS))}")
+def _common(p: argparse.ArgumentParser, sampling: bool = True) -> None:
+    p.add_argument(
+        "--preset",
+        default=None,
+        help=f"one of {', '.join(sorted(PRESETS))} (default {DEFAULT_PRESET})",
+    )
     p.add_argument(
         "--artifacts",
         default=None,
         help="artifact root (default: $SHAKESPEARE_GPT_ARTIFACTS or ./artifacts)",
     )
     for section, name in FLAGS:
+        if section == "sampling" and not sampling:
+            continue
         p.add_argument(
             "--" + name.replace("_", "-"),
             dest=f"{section}.{name}",
@@ -113,6 +122,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="STAGE",
         help="recompute STAGE and every stage after it, reusing the cached upstream",
     )
+    if sampling:
+        p.add_argument(
+            "--model",
+            default=None,
+            metavar="best-of:SWEEP",
+            help="use a sweep's best trial instead of training (sample, evaluate, export)",
+        )
     p.add_argument("--verbose", action="store_true", help="show Prefect's own log lines too")
     p.add_argument(
         "--debug", action="store_true", help=f"tracebacks for every error ({DEBUG_ENV}=1)"
@@ -142,6 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(export)
     export.add_argument("--out", required=True, help="output folder")
+    sweep = sub.add_parser(
+        "sweep", help="train and evaluate a grid of settings on a Dask cluster; a leaderboard"
+    )
+    _common(sweep, sampling=False)
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="a field (learning_rate, model.dropout, ...) and its values; repeatable",
+    )
+    sweep.add_argument("--file", default=None, help="a sweep definition: JSON with preset, "
+                       "overrides, grid, samples, seed (flags given override it)")  # fmt: skip
+    sweep.add_argument("--samples", type=int, default=None, help="random search: this many trials")
+    sweep.add_argument("--seed", type=int, default=None, help="random search seed (default 0)")
+    sweep.add_argument(
+        "--dask-address", default=None, help="an existing Dask scheduler (tcp://...)"
+    )
+    sweep.add_argument(
+        "--workers", type=int, default=None, help="local Dask workers (default: cores)"
+    )
     return parser
 
 
@@ -162,12 +199,41 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command == "sweep":
+        return sweep_parameters(args)
     return {
-        "preset": args.preset,
+        "preset": args.preset or DEFAULT_PRESET,
         "overrides": overrides_from(args),
         "artifacts": args.artifacts,
         "from_stage": args.from_stage,
         "force": args.force,
+        "model": args.model,
+    }
+
+
+def sweep_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The sweep flow's parameters: the definition file, then the flags over it."""
+    spec: dict[str, Any] = {}
+    if args.file:
+        try:
+            spec = json.loads(Path(args.file).read_text())
+        except OSError as err:
+            raise ValueError(f"sweep file {args.file!r} cannot be read: {err.strerror}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"sweep file {args.file!r} is not JSON: {err}") from None
+        unknown = set(spec) - {"preset", "overrides", "grid", "samples", "seed"}
+        if unknown:
+            raise ValueError(f"sweep file {args.file!r} has unknown keys {sorted(unknown)}")
+    overrides = spec.get("overrides") or {}
+    for section, fields in overrides_from(args).items():
+        overrides[section] = {**overrides.get(section, {}), **fields}
+    return {
+        "preset": args.preset or spec.get("preset") or DEFAULT_PRESET,
+        "overrides": overrides,
+        "grid": {**(spec.get("grid") or {}), **parse_grid(args.grid)},
+        "samples": args.samples if args.samples is not None else spec.get("samples"),
+        "seed": args.seed if args.seed is not None else spec.get("seed", 0),
+        "artifacts": args.artifacts,
     }
 
 
@@ -203,6 +269,13 @@ def checked(args: argparse.Namespace) -> dict[str, Any]:
     """The flow's parameters, everything that can be checked from them checked."""
     params = flow_parameters(args)
     config = RunConfig.resolve(params["preset"], params["overrides"])
+    if args.command == "sweep":
+        trials(params["preset"], params["overrides"], params["grid"], params["samples"],
+               params["seed"])  # fmt: skip
+        check_run(config, args.artifacts)
+        return params
+    if args.model:
+        best_trial(Path(args.artifacts) if args.artifacts else default_root(), args.model)
     until = {"run": None, "stage": getattr(args, "name", None), "sample": "sample"}.get(
         args.command, "train"
     )
@@ -248,9 +321,24 @@ def report(summary: dict[str, Any]) -> None:
         print(f"flow run: {ui}/runs/flow-run/{summary['flow_run_id']}")
 
 
+def report_sweep_result(record: dict[str, Any]) -> None:
+    rows = leaderboard_rows(record["trials"])
+    print("----- leaderboard -----")
+    for r in rows:
+        loss = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
+        print(f"{r['rank'] or '-':>3}  {loss}  {r['trial']}  {r['status']}")
+    if record["best"]:
+        print(f"best: {record['best']}  (use --model {BEST_OF}{record['name']})")
+
+
 def execute(args: argparse.Namespace, params: dict[str, Any]) -> int:
     if args.command == "serve":
         return serve(args, params)
+    if args.command == "sweep":
+        runner = dask_runner(args.dask_address, args.workers)
+        record = sweep_pipeline.with_options(task_runner=runner)(**params)
+        report_sweep_result(record)
+        return 0
     if args.command == "export":
         out = export_pipeline(
             out=args.out, **{k: params[k] for k in ("preset", "overrides", "artifacts", "force")}

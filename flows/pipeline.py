@@ -19,6 +19,7 @@ from tasks.prepare import build_vocab, check_prompt, tokenize
 from tasks.report import report_run, report_training
 from tasks.sample import sample_model
 from tasks.store import ArtifactStore, StageOutput, output_of
+from tasks.sweep import promoted_model
 from tasks.train import train_model
 
 STAGES = ("download", "vocab", "tokenize", "train", "evaluate", "sample")
@@ -67,13 +68,16 @@ def pipeline(
     from_stage: str | None = None,
     force: list[str] | None = None,
     stream: bool = False,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """Run the stages in order up to `until` (default: all), each a cache hit when nothing changed.
 
     `overrides` ({"training": {"max_iters": 100}, "sampling": {...}, ...}) change the
     preset's configuration; `from_stage` recomputes that stage and every later one,
     reusing the cached upstream; `force` names stages to recompute even when cached
-    ("all" for every stage); `stream` prints the sample to stdout as it is generated.
+    ("all" for every stage); `stream` prints the sample to stdout as it is generated;
+    `model` ("best-of:<sweep>") evaluates and samples that sweep's best trial instead of
+    training.
     """
     config = RunConfig.resolve(preset, overrides)
     fresh = fresh_stages(until, from_stage, list(force or []))
@@ -95,17 +99,21 @@ def pipeline(
     if vocab and "sample" in wanted:
         check_prompt(vocab, config.sampling)  # before training: it needs only the vocabulary
     tokens = stage("tokenize", tokenize, corpus, vocab, config.data)
-    trained = stage(
-        "train", train_model, tokens, vocab, config.model, config.training, config.parallel
-    )
+    if model and "train" in wanted:
+        trained = promoted_model(store, model)
+    else:
+        trained = stage(
+            "train", train_model, tokens, vocab, config.model, config.training, config.parallel
+        )
     evaluation = stage("evaluate", evaluate_model, trained, tokens)
     sample = stage("sample", sample_model, trained, config.sampling, stream=stream)
 
     outputs = [o for o in (corpus, vocab, tokens, trained, evaluation, sample) if o is not None]
     if trained:
         report_training(trained, store.root / "runs" / run_folder, run_folder)
-    report_run(run_folder, config.to_dict(), outputs)
-    manifest = write_manifest(store, run_folder, config.to_dict(), outputs)  # last: complete
+    described = {**config.to_dict(), **({"model": model} if model else {})}
+    report_run(run_folder, described, outputs)
+    manifest = write_manifest(store, run_folder, described, outputs)  # last: complete
     return {
         "run": run_folder,
         "flow_run_id": str(flow_run.id),
@@ -129,8 +137,9 @@ def export_pipeline(
     overrides: dict[str, dict[str, Any]] | None = None,
     artifacts: str | None = None,
     force: list[str] | None = None,
+    model: str | None = None,
 ) -> str:
     """The pipeline up to `train` (cached stages reused), then the Hugging Face export."""
     check_export_target(out)
-    summary = pipeline(preset, overrides, artifacts, until="train", force=force)
+    summary = pipeline(preset, overrides, artifacts, until="train", force=force, model=model)
     return export_model(summary["outputs"]["train"], out)

@@ -1,0 +1,99 @@
+"""The sweep flow: the data stages once, then train and evaluate mapped over the trials
+on a Dask cluster (Prefect's DaskTaskRunner), then the leaderboard."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.runtime import flow_run
+from prefect.states import Completed
+from prefect_dask import DaskTaskRunner
+
+from tasks.config import DEFAULT_PRESET, RunConfig
+from tasks.download import download_corpus
+from tasks.evaluate import evaluate_model
+from tasks.preflight import check_run
+from tasks.prepare import build_vocab, tokenize
+from tasks.store import ArtifactStore, output_of
+from tasks.sweep import report_sweep, sweep_name, trial_result, trials
+from tasks.train import train_model
+
+
+def _sweep_run_name() -> str:
+    p = dict(flow_run.parameters)
+    try:
+        preset = p.get("preset") or DEFAULT_PRESET
+        return sweep_name(preset, p.get("overrides") or {}, p.get("grid") or {}, p.get("samples"),
+                          p.get("seed", 0))  # fmt: skip
+    except (ValueError, TypeError):
+        return "sweep-invalid"
+
+
+@flow(name="shakespeare-gpt-sweep", flow_run_name=_sweep_run_name, log_prints=True)
+def sweep_pipeline(
+    preset: str = DEFAULT_PRESET,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    grid: dict[str, list[Any]] | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    artifacts: str | None = None,
+) -> Any:
+    """Train and evaluate one trial per grid combination (or `samples` of them), each an
+    ordinary cached train and evaluate stage; report the leaderboard and the best trial."""
+    overrides = overrides or {}
+    check_run(RunConfig.resolve(preset, overrides), artifacts)
+    plan = trials(preset, overrides, grid or {}, samples, seed)  # every trial checked first
+    name = sweep_name(preset, overrides, grid or {}, samples, seed)
+    run_id = str(flow_run.id or uuid.uuid4())[:8]
+    store = ArtifactStore(artifacts, run=f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{run_id}")
+    base = RunConfig.resolve(preset, overrides)
+    corpus = output_of(download_corpus(store, base.source))
+    vocab = output_of(build_vocab(store, corpus))
+    tokens = output_of(tokenize(store, corpus, vocab, base.data))
+    configs = [RunConfig.resolve(preset, t["overrides"]) for t in plan]
+    trained = train_model.map(
+        unmapped(store), unmapped(tokens), unmapped(vocab),
+        [c.model for c in configs], [c.training for c in configs], [c.parallel for c in configs],
+    )  # fmt: skip
+    evaluated = evaluate_model.map(unmapped(store), trained, unmapped(tokens))
+    results = []
+    for trial, train_future, eval_future in zip(plan, trained, evaluated, strict=True):
+        t = train_future.result(raise_on_failure=False)
+        # an evaluation whose training failed never runs: only ask for it after a success
+        e = t if isinstance(t, BaseException) else eval_future.result(raise_on_failure=False)
+        error = f"{type(e).__name__}: {e}" if isinstance(e, BaseException) else ""
+        t = None if isinstance(t, BaseException) else output_of(t)
+        e = None if isinstance(e, BaseException) else output_of(e)
+        results.append(trial_result(trial, t, e, error))
+        results[-1]["task_run"] = str(train_future.task_run_id)
+    record = report_sweep(store, name, results)
+    failed = [r for r in results if r["status"] != "completed"]
+    if failed:
+        reasons = "; ".join(f"{r['name']}: {r['status']}" for r in failed)
+        message = f"{len(failed)} of {len(results)} trials failed ({reasons})"
+        return Completed(name="Completed with failed trials", message=message, data=record)
+    return record
+
+
+def dask_runner(address: str | None = None, workers: int | None = None) -> DaskTaskRunner:
+    """An existing Dask cluster at `address`, or a local one: one process per core (or
+    `workers`), each running MLX on one lane with one BLAS thread, so trials share the
+    cores instead of fighting over them."""
+    if address:
+        return DaskTaskRunner(address=address)
+    n = workers or max(1, len(os.sched_getaffinity(0)))
+    env = {"SHAKESPEARE_GPT_CPU_LANES": "1", "OPENBLAS_NUM_THREADS": "1"}
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": n,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": None,
+            "env": env,
+        }  # fmt: skip
+    )
