@@ -69,3 +69,49 @@ def test_corrupted_resume_checkpoint_is_refused_and_training_restarts(splits, tm
         again = train(cfg, TINY.train, train_ids, val_ids, tmp_path / "run")
     assert again.resumed_from is None  # started over instead of trusting the file
     assert [h["val_loss"] for h in again.history] == [h["val_loss"] for h in full.history]
+
+
+def test_early_stopping_ends_after_patience_estimates_and_resumes_exactly(splits, tmp_path):
+    train_ids, val_ids = splits
+    cfg = TINY.model.replace(vocab_size=65)
+    # a rate this high stops improving early; every step is estimated
+    tc = TINY.train.replace(max_iters=200, eval_interval=5, learning_rate=0.3, patience=3)
+    full = train(cfg, tc, train_ids, val_ids, tmp_path / "full")
+    assert full.stopped_early and full.final_step < tc.max_iters
+    assert full.final_step == full.best_step + 3 * tc.eval_interval  # 3 estimates after the best
+    assert len(full.train_log) == full.final_step // tc.log_interval  # a point per log interval
+    part = train(cfg, tc, train_ids, val_ids, tmp_path / "part", stop_after=full.best_step + 5)
+    assert not part.stopped_early
+    rest = train(cfg, tc, train_ids, val_ids, tmp_path / "part")
+    assert rest.final_step == full.final_step and rest.best_step == full.best_step
+    assert [h["val_loss"] for h in rest.history] == [h["val_loss"] for h in full.history]
+
+
+def test_compiled_estimate_equals_the_plain_mean_loss(splits):
+    import mlx.core as mx
+
+    from mlx_model.data import fixed_windows, get_batch
+    from mlx_model.model import GPT, loss_fn
+    from mlx_model.train import estimate_loss, make_loss_sum
+
+    train_ids, _ = splits
+    model = GPT(TINY.model.replace(vocab_size=65))
+    model.eval()
+    starts = fixed_windows(train_ids, 16, 40, 1)
+    estimate = estimate_loss(make_loss_sum(model), train_ids, starts, 16, 8)
+    plain = [loss_fn(model, *map(mx.array, get_batch(train_ids, starts[i : i + 8], 16))).item()
+             for i in range(0, 40, 8)]  # fmt: skip
+    assert estimate == pytest.approx(sum(plain) / len(plain), rel=1e-5)
+
+
+def test_the_install_extras_keep_one_mlx_build():
+    import tomllib
+    from pathlib import Path
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    project = meta["project"]
+    assert not any("mlx[" in d for d in project["dependencies"])  # no build in the base
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("mlx[cuda13]") for d in extras["cuda"])
+    assert any(d.startswith("mlx[cpu]") for d in extras["cpu"])
+    assert not any("cpu" in d for d in extras["cuda"])
