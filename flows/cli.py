@@ -186,7 +186,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """{section: {field: value}} from the flags that were given and `--set`."""
     overrides: dict[str, dict[str, Any]] = {}
     for section, name in FLAGS:
-        value = getattr(args, f"{section}.{name}")
+        value = getattr(args, f"{section}.{name}", None)  # sweep has no sampling flags
         if value is not None:
             overrides.setdefault(section, {})[name] = value
     for item in args.set:

@@ -111,7 +111,7 @@ def pipeline(
     outputs = [o for o in (corpus, vocab, tokens, trained, evaluation, sample) if o is not None]
     if trained:
         report_training(trained, store.root / "runs" / run_folder, run_folder)
-    described = {**config.to_dict(), **({"model": model} if model else {})}
+    described = {**config.to_dict(), **({"promoted_model": model} if model else {})}
     report_run(run_folder, described, outputs)
     manifest = write_manifest(store, run_folder, described, outputs)  # last: complete
     return {

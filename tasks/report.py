@@ -122,9 +122,9 @@ def report_run(run_name: str, params: dict[str, Any], outputs: list[StageOutput]
     if "sample" in by_stage:
         text = by_stage["sample"].info["text"]
         parts.append(f"## Sample\n\n```text\n{text}\n```\n")
-    if params.get("model"):
+    if params.get("promoted_model"):
         parts.append(
-            f"## Model\n\n`{params['model']}`: the best trial of that sweep, from "
+            f"## Model\n\n`{params['promoted_model']}`: the best trial of that sweep, from "
             f"`{by_stage['train'].path}` (not trained by this run).\n"
         )
     if "evaluate" in by_stage:

@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "flows"]
 SCREENSHOTS = Path(os.environ.get("TEST_ARTIFACTS", ROOT / "test-artifacts"))
 pytestmark = pytest.mark.slow
+BROWSER_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
 
 
 def cli(server, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -78,12 +82,8 @@ def test_ui_shows_metrics_sample_and_loss_curve(prefect_server, tiny_args):
     sample = json.loads(Path(field(out, "manifest")).read_text())["stages"]["sample"]["info"]
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     seen: dict[str, str] = {}
-    args = [
-        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    ]  # fmt: skip
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=args)
+        browser = p.chromium.launch(executable_path=executable, args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(url)
         page.wait_for_load_state("networkidle")
@@ -200,3 +200,53 @@ def test_serve_registers_the_schedule_and_runs_a_triggered_run(prefect_server, t
         serve.terminate()
         serve.wait(timeout=60)
         log.close()
+
+
+def test_ui_shows_a_sweeps_leaderboard_and_curves(
+    prefect_server, tmp_path, corpus_path, corpus_sha
+):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    executable = chromium()
+    out = cli(
+        prefect_server, "sweep", "--preset", "tiny", "--artifacts", str(tmp_path / "a"),
+        "--source", str(corpus_path), "--sha256", corpus_sha,
+        "--grid", "learning_rate=1e-3,3e-3", "--workers", "2",
+    ).stdout  # fmt: skip
+    assert "----- leaderboard -----" in out and "best: learning_rate=" in out
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):
+        with get_client(sync_client=True) as client:
+            (run,) = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["shakespeare-gpt-sweep"]))
+            )
+    url = f"{prefect_server.url}/runs/flow-run/{run.id}"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.wait_for_load_state("networkidle")
+        page.get_by_text("Artifacts", exact=True).first.click()
+        for key in ("sweep-leaderboard", "sweep-curves"):
+            page.get_by_text(key, exact=True).first.wait_for(timeout=30_000)
+        page.get_by_text("sweep-leaderboard", exact=True).first.click()
+        page.wait_for_url("**/artifacts/artifact/**")
+        page.wait_for_load_state("networkidle")
+        page.get_by_text("Show raw data").wait_for(timeout=30_000)
+        table = page.inner_text("body")
+        page.screenshot(path=str(SCREENSHOTS / "sweep-leaderboard.png"), full_page=True)
+        page.goto(url)
+        page.wait_for_load_state("networkidle")
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.get_by_text("sweep-curves", exact=True).first.click()
+        page.wait_for_url("**/artifacts/artifact/**")
+        image = page.locator("img[alt='validation curves']")
+        image.wait_for(timeout=30_000)
+        width = image.evaluate("e => e.complete && e.naturalWidth")
+        page.screenshot(path=str(SCREENSHOTS / "sweep-curves.png"), full_page=True)
+        browser.close()
+    assert "learning_rate=0.001" in table and "learning_rate=0.003" in table and "val_loss" in table
+    assert width == 720

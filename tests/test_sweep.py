@@ -94,6 +94,14 @@ def test_a_sweep_trains_each_trial_once_and_ranks_them(
     assert record["best"] == best["name"] == rows[0]["trial"]
     folder = tmp_path / SWEEPS / record["name"]
     assert (folder / RECORD).exists() and (folder / "validation_curves.png").stat().st_size > 5000
+    # the best trial is what best-of:<sweep> evaluates and samples
+    from flows.pipeline import pipeline
+
+    source = {"source": str(corpus_path), "sha256": corpus_sha}
+    summary = pipeline("tiny", {"source": source, "sampling": {"max_tokens": 10}},
+                       str(tmp_path), model=f"best-of:{record['name']}")  # fmt: skip
+    assert summary["outputs"]["train"].path == best["train"]["path"]
+    assert summary["eval"]["val_loss"] == pytest.approx(best["val_loss"])
     # the same sweep again trains nothing; one more value trains only the new trials
     again = _sweep(corpus_path, corpus_sha, tmp_path, grid).result()
     assert _trained(tmp_path) == first and again["best"] == record["best"]
