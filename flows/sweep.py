@@ -10,6 +10,7 @@ from typing import Any
 
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
 from prefect.states import Completed
 from prefect_dask import DaskTaskRunner
 
@@ -69,7 +70,9 @@ def sweep_pipeline(
         t = None if isinstance(t, BaseException) else output_of(t)
         e = None if isinstance(e, BaseException) else output_of(e)
         results.append(trial_result(trial, t, e, error))
-        results[-1]["task_run"] = str(train_future.task_run_id)
+        ui = PREFECT_UI_URL.value()
+        run = str(train_future.task_run_id)
+        results[-1]["link"] = f"{ui}/runs/task-run/{run}" if ui else run
     record = report_sweep(store, name, results)
     failed = [r for r in results if r["status"] != "completed"]
     if failed:

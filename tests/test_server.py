@@ -62,6 +62,17 @@ def test_run_twice_then_rerun_sample_reuses_upstream(prefect_server, tiny_args):
     }  # fmt: skip
 
 
+def open_artifact(page, run_url: str, key: str) -> None:
+    """From a flow run's page, through its Artifacts tab, to the artifact called `key`."""
+    page.goto(run_url)
+    page.wait_for_load_state("networkidle")
+    page.get_by_text("Artifacts", exact=True).first.click()
+    page.get_by_text(key, exact=True).first.click()
+    page.wait_for_url("**/artifacts/artifact/**")
+    page.wait_for_load_state("networkidle")
+    page.get_by_text("Show raw data").wait_for(timeout=30_000)
+
+
 def chromium() -> str:
     path = (
         os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -92,13 +103,7 @@ def test_ui_shows_metrics_sample_and_loss_curve(prefect_server, tiny_args):
             page.get_by_text(key, exact=True).first.wait_for(timeout=30_000)
         page.screenshot(path=str(SCREENSHOTS / "flow-run-artifacts.png"), full_page=True)
         for key in ("training-metrics", "loss-curve", "run-summary"):
-            page.goto(url)
-            page.wait_for_load_state("networkidle")
-            page.get_by_text("Artifacts", exact=True).first.click()
-            page.get_by_text(key, exact=True).first.click()
-            page.wait_for_url("**/artifacts/artifact/**")
-            page.wait_for_load_state("networkidle")
-            page.get_by_text("Show raw data").wait_for(timeout=30_000)
+            open_artifact(page, url, key)
             if key == "loss-curve":
                 image = page.locator("img[alt='loss curve']")
                 image.wait_for(timeout=30_000)
@@ -232,17 +237,10 @@ def test_ui_shows_a_sweeps_leaderboard_and_curves(
         page.get_by_text("Artifacts", exact=True).first.click()
         for key in ("sweep-leaderboard", "sweep-curves"):
             page.get_by_text(key, exact=True).first.wait_for(timeout=30_000)
-        page.get_by_text("sweep-leaderboard", exact=True).first.click()
-        page.wait_for_url("**/artifacts/artifact/**")
-        page.wait_for_load_state("networkidle")
-        page.get_by_text("Show raw data").wait_for(timeout=30_000)
+        open_artifact(page, url, "sweep-leaderboard")
         table = page.inner_text("body")
         page.screenshot(path=str(SCREENSHOTS / "sweep-leaderboard.png"), full_page=True)
-        page.goto(url)
-        page.wait_for_load_state("networkidle")
-        page.get_by_text("Artifacts", exact=True).first.click()
-        page.get_by_text("sweep-curves", exact=True).first.click()
-        page.wait_for_url("**/artifacts/artifact/**")
+        open_artifact(page, url, "sweep-curves")
         image = page.locator("img[alt='validation curves']")
         image.wait_for(timeout=30_000)
         width = image.evaluate("e => e.complete && e.naturalWidth")
