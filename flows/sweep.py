@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import Any
 
+import dask
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
@@ -88,6 +89,10 @@ def dask_runner(address: str | None = None, workers: int | None = None) -> DaskT
     cores instead of fighting over them."""
     if address:
         return DaskTaskRunner(address=address)
+    # a worker that dies mid-trial fails the sweep at once with Dask's KilledWorker (the
+    # finished trials stay cached for the rerun); retried by Dask under the same Prefect
+    # task run, the trial finished but the flow run never returned
+    dask.config.set({"distributed.scheduler.allowed-failures": 0})
     n = workers or max(1, len(os.sched_getaffinity(0)))
     env = {"SHAKESPEARE_GPT_CPU_LANES": "1", "OPENBLAS_NUM_THREADS": "1"}
     return DaskTaskRunner(
