@@ -62,11 +62,16 @@ def test_run_twice_then_rerun_sample_reuses_upstream(prefect_server, tiny_args):
     }  # fmt: skip
 
 
-def open_artifact(page, run_url: str, key: str) -> None:
-    """From a flow run's page, through its Artifacts tab, to the artifact called `key`."""
+def artifacts_tab(page, run_url: str) -> None:
+    """A flow run's page, on its Artifacts tab."""
     page.goto(run_url)
     page.wait_for_load_state("networkidle")
     page.get_by_text("Artifacts", exact=True).first.click()
+
+
+def open_artifact(page, run_url: str, key: str) -> None:
+    """From a flow run's page, through its Artifacts tab, to the artifact called `key`."""
+    artifacts_tab(page, run_url)
     page.get_by_text(key, exact=True).first.click()
     page.wait_for_url("**/artifacts/artifact/**")
     page.wait_for_load_state("networkidle")
@@ -96,9 +101,7 @@ def test_ui_shows_metrics_sample_and_loss_curve(prefect_server, tiny_args):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.wait_for_load_state("networkidle")
-        page.get_by_text("Artifacts", exact=True).first.click()
+        artifacts_tab(page, url)
         for key in ("training-metrics", "loss-curve", "run-summary", "training-progress"):
             page.get_by_text(key, exact=True).first.wait_for(timeout=30_000)
         page.screenshot(path=str(SCREENSHOTS / "flow-run-artifacts.png"), full_page=True)
@@ -232,9 +235,7 @@ def test_ui_shows_a_sweeps_leaderboard_and_curves(
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.wait_for_load_state("networkidle")
-        page.get_by_text("Artifacts", exact=True).first.click()
+        artifacts_tab(page, url)
         for key in ("sweep-leaderboard", "sweep-curves"):
             page.get_by_text(key, exact=True).first.wait_for(timeout=30_000)
         open_artifact(page, url, "sweep-leaderboard")
