@@ -47,12 +47,12 @@ def sweep_pipeline(
     """Train and evaluate one trial per grid combination (or `samples` of them), each an
     ordinary cached train and evaluate stage; report the leaderboard and the best trial."""
     overrides = overrides or {}
-    check_run(RunConfig.resolve(preset, overrides), artifacts)
+    base = RunConfig.resolve(preset, overrides)
+    check_run(base, artifacts)
     plan = trials(preset, overrides, grid or {}, samples, seed)  # every trial checked first
     name = sweep_name(preset, overrides, grid or {}, samples, seed)
     run_id = str(flow_run.id or uuid.uuid4())[:8]
     store = ArtifactStore(artifacts, run=f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{run_id}")
-    base = RunConfig.resolve(preset, overrides)
     corpus = output_of(download_corpus(store, base.source))
     vocab = output_of(build_vocab(store, corpus))
     tokens = output_of(tokenize(store, corpus, vocab, base.data))

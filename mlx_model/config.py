@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -160,7 +161,7 @@ class ParallelConfig(Serializable):
                     f"processes is {self.processes}"
                 )
 
-    @property
+    @functools.cached_property
     def world_size(self) -> int:
         return len(read_hostfile(self.hostfile)) if self.hostfile else self.processes
 
