@@ -58,7 +58,7 @@ def make_decode_step(model: GPT, sample: Sampler):
     @mx.compile
     def step(tok, state, key):
         cache = [KVCache(*s) for s in state]
-        logits = model(tok[:, None], cache)[:, -1]
+        logits = model.decode(tok, cache)
         nxt, key = sample(logits, key)
         return nxt, [c.state for c in cache], key
 

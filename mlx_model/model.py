@@ -144,6 +144,32 @@ class GPT(nn.Module):
             logits = self._head(x)
         return logits.astype(mx.float32)  # (B, T, vocab)
 
+    def decode(self, tokens: mx.array, cache: list[KVCache]) -> mx.array:
+        """Logits (B, vocab) of one new token per sequence (tokens (B,)) continuing the
+        sequences in `cache`, which is updated: one step of generation. The ops backend
+        may run it as one fused kernel; otherwise the blocks run as in `__call__`."""
+        eps = self.ln_f.eps
+        logits = ops.decode(tokens, cache, self.decode_weights(), self.config.n_head, eps)
+        if logits is None:
+            logits = self(tokens[:, None], cache)[:, -1]
+        return logits
+
+    def decode_weights(self) -> list[mx.array]:
+        """The weights in GPT-2's order for a fused decoding kernel: wte, wpe, the head,
+        ln_f's weight and bias, then per block ln_1 (w, b), c_attn (W, b), attn c_proj
+        (W, b), ln_2 (w, b), c_fc (W, b), mlp c_proj (W, b); a missing bias is zeros."""
+
+        def b(module) -> mx.array:
+            return module.bias if "bias" in module else mx.zeros((module.weight.shape[0],))
+
+        head = self.wte.weight if self.config.tie_weights else self.lm_head.weight
+        out = [self.wte.weight, self.wpe.weight, head, self.ln_f.weight, b(self.ln_f)]
+        for block in self.h:
+            for m in (block.ln_1, block.attn.c_attn, block.attn.c_proj, block.ln_2,
+                      block.mlp.c_fc, block.mlp.c_proj):  # fmt: skip
+                out += [m.weight, b(m)]
+        return out
+
     def _head(self, x: mx.array) -> mx.array:
         head = self.wte.weight if self.config.tie_weights else self.lm_head.weight
         return self.ln_f(x) @ head.astype(x.dtype).T

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 
 from mlx_model import ops
 from mlx_model.config import GPTConfig
+from mlx_model.generate import generate
 from mlx_model.model import GPT, loss_fn
 from mlx_model.ops import cpu as fastops
 from mlx_model.ops import native
@@ -167,6 +168,79 @@ def test_model_trains_the_same_with_and_without_it(ext, dropout):
         assert abs(loss_a - loss_b) < 1e-5
         for name, g in grads_a.items():
             assert mx.allclose(g, grads_b[name], atol=1e-5).item(), name
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GPTConfig(vocab_size=13, block_size=24, n_layer=2, n_head=2, n_emb=40),
+        GPTConfig(vocab_size=7, block_size=9, n_layer=1, n_head=3, n_emb=12, bias=False,
+                  tie_weights=False),  # fmt: skip
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_matches_the_layer_by_layer_cached_path(ext, cfg, batch):
+    """The fused step gives the logits and cache of the model's own cached forward pass,
+    every step until the cache is full, for batches, without biases and with a separate
+    head; the last step fills the cache's last position."""
+    mx.random.seed(5)
+    model = GPT(cfg)
+    model.eval()
+    rng = np.random.default_rng(0)
+    prompt = mx.array(rng.integers(0, cfg.vocab_size, (batch, 4)), dtype=mx.int32)
+    fused, plain = model.make_cache(batch), model.make_cache(batch)
+    with ops.use("reference"):
+        model(prompt, fused)
+        model(prompt, plain)
+    for _ in range(cfg.block_size - 4):
+        tok = mx.array(rng.integers(0, cfg.vocab_size, (batch,)), dtype=mx.int32)
+        with ops.use("native"):
+            got = model.decode(tok, fused)
+        with ops.use("reference"):
+            want = model(tok[:, None], plain)[:, -1]
+        assert got.shape == (batch, cfg.vocab_size)
+        assert mx.abs(got - want).max().item() < 2e-5
+        assert fused[0].offset.item() == plain[0].offset.item()
+    for a, b in zip(fused, plain, strict=True):
+        assert mx.allclose(a.keys, b.keys, atol=2e-5).item()
+        assert mx.allclose(a.values, b.values, atol=2e-5).item()
+
+
+def test_decode_step_runs_inside_generation_and_leaves_the_inputs_intact(ext):
+    """Generation with the fused step samples the same text as the reference backend at
+    temperature 0, and a cache passed in is not changed under its holder."""
+    cfg = GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_emb=16)
+    mx.random.seed(9)
+    model = GPT(cfg)
+    with ops.use("native"):
+        fused = generate(model, np.array([1, 2, 3]), 40, temperature=0.0)
+    with ops.use("reference"):
+        plain = generate(model, np.array([1, 2, 3]), 40, temperature=0.0)
+    assert np.array_equal(fused, plain)
+    cache = model.make_cache(1)
+    model(mx.array([[1, 2]]), cache)
+    before = mx.array(cache[0].keys)
+    mx.eval(before)
+    held = cache[0].keys
+    with ops.use("native"):
+        mx.eval(model.decode(mx.array([3], dtype=mx.int32), cache))
+    assert mx.array_equal(held, before).item()
+    assert not mx.array_equal(cache[0].keys, before).item()
+
+
+def test_decode_step_names_bad_inputs(ext):
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_emb=8)
+    model = GPT(cfg)
+    cache = model.make_cache(1)
+    w = model.decode_weights()
+    keys, values = [c.keys for c in cache], [c.values for c in cache]
+    tok = mx.array([1], dtype=mx.int32)
+    with pytest.raises(ValueError, match="tokens must be int32"):
+        ext.decode_step(tok.astype(mx.float32), cache[0].offset, w, keys, values, 2, 1e-5)
+    with pytest.raises(ValueError, match="5 \\+ 12 per layer"):
+        ext.decode_step(tok, cache[0].offset, w[:-1], keys, values, 2, 1e-5)
+    with pytest.raises(ValueError, match="every cache must be"):
+        ext.decode_step(tok, cache[0].offset, w, [mx.zeros((1, 2, 8, 3))], values, 2, 1e-5)
 
 
 PROBE = (

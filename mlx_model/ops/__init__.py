@@ -1,7 +1,8 @@
 """The operations the GPT is written in, and the one place their implementation is chosen.
 
 `mlx_model.model` calls `layer_norm`, `gelu`, `dropout`, `causal_attention` (over the
-fused q/k/v projection) and `in_lanes` (a batch split over CPU streams). Each call goes
+fused q/k/v projection), `in_lanes` (a batch split over CPU streams) and, for one
+generation step, `decode` (the whole model in one kernel, where a backend has one). Each call goes
 to a backend chosen once per (device, dtype, training):
 
 - `reference` (`ops/reference.py`): MLX's own operations; every device and dtype.
@@ -9,7 +10,7 @@ to a backend chosen once per (device, dtype, training):
   and layer norm with closed-form backwards, hashed dropout masks, attention in query
   blocks, the batch split over one stream per core.
 - `native` (`ops/native.py`): the `cpu` backend with C++ primitives for attention, GELU
-  and layer norm in training, built on first use; `cpu` stands in if they cannot be built.
+  and layer norm in training, and the fused generation step, built on first use; `cpu` stands in if they cannot be built.
 
 The choice is `auto` (native, else cpu, on the CPU in float32; reference elsewhere)
 unless `SHAKESPEARE_GPT_OPS` or `use(...)` names one. All compute the same functions;
@@ -107,6 +108,15 @@ def dropout(x: mx.array, p: float, training: bool) -> mx.array:
 def causal_attention(qkv: mx.array, n_head: int, dropout: float, training: bool) -> mx.array:
     """Exact causal self-attention with dropout on its weights: (B, T, 3C) -> (B, T, C)."""
     return backend(qkv.dtype, training).causal_attention(qkv, n_head, dropout)
+
+
+def decode(
+    tokens: mx.array, caches: list, weights: list[mx.array], n_head: int, eps: float
+) -> mx.array | None:
+    """One generation step of the whole model in one fused kernel: logits (B, vocab) of
+    `tokens` (B,) continuing the sequences in `caches` (updated); `weights` in the order
+    `GPT.decode_weights` gives. None where the backend has no such kernel."""
+    return backend(weights[0].dtype, False).decode(tokens, caches, weights, n_head, eps)
 
 
 def in_lanes(fn: Callable[..., Any], x: mx.array, training: bool) -> Any:

@@ -181,6 +181,18 @@ class Native(cpu.Cpu):
     def gelu(self, x):
         return self.ext.gelu(x) if self.training else super().gelu(x)
 
+    def decode(self, tokens, caches, weights, n_head, eps):
+        if self.training or tokens.dtype != mx.int32:
+            return None
+        L = len(caches)
+        out = self.ext.decode_step(
+            tokens, caches[0].offset, weights,
+            [c.keys for c in caches], [c.values for c in caches], n_head, eps,
+        )  # fmt: skip
+        for cache, k, v in zip(caches, out[2 : 2 + L], out[2 + L :], strict=True):
+            cache.keys, cache.values, cache.offset = k, v, out[1]
+        return out[0]
+
     def causal_attention(self, qkv, n_head, dropout):
         p = dropout if self.training else 0.0
         # the primitive's dropout masks are seeded from MLX's generator

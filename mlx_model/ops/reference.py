@@ -53,6 +53,11 @@ class Reference:
         keep = mx.random.bernoulli(1.0 - p, x.shape)
         return mx.where(keep, x * (1.0 / (1.0 - p)), mx.array(0.0, x.dtype))
 
+    def decode(self, tokens, caches, weights, n_head, eps):
+        """Logits (B, vocab) of one new token per sequence through the whole model, from
+        caches it updates; None: this backend has no fused step, the model runs its layers."""
+        return None
+
     def causal_attention(self, qkv, n_head, dropout):
         q, k, v = split_heads(qkv, n_head)
         scale = 1.0 / math.sqrt(q.shape[-1])

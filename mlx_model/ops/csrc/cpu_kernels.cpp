@@ -37,6 +37,7 @@
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/allocator.h"
 #include "mlx/array.h"
@@ -130,36 +131,70 @@ struct DropMask {
   }
 };
 
-// Row reductions in eight partial sums, so the compiler vectorises them (it may not
-// reorder a single float accumulator).
+// Row reductions in the widest vector registers this CPU has: the library is built on
+// the machine that runs it, for it (-march=native), so AVX-512 where present, else AVX,
+// else SSE. Plain loops with one float accumulator would not vectorise (the compiler may
+// not reorder them), and eight scalar partial sums ran at a fifth of this speed.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors stay inside this library
+using vfloat = float __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline vfloat vload(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float lanes_sum(vfloat v) {
+  float s = 0.0f;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
 inline float row_max(const float* x, int n) {
-  float acc[8], m = x[0];
-  for (int l = 0; l < 8; ++l) acc[l] = x[0];
+  float m = x[0];
   int j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) acc[l] = acc[l] > x[j + l] ? acc[l] : x[j + l];
+  if (n >= kLanes) {
+    vfloat acc = vload(x);
+    for (j = kLanes; j + kLanes <= n; j += kLanes) {
+      vfloat v = vload(x + j);
+      acc = acc > v ? acc : v;
+    }
+    for (int l = 0; l < kLanes; ++l) m = m > acc[l] ? m : acc[l];
+  }
   for (; j < n; ++j) m = m > x[j] ? m : x[j];
-  for (int l = 0; l < 8; ++l) m = m > acc[l] ? m : acc[l];
   return m;
 }
 
 inline float row_dot(const float* a, const float* b, int n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum = 0.0f;
+  vfloat acc0 = {}, acc1 = {};
   int j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += a[j + l] * b[j + l];
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    acc0 += vload(a + j) * vload(b + j);
+    acc1 += vload(a + j + kLanes) * vload(b + j + kLanes);
+  }
+  for (; j + kLanes <= n; j += kLanes) acc0 += vload(a + j) * vload(b + j);
+  float sum = lanes_sum(acc0 + acc1);
   for (; j < n; ++j) sum += a[j] * b[j];
-  for (int l = 0; l < 8; ++l) sum += acc[l];
   return sum;
 }
 
 inline float row_sum(const float* x, int n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum = 0.0f;
+  vfloat acc0 = {}, acc1 = {};
   int j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += x[j + l];
+  for (; j + 2 * kLanes <= n; j += 2 * kLanes) {
+    acc0 += vload(x + j);
+    acc1 += vload(x + j + kLanes);
+  }
+  for (; j + kLanes <= n; j += kLanes) acc0 += vload(x + j);
+  float sum = lanes_sum(acc0 + acc1);
   for (; j < n; ++j) sum += x[j];
-  for (int l = 0; l < 8; ++l) sum += acc[l];
   return sum;
 }
 
@@ -310,6 +345,12 @@ class CpuPrimitive : public mx::Primitive {
   template <class F>
   void dispatch(std::vector<mx::array>& outputs, F&& fn) {
     for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    dispatch_only(std::forward<F>(fn));
+  }
+
+  // runs fn on this primitive's stream (the outputs already have their buffers)
+  template <class F>
+  void dispatch_only(F&& fn) {
     mx::cpu::get_command_encoder(stream()).dispatch(std::forward<F>(fn));
   }
 
@@ -622,6 +663,220 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
   return outs[0];
 }
 
+// ---------------------------------------------------------------------------
+// One step of generation for the whole model: each sequence's newest token through
+// every block against its KV cache, to the next-token logits, in one primitive. At
+// batch 1 the model is a chain of matrix-vector products over a few hundred floats;
+// as MLX operations that is some eighty primitives per token, each costing more to
+// dispatch than to compute. Here it is one loop nest over the weights.
+//
+// Inputs: tokens (B,) int32; offset (1,) int32, the positions the caches hold; wte
+// (V, C); wpe (S, C); the head (V, C); ln_f's weight and bias; per layer, in order,
+// ln_1 w, b, c_attn W (3C, C), b, attn c_proj W (C, C), b, ln_2 w, b, c_fc W (4C, C),
+// b, mlp c_proj W (C, 4C), b; then per layer the keys and the values (B, H, S, D).
+// Outputs: logits (B, V), offset + 1, and the updated keys and values of every layer
+// (written in place when MLX lets the primitive donate the input buffers).
+
+constexpr int kPerLayer = 12;
+
+// the elements of `a` (any strides) in row-major order into out
+template <class T>
+void copy_to_rows(const mx::array& a, T* out) {
+  const T* src = a.data<T>();
+  if (a.flags().row_contiguous) {
+    std::memcpy(out, src, a.nbytes());
+    return;
+  }
+  const int nd = a.ndim();
+  std::vector<int> idx(nd, 0);
+  for (size_t i = 0; i < a.size(); ++i) {
+    int64_t at = 0;
+    for (int d = 0; d < nd; ++d) at += idx[d] * a.strides()[d];
+    out[i] = src[at];
+    for (int d = nd - 1; d >= 0 && ++idx[d] == a.shape(d); --d) idx[d] = 0;
+  }
+}
+
+// y[b, o] = bias[o] + dot(W[o, :], x[b, :]) for a (out, in) row-major W: each weight row
+// is read once for all B sequences.
+void matvec(const float* W, const float* bias, const float* x, int B, int in, int out, float* y) {
+  for (int o = 0; o < out; ++o) {
+    const float* w = W + static_cast<size_t>(o) * in;
+    for (int b = 0; b < B; ++b) y[b * out + o] = bias[o] + row_dot(w, x + b * in, in);
+  }
+}
+
+void layer_norm_rows(const float* x, const float* w, const float* b, float eps, int rows, int C,
+                     float* y) {
+  float mean, rstd;
+  for (int r = 0; r < rows; ++r)
+    layer_norm_forward(x + r * C, w, b, eps, 1, C, y + r * C, &mean, &rstd);
+}
+
+struct DecodeParams {
+  int layers, heads;
+  float eps;
+  bool operator==(const DecodeParams& o) const {
+    return layers == o.layers && heads == o.heads && eps == o.eps;
+  }
+};
+
+// keys and values: per layer (B, H, S, D), already holding the inputs' contents
+void decode(const DecodeParams& prm, int B, int C, int V, int S, const int32_t* tok, int pos,
+            const std::vector<const float*>& w, const std::vector<float*>& keys,
+            const std::vector<float*>& values, float* logits) {
+  const int H = prm.heads, D = C / H;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::vector<float> x(B * C), h(B * C), qkv(B * 3 * C), y(B * C), a(B * C), f(B * 4 * C),
+      p(pos + 1);
+  const float *wte = w[0], *wpe = w[1], *head = w[2];
+  for (int b = 0; b < B; ++b)
+    for (int c = 0; c < C; ++c) x[b * C + c] = wte[tok[b] * C + c] + wpe[pos * C + c];
+  for (int l = 0; l < prm.layers; ++l) {
+    const float* const* lw = w.data() + 5 + l * kPerLayer;
+    layer_norm_rows(x.data(), lw[0], lw[1], prm.eps, B, C, h.data());
+    matvec(lw[2], lw[3], h.data(), B, C, 3 * C, qkv.data());
+    for (int b = 0; b < B; ++b) {
+      for (int hd = 0; hd < H; ++hd) {
+        const float* q = qkv.data() + b * 3 * C + hd * D;
+        size_t base = (static_cast<size_t>(b) * H + hd) * S * D;
+        float* K = keys[l] + base;
+        float* Vv = values[l] + base;
+        std::memcpy(K + pos * D, q + C, D * sizeof(float));
+        std::memcpy(Vv + pos * D, q + 2 * C, D * sizeof(float));
+        for (int j = 0; j <= pos; ++j) p[j] = scale * row_dot(q, K + j * D, D);
+        float shift = row_max(p.data(), pos + 1);
+        for (int j = 0; j <= pos; ++j) p[j] = exp_nonpositive(p[j] - shift);
+        float inv = 1.0f / row_sum(p.data(), pos + 1);
+        float* out = y.data() + b * C + hd * D;
+        std::fill(out, out + D, 0.0f);
+        for (int j = 0; j <= pos; ++j) {
+          float pj = p[j] * inv;
+          const float* vj = Vv + j * D;
+          for (int d = 0; d < D; ++d) out[d] += pj * vj[d];
+        }
+      }
+    }
+    matvec(lw[4], lw[5], y.data(), B, C, C, a.data());
+    for (int i = 0; i < B * C; ++i) x[i] += a[i];
+    layer_norm_rows(x.data(), lw[6], lw[7], prm.eps, B, C, h.data());
+    matvec(lw[8], lw[9], h.data(), B, C, 4 * C, f.data());
+    gelu_forward(f.data(), f.data(), f.size());
+    matvec(lw[10], lw[11], f.data(), B, 4 * C, C, a.data());
+    for (int i = 0; i < B * C; ++i) x[i] += a[i];
+  }
+  layer_norm_rows(x.data(), w[3], w[4], prm.eps, B, C, h.data());
+  std::vector<float> zero(V, 0.0f);
+  matvec(head, zero.data(), h.data(), B, C, V, logits);
+}
+
+class DecodeStep : public CpuPrimitive<DecodeParams> {
+ public:
+  using CpuPrimitive::CpuPrimitive;
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override {
+    const int L = prm_.layers, nw = 5 + L * kPerLayer;
+    outputs[0].set_data(mx::allocator::malloc(outputs[0].nbytes()));
+    outputs[1].set_data(mx::allocator::malloc(outputs[1].nbytes()));
+    // the caches: updated in place where MLX lets this primitive have the input's
+    // buffer, else copied first (inside the dispatched task, off this thread)
+    std::vector<std::pair<mx::array, mx::array>> copies;
+    for (int i = 0; i < 2 * L; ++i) {
+      const auto& in = inputs[2 + nw + i];
+      auto& out = outputs[2 + i];
+      if (in.is_donatable() && in.flags().row_contiguous) {
+        out.copy_shared_buffer(in);
+      } else {
+        out.set_data(mx::allocator::malloc(out.nbytes()));
+        copies.emplace_back(in, out);
+      }
+    }
+    dispatch_only([inputs, outputs, copies, prm = prm_, nw, L]() mutable {
+      for (auto& [in, out] : copies) copy_to_rows(in, out.data<float>());
+      const auto& keys0 = outputs[2];
+      int B = keys0.shape(0), S = keys0.shape(2), C = inputs[2].shape(1),
+          V = inputs[2].shape(0);
+      std::vector<int32_t> tok(B);
+      copy_to_rows(inputs[0], tok.data());
+      int pos = inputs[1].data<int32_t>()[0];
+      std::vector<const float*> w(nw);
+      for (int i = 0; i < nw; ++i) w[i] = inputs[2 + i].data<float>();
+      std::vector<float*> keys(L), values(L);
+      for (int l = 0; l < L; ++l) {
+        keys[l] = outputs[2 + l].data<float>();
+        values[l] = outputs[2 + L + l].data<float>();
+      }
+      outputs[1].data<int32_t>()[0] = pos + 1;
+      if (pos < 0 || pos >= S) {
+        std::fill(outputs[0].data<float>(), outputs[0].data<float>() + B * V, NAN);
+        return;  // a full cache: generation re-encodes before this happens
+      }
+      decode(prm, B, C, V, S, tok.data(), pos, w, keys, values, outputs[0].data<float>());
+    });
+  }
+
+  const char* name() const override { return "DecodeStep"; }
+};
+
+// tokens (B,), offset (1,), weights as listed above, keys and values per layer
+std::vector<mx::array> decode_step(const mx::array& tokens, const mx::array& offset,
+                                   const std::vector<mx::array>& weights,
+                                   const std::vector<mx::array>& keys,
+                                   const std::vector<mx::array>& values, int heads, float eps) {
+  std::ostringstream bad;
+  int L = static_cast<int>(keys.size());
+  if (L < 1 || values.size() != keys.size() ||
+      weights.size() != static_cast<size_t>(5 + L * kPerLayer)) {
+    bad << "decode_step needs 5 + 12 per layer weights and one keys and values array per "
+           "layer, got " << weights.size() << " weights, " << keys.size() << " keys, "
+        << values.size() << " values";
+  } else if (tokens.ndim() != 1 || tokens.dtype() != mx::int32) {
+    bad << "tokens must be int32 of shape (B,), got " << tokens.dtype() << " " << tokens.shape();
+  } else if (offset.size() != 1 || offset.dtype() != mx::int32) {
+    bad << "offset must be an int32 array of one element, got " << offset.dtype() << " "
+        << offset.shape();
+  } else if (weights[0].ndim() != 2 || heads < 1 || weights[0].shape(1) % heads != 0) {
+    bad << "wte must be (V, C) with C a multiple of heads=" << heads << ", got "
+        << weights[0].shape();
+  }
+  if (!bad.str().empty()) throw std::invalid_argument(bad.str());
+  int B = tokens.shape(0), C = weights[0].shape(1), V = weights[0].shape(0);
+  for (size_t i = 0; i < weights.size(); ++i) check_float32(weights[i], "every weight");
+  for (int l = 0; l < L; ++l) {
+    for (const auto* cache : {&keys[l], &values[l]}) {
+      check_float32(*cache, "the cache");
+      if (cache->ndim() != 4 || cache->shape(0) != B || cache->shape(1) != heads ||
+          cache->shape(1) * cache->shape(3) != C || cache->shape() != keys[0].shape()) {
+        bad << "every cache must be (B, heads, S, C / heads) = (" << B << ", " << heads
+            << ", S, " << C / heads << "), got " << cache->shape();
+        throw std::invalid_argument(bad.str());
+      }
+    }
+  }
+  auto stream = cpu_stream();
+  // no copies as graph nodes (each costs more to schedule than this step takes): the
+  // weights are parameters, already evaluated and contiguous; tokens and caches of any
+  // layout are read as they are
+  auto as_rows = [&](const mx::array& a) {
+    return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
+  };
+  std::vector<mx::array> inputs = {tokens, offset};
+  for (const auto& a : weights) inputs.push_back(as_rows(a));
+  std::vector<mx::Shape> shapes = {{B, V}, {1}};
+  std::vector<mx::Dtype> dtypes = {mx::float32, mx::int32};
+  for (const auto* group : {&keys, &values}) {
+    for (const auto& a : *group) {
+      inputs.push_back(a);
+      shapes.push_back(a.shape());
+      dtypes.push_back(mx::float32);
+    }
+  }
+  return mx::array::make_arrays(std::move(shapes), std::move(dtypes),
+                                std::make_shared<DecodeStep>(stream, DecodeParams{L, heads, eps}),
+                                std::move(inputs));
+}
+
 }  // namespace
 
 NB_MODULE(_cpu_kernels, m) {
@@ -632,4 +887,8 @@ NB_MODULE(_cpu_kernels, m) {
   m.def("gelu", &gelu, nb::arg("x"), "GPT-2's tanh GELU, element-wise.");
   m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"),
         nb::arg("eps"), "Layer norm over the last axis.");
+  m.def("decode_step", &decode_step, nb::arg("tokens"), nb::arg("offset"), nb::arg("weights"),
+        nb::arg("keys"), nb::arg("values"), nb::arg("heads"), nb::arg("eps"),
+        "One generation step of the whole model from its KV cache -> [logits, offset, "
+        "keys..., values...].");
 }
