@@ -174,8 +174,9 @@ def test_model_trains_the_same_with_and_without_it(ext, dropout):
     "cfg",
     [
         GPTConfig(vocab_size=13, block_size=24, n_layer=2, n_head=2, n_emb=40),
-        GPTConfig(vocab_size=7, block_size=9, n_layer=1, n_head=3, n_emb=12, bias=False,
-                  tie_weights=False),  # fmt: skip
+        GPTConfig(
+            vocab_size=7, block_size=9, n_layer=1, n_head=3, n_emb=12, bias=False, tie_weights=False
+        ),  # fmt: skip
     ],
 )
 @pytest.mark.parametrize("batch", [1, 3])

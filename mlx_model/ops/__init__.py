@@ -10,7 +10,8 @@ to a backend chosen once per (device, dtype, training):
   and layer norm with closed-form backwards, hashed dropout masks, attention in query
   blocks, the batch split over one stream per core.
 - `native` (`ops/native.py`): the `cpu` backend with C++ primitives for attention, GELU
-  and layer norm in training, and the fused generation step, built on first use; `cpu` stands in if they cannot be built.
+  and layer norm in training, and the fused generation step, built on first use; `cpu`
+  stands in if they cannot be built.
 
 The choice is `auto` (native, else cpu, on the CPU in float32; reference elsewhere)
 unless `SHAKESPEARE_GPT_OPS` or `use(...)` names one. All compute the same functions;
