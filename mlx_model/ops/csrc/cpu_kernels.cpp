@@ -74,33 +74,98 @@ inline uint32_t hash32(uint32_t x) {  // Chris Wellons' lowbias32
   return x ^ (x >> 16);
 }
 
-// exp(x) for x in [-87, 87], vectorisable: 2^n from the exponent bits, 2^f (|f| <= 1/2)
-// by the same degree-7 polynomial as mlx_model.fastops.exp, in Estrin's scheme.
+// Loops in the widest vector registers this CPU has: the library is built on
+// the machine that runs it, for it (-march=native), so AVX-512 where present, else AVX,
+// else SSE, written with the compiler's vector types: left to the auto-vectoriser, the
+// GELU loop ran six times slower and row reductions (one accumulator may not be
+// reordered; eight scalar partial sums) five times slower.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors stay inside this library
+using vfloat = float __attribute__((vector_size(kLanes * sizeof(float))));
+using vint = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline vfloat vload(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float lanes_sum(vfloat v) {
+  float s = 0.0f;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+
+// exp(x) for x in [-87, 87]: 2^n from the exponent bits, 2^f (|f| <= 1/2) by the same
+// degree-7 polynomial as mlx_model.ops.cpu.exp, in Estrin's scheme. For a float or a
+// vector of them.
+template <class F>
+inline F exp_poly(F f) {
+  F f2 = f * f;
+  F p01 = 1.0f + 0.6931471805599453f * f;
+  F p23 = 0.2402265069591007f + 0.05550410866482158f * f;
+  F p45 = 0.009618129107628477f + 0.0013333558146428443f * f;
+  F p67 = 0.00015403530393381606f + 1.525273380405984e-05f * f;
+  F f4 = f2 * f2;
+  return (p01 + p23 * f2) + (p45 + p67 * f2) * f4;
+}
+
 inline float exp_core(float x) {
   float t = x * 1.4426950408889634f;
   float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest, |t| < 2^22
-  float f = t - n;
-  float f2 = f * f;
-  float p01 = 1.0f + 0.6931471805599453f * f;
-  float p23 = 0.2402265069591007f + 0.05550410866482158f * f;
-  float p45 = 0.009618129107628477f + 0.0013333558146428443f * f;
-  float p67 = 0.00015403530393381606f + 1.525273380405984e-05f * f;
-  float f4 = f2 * f2;
-  float p = (p01 + p23 * f2) + (p45 + p67 * f2) * f4;
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return exp_poly(t - n) * scale;
+}
+
+inline vfloat exp_core(vfloat x) {
+  vfloat t = x * 1.4426950408889634f;
+  vfloat n = (t + 12582912.0f) - 12582912.0f;
+  vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  return exp_poly(t - n) * reinterpret_cast<vfloat>(bits);
 }
 
 // exp(x) for x <= 0 (scores minus their row maximum); below -87 it is ~1e-38, not 0.
-// Value selects, not std::max's references: they vectorise.
-inline float exp_nonpositive(float x) { return exp_core(x > -87.0f ? x : -87.0f); }
+template <class F>
+inline F exp_nonpositive(F x) {
+  return exp_core(x > -87.0f ? x : F{} - 87.0f);
+}
 
 // exp(x) clamped to [-87, 87], where a sigmoid is 0 or 1 to float32 anyway
-inline float exp_clamped(float x) {
-  x = x > -87.0f ? x : -87.0f;
-  return exp_core(x < 87.0f ? x : 87.0f);
+template <class F>
+inline F exp_clamped(F x) {
+  x = x > -87.0f ? x : F{} - 87.0f;
+  return exp_core(x < 87.0f ? x : F{} + 87.0f);
+}
+
+// out[i] = f(i) for i < n, kLanes at a time; f(i) loads its own inputs at i. The tail is
+// computed on a full vector of which only the valid part is stored: f reads the inputs
+// through `load`, which pads past n with zeros.
+template <class Fn>
+inline void vmap(float* out, size_t n, Fn&& f) {
+  size_t i = 0;
+  auto full = [](const float* p, size_t) { return vload(p); };
+  for (; i + kLanes <= n; i += kLanes) vstore(out + i, f(i, full));
+  if (i < n) {
+    size_t rest = n - i;
+    auto part = [rest](const float* p, size_t) {
+      float tmp[kLanes] = {};
+      std::memcpy(tmp, p, rest * sizeof(float));
+      return vload(tmp);
+    };
+    float tmp[kLanes];
+    vstore(tmp, f(i, part));
+    std::memcpy(out + i, tmp, rest * sizeof(float));
+  }
 }
 
 struct Shape4 {
@@ -130,32 +195,6 @@ struct DropMask {
     return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
   }
 };
-
-// Row reductions in the widest vector registers this CPU has: the library is built on
-// the machine that runs it, for it (-march=native), so AVX-512 where present, else AVX,
-// else SSE. Plain loops with one float accumulator would not vectorise (the compiler may
-// not reorder them), and eight scalar partial sums ran at a fifth of this speed.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
-#pragma GCC diagnostic ignored "-Wpsabi"  // vectors stay inside this library
-using vfloat = float __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline vfloat vload(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline float lanes_sum(vfloat v) {
-  float s = 0.0f;
-  for (int l = 0; l < kLanes; ++l) s += v[l];
-  return s;
-}
 
 inline float row_max(const float* x, int n) {
   float m = x[0];
@@ -219,7 +258,7 @@ void weights(const float* q, const float* k, int ld, int T, int D, float scale, 
       float* row = P + i * T;
       int n = i + 1;
       float shift = lse == nullptr ? row_max(row, n) : lse[i];
-      for (int j = 0; j < n; ++j) row[j] = exp_nonpositive(row[j] - shift);
+      vmap(row, n, [&](size_t j, auto load) { return exp_nonpositive(load(row + j, j) - shift); });
       if (lse == nullptr) {
         float sum = row_sum(row, n), inv = 1.0f / sum;
         for (int j = 0; j < n; ++j) row[j] *= inv;
@@ -468,21 +507,24 @@ mx::array causal_attention(const mx::array& qkv, const mx::array& seed, int head
 
 constexpr float kGeluK = 0.7978845608028654f, kGeluC = 0.044715f;
 
-inline float sigmoid_2u(float x) {
-  float u = kGeluK * (x + kGeluC * x * x * x);
+inline vfloat sigmoid_2u(vfloat x) {
+  vfloat u = kGeluK * (x + kGeluC * x * x * x);
   return 1.0f / (1.0f + exp_clamped(-2.0f * u));
 }
 
 void gelu_forward(const float* x, float* y, size_t n) {
-  for (size_t i = 0; i < n; ++i) y[i] = x[i] * sigmoid_2u(x[i]);
+  vmap(y, n, [x](size_t i, auto load) {
+    vfloat v = load(x + i, i);
+    return v * sigmoid_2u(v);
+  });
 }
 
 void gelu_backward(const float* x, const float* dy, float* dx, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    float v = x[i], s = sigmoid_2u(v);
-    float du = kGeluK * (1.0f + 3.0f * kGeluC * v * v);
-    dx[i] = dy[i] * (s + v * s * (1.0f - s) * 2.0f * du);
-  }
+  vmap(dx, n, [x, dy](size_t i, auto load) {
+    vfloat v = load(x + i, i), s = sigmoid_2u(v);
+    vfloat du = kGeluK * (1.0f + 3.0f * kGeluC * v * v);
+    return load(dy + i, i) * (s + v * s * (1.0f - s) * 2.0f * du);
+  });
 }
 
 class GeluGrad : public CpuPrimitive<NoParams> {
@@ -746,7 +788,7 @@ void decode(const DecodeParams& prm, int B, int C, int V, int S, const int32_t* 
         std::memcpy(Vv + pos * D, q + 2 * C, D * sizeof(float));
         for (int j = 0; j <= pos; ++j) p[j] = scale * row_dot(q, K + j * D, D);
         float shift = row_max(p.data(), pos + 1);
-        for (int j = 0; j <= pos; ++j) p[j] = exp_nonpositive(p[j] - shift);
+        for (int j = 0; j <= pos; ++j) p[j] = exp_nonpositive(p[j] - shift);  // a few keys
         float inv = 1.0f / row_sum(p.data(), pos + 1);
         float* out = y.data() + b * C + hd * D;
         std::fill(out, out + D, 0.0f);
