@@ -177,7 +177,7 @@ def main() -> None:
 
     # name, count per step, before fn, after fn (None: same), batched args, shared args,
     # whether the model runs the op in lanes
-    ops = [
+    table = [
         ("embeddings (gather)", 1, lambda a, c: a[idx] + c[:T], None, (), (wte, wpe), False),
         ("layer norm: pure MLX (fastops)", 2 * L + 1, layer_norm, fast_ln, (x,), (), True),
         ("layer norm: fused primitive", 2 * L + 1, layer_norm, fused_ln, (x,), (), True),
@@ -200,7 +200,7 @@ def main() -> None:
         ),
     ]
     rows = []
-    for name, count, before, after, batched, shared, laned in ops:
+    for name, count, before, after, batched, shared, laned in table:
         blas_threads(lanes)
         t_before = timed(before, batched, shared, args.repeat, 1)
         blas_threads(1 if lanes > 1 else lanes)
