@@ -65,7 +65,10 @@ def main() -> None:
     tc = preset.train
     for item in args.set:
         name, _, raw = item.partition("=")
-        value = json.loads(raw) if raw not in ("float32", "bfloat16", "float16") else raw
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:  # a bare word: a dtype, an optimizer name
+            value = raw
         if name in cfg.to_dict():
             cfg = cfg.replace(**{name: value})
         elif name in tc.to_dict():

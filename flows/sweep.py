@@ -9,10 +9,10 @@ import uuid
 from typing import Any
 
 import dask
-from prefect import flow, unmapped
+from prefect import flow, get_client, unmapped
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
-from prefect.states import Completed
+from prefect.states import Completed, Crashed
 from prefect_dask import DaskTaskRunner
 
 from tasks.config import DEFAULT_PRESET, RunConfig
@@ -64,9 +64,9 @@ def sweep_pipeline(
     evaluated = evaluate_model.map(unmapped(store), trained, unmapped(tokens))
     results = []
     for trial, train_future, eval_future in zip(plan, trained, evaluated, strict=True):
-        t = train_future.result(raise_on_failure=False)
+        t = _outcome(train_future)
         # an evaluation whose training failed never runs: only ask for it after a success
-        e = t if isinstance(t, BaseException) else eval_future.result(raise_on_failure=False)
+        e = t if isinstance(t, BaseException) else _outcome(eval_future)
         error = f"{type(e).__name__}: {e}" if isinstance(e, BaseException) else ""
         t = None if isinstance(t, BaseException) else output_of(t)
         e = None if isinstance(e, BaseException) else output_of(e)
@@ -83,18 +83,33 @@ def sweep_pipeline(
     return record
 
 
+def _outcome(future) -> Any:
+    """The task's result, or its failure as an exception. A task whose worker process died
+    under it (Dask's KilledWorker) never reported its end: its task run is marked Crashed
+    with the reason, and the error is returned like any other failure."""
+    try:
+        return future.result(raise_on_failure=False)
+    except Exception as err:  # the engine lost the task, not the task failing
+        message = f"its worker was lost: {type(err).__name__}: {err}"
+        with get_client(sync_client=True) as client:
+            client.set_task_run_state(future.task_run_id, Crashed(message=message), force=True)
+        return err
+
+
 def dask_runner(address: str | None = None, workers: int | None = None) -> DaskTaskRunner:
     """An existing Dask cluster at `address`, or a local one: one process per core (or
-    `workers`), each running MLX on one lane with one BLAS thread, so trials share the
-    cores instead of fighting over them."""
+    `workers`), each running MLX on its share of the cores (one lane each, one BLAS
+    thread per lane), so trials share the cores instead of fighting over them."""
     if address:
         return DaskTaskRunner(address=address)
-    # a worker that dies mid-trial fails the sweep at once with Dask's KilledWorker (the
-    # finished trials stay cached for the rerun); retried by Dask under the same Prefect
-    # task run, the trial finished but the flow run never returned
+    # a worker that dies mid-trial fails that trial with Dask's KilledWorker (a failed row;
+    # the nanny starts a new worker and the other trials go on). Retried by Dask under the
+    # same Prefect task run instead, the trial finished but the flow run never returned
     dask.config.set({"distributed.scheduler.allowed-failures": 0})
-    n = workers or max(1, len(os.sched_getaffinity(0)))
-    env = {"SHAKESPEARE_GPT_CPU_LANES": "1", "OPENBLAS_NUM_THREADS": "1"}
+    cores = max(1, len(os.sched_getaffinity(0)))
+    n = workers or cores
+    lanes = max(1, cores // n)  # --workers 1: one trial at a time on every core
+    env = {"SHAKESPEARE_GPT_CPU_LANES": str(lanes), "OPENBLAS_NUM_THREADS": "1"}
     return DaskTaskRunner(
         cluster_kwargs={
             "n_workers": n,

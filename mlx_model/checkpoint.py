@@ -21,10 +21,11 @@ OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 
 
-def save_model(directory: Path, model: GPT) -> None:
-    """Write `model.safetensors` and `config.json` into `directory`, each atomically."""
+def save_model(directory: Path, model: GPT, weights: dict[str, mx.array] | None = None) -> None:
+    """Write `model.safetensors` and `config.json` into `directory`, each atomically.
+    `weights` (flat, as `snapshot` takes them) stand in for the model's current ones."""
     directory = Path(directory)
-    weights = dict(tree_flatten(model.parameters()))
+    weights = weights if weights is not None else dict(tree_flatten(model.parameters()))
     with atomic_path(directory / WEIGHTS) as tmp:
         mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
     write_text_atomic(directory / CONFIG, json.dumps(model.config.to_dict(), indent=2))
@@ -51,10 +52,25 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint file differs from the digest its state.json recorded."""
 
 
+def snapshot(model: GPT, optimizer: optim.Optimizer | None = None) -> dict[str, dict]:
+    """The model's (and optimiser's) arrays now, evaluated: what a checkpoint written
+    later, on another thread, must contain. Training replaces arrays, never changes them."""
+    taken = {"weights": dict(tree_flatten(model.parameters()))}
+    if optimizer is not None:
+        taken["opt_state"] = dict(tree_flatten(optimizer.state))
+    mx.eval(list(taken.values()))
+    return taken
+
+
 def save_train_state(
-    directory: Path, model: GPT, optimizer: optim.Optimizer, state: dict[str, Any]
+    directory: Path,
+    model: GPT,
+    optimizer: optim.Optimizer,
+    state: dict[str, Any],
+    taken: dict[str, dict] | None = None,
 ) -> None:
-    """Write everything needed to resume: weights, optimiser moments and step.
+    """Write everything needed to resume: weights, optimiser moments and step; from
+    `taken` (a `snapshot`) if given, else from the model and optimiser as they are.
 
     `state.json` is written last and records the other files' SHA-256; a checkpoint
     without it is incomplete and ignored, one whose files differ from it is refused.
@@ -62,8 +78,9 @@ def save_train_state(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / STATE).unlink(missing_ok=True)
-    save_model(directory, model)
-    opt_state = dict(tree_flatten(optimizer.state))
+    taken = taken or snapshot(model, optimizer)
+    save_model(directory, model, taken["weights"])
+    opt_state = taken["opt_state"]
     with atomic_path(directory / OPTIMIZER) as tmp:
         mx.save_safetensors(str(tmp), opt_state)
     files = {name: file_sha256(directory / name) for name in (WEIGHTS, CONFIG, OPTIMIZER)}

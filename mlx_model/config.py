@@ -99,6 +99,13 @@ class TrainConfig(Serializable):
     beta1: float = option(0.9, "AdamW first-moment decay")
     beta2: float = option(0.99, "AdamW second-moment decay")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 disables)")
+    optimizer: str = option(
+        "adamw",
+        "adamw, or muon: Muon for the blocks' weight matrices, AdamW for embeddings and vectors",
+    )
+    muon_learning_rate: float = option(
+        0.02, "peak Muon learning rate (optimizer muon); its floor scales as min_lr does"
+    )
     eval_interval: int = option(250, "estimate train/val loss every this many steps")
     eval_batches: int = option(20, "batches of fixed windows per loss estimate")
     patience: int = option(
@@ -126,6 +133,12 @@ class TrainConfig(Serializable):
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ValueError(
                 f"TrainConfig.min_lr must be in [0, learning_rate], got {self.min_lr!r}"
+            )
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"TrainConfig.optimizer must be adamw or muon, got {self.optimizer!r}")
+        if not self.muon_learning_rate > 0:
+            raise ValueError(
+                f"TrainConfig.muon_learning_rate must be > 0, got {self.muon_learning_rate!r}"
             )
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(

@@ -131,7 +131,12 @@ def _failure(errors: list[str], parallel: ParallelConfig, out_dir: Path, code: i
         if cause
         else f"the launcher exited with code {code} before rank 0 finished"
     )
-    last = next((e.strip() for e in reversed(errors) if e.strip() and "[WARN]" not in e), "")
+    # the ranks' own last error, not the launcher's lines about them
+    last = next(
+        (e.strip() for e in reversed(errors)
+         if e.strip() and "[WARN]" not in e and not _RANK_FAILED.search(e)),
+        "",
+    )  # fmt: skip
     detail = f" (last error line: {last[-300:]})" if last else ""
     return (
         f"data-parallel training failed: {what}{detail}. The latest checkpoint in "

@@ -10,6 +10,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from .checkpoint import (
     load_train_state,
     save_model,
     save_train_state,
+    snapshot,
 )
 from .config import GPTConfig, TrainConfig
 from .data import file_sha256, fixed_windows, get_batch, train_batch
@@ -49,22 +51,37 @@ class AdamWMatrices(optim.AdamW):
         return super().apply_single(gradient, parameter, state)
 
 
-def lr_schedule(tc: TrainConfig):
-    """Linear warm-up to the peak, then cosine decay to `min_lr` at `max_iters`."""
+def lr_schedule(tc: TrainConfig, peak: float | None = None):
+    """Linear warm-up to the peak (`learning_rate` unless given), then cosine decay to
+    `min_lr` (scaled with the peak) at `max_iters`."""
+    peak = tc.learning_rate if peak is None else peak
+    floor = tc.min_lr * peak / tc.learning_rate
     decay_steps = max(tc.max_iters - tc.warmup_iters, 1)
-    cosine = optim.cosine_decay(tc.learning_rate, decay_steps, tc.min_lr)
+    cosine = optim.cosine_decay(peak, decay_steps, floor)
     if tc.warmup_iters == 0:
         return cosine
-    warmup = optim.linear_schedule(0.0, tc.learning_rate, tc.warmup_iters)
+    warmup = optim.linear_schedule(0.0, peak, tc.warmup_iters)
     return optim.join_schedules([warmup, cosine], [tc.warmup_iters])
 
 
-def make_optimizer(tc: TrainConfig) -> AdamWMatrices:
-    return AdamWMatrices(
+def _in_blocks(path: str, parameter: mx.array) -> bool:
+    """The weight matrices of the transformer blocks (what Muon optimises)."""
+    return path.startswith("h.") and parameter.ndim == 2
+
+
+def make_optimizer(tc: TrainConfig) -> optim.Optimizer:
+    """AdamW with decay on matrices; with `optimizer="muon"`, Muon (Nesterov momentum
+    0.95, five Newton-Schulz steps, no decay) on the blocks' weight matrices and that
+    AdamW on the embeddings, the tied head, biases and norms."""
+    adamw = AdamWMatrices(
         learning_rate=lr_schedule(tc),
         betas=[tc.beta1, tc.beta2],
         weight_decay=tc.weight_decay,
     )
+    if tc.optimizer == "adamw":
+        return adamw
+    muon = optim.Muon(learning_rate=lr_schedule(tc, tc.muon_learning_rate), weight_decay=0.0)
+    return optim.MultiOptimizer([muon, adamw], [_in_blocks])
 
 
 def make_step(
@@ -131,13 +148,20 @@ class TrainResult:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time: total, eval, checkpoints
 
 
+# tokens per forward pass of a loss estimate: a few large batches rather than many of
+# the training batch's size, which on a GPU cost kernel launches more than arithmetic
+EVAL_TOKENS = 65536
+
+
 def estimate_loss(
     loss_sum, ids: np.ndarray, starts: np.ndarray, block: int, batch: int, group=None
 ):
     """Mean loss over fixed windows, summed on the device: one host read per estimate.
+    The windows go `EVAL_TOKENS` at a time (at least `batch` windows per forward pass).
     Over a group, each process takes every world-th window and the sums are reduced."""
     world, rank = (group.size(), group.rank()) if group is not None else (1, 0)
     mine = starts[rank::world]
+    batch = max(batch, EVAL_TOKENS // block)
     total = mx.zeros(())
     for i in range(0, len(mine), batch):
         x, y = get_batch(ids, mine[i : i + batch], block)
@@ -145,6 +169,39 @@ def estimate_loss(
     if world > 1:
         total = mx.distributed.all_sum(total, group=group)
     return total.item() / (len(starts) * block)
+
+
+class CheckpointWriter:
+    """Checkpoint files written in order on one background thread while training goes
+    on. A write takes its arrays (`snapshot`) when it is queued, so it holds the state of
+    its own step; `wait` returns when every queued write is on disk (raising the first
+    error). A killed process leaves at most an incomplete checkpoint, which is ignored."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._pending: list[Future] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        for done in [f for f in self._pending if f.done()]:
+            self._pending.remove(done)
+            done.result()
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _write_best(out_dir: Path, model: GPT, taken: dict, best: dict[str, Any]) -> None:
+    save_model(out_dir / BEST, model, taken["weights"])
+    best["sha256"] = file_sha256(out_dir / BEST / WEIGHTS)
 
 
 def weights_digest(model: GPT) -> str:
@@ -263,65 +320,72 @@ def train(
     spent = {"eval": 0.0, "checkpoints": 0.0}
     done = start
     model.train()
-    for step in range(start, end if not stopped else start):
-        x, y = train_batch(train_ids, cfg.block_size, tc.batch_size, tc.seed, step)
-        # dropout masks depend on (seed, step, rank) only; a group of one keeps the old seeds
-        mx.random.seed((tc.seed * 1_000_003 + step) * world + rank)
-        losses.append(step_fn(mx.array(x[share]), mx.array(y[share])))
-        mx.async_eval(losses[-1], model.parameters(), optimizer.state)
-        done = step + 1
-        if done % tc.log_interval == 0 or done == tc.max_iters:
-            mean = mx.mean(mx.stack(losses))
-            if world > 1:
-                mean = mx.distributed.all_sum(mean, group=group) / world
-            mean_loss = mean.item()  # the only host sync between estimates
-            losses.clear()
-            now = time.perf_counter()
-            tps = tokens_per_step * (done - step_last) / max(now - t_last, 1e-9)
-            t_last, step_last = now, done
-            lr = float(schedule(done))
-            train_log.append(
-                {"step": done, "train_loss": mean_loss, "lr": lr, "tokens_per_sec": tps}
-            )
-            report(Progress(done, tc.max_iters, mean_loss, None, lr, tps, now - t0))
-        if done % tc.eval_interval == 0 or done == tc.max_iters:
-            e0 = time.perf_counter()
-            model.eval()
-            record = {"step": done, "lr": float(schedule(done)), "tokens_per_sec": tps}
-            for split, ids in (("train", train_ids), ("val", val_ids)):
-                record[f"{split}_loss"] = estimate_loss(
-                    loss_sum, ids, eval_starts[split], cfg.block_size, tc.batch_size // world,
-                    group if world > 1 else None,
-                )  # fmt: skip
-            model.train()
-            record["elapsed"] = time.perf_counter() - t0  # since this process started training
-            history.append(record)
-            if record["val_loss"] < best["val_loss"]:
-                best = {"val_loss": record["val_loss"], "step": done}
-                if writer:
-                    save_model(out_dir / BEST, model)
-                    best["sha256"] = file_sha256(out_dir / BEST / WEIGHTS)
-            stopped = _patience_spent(tc, history, best["step"])
-            spent["eval"] += time.perf_counter() - e0
-            t_last += time.perf_counter() - e0  # throughput counts training steps only
-            report(
-                Progress(
-                    done, tc.max_iters, record["train_loss"], record["val_loss"], record["lr"],
-                    tps, time.perf_counter() - t0, kind="eval",
+    files = CheckpointWriter()  # rank 0 writes; checkpoints are on disk when this returns
+    try:
+        for step in range(start, end if not stopped else start):
+            x, y = train_batch(train_ids, cfg.block_size, tc.batch_size, tc.seed, step)
+            # dropout masks depend on (seed, step, rank) only; a group of one keeps the old seeds
+            mx.random.seed((tc.seed * 1_000_003 + step) * world + rank)
+            losses.append(step_fn(mx.array(x[share]), mx.array(y[share])))
+            mx.async_eval(losses[-1], model.parameters(), optimizer.state)
+            done = step + 1
+            if done % tc.log_interval == 0 or done == tc.max_iters:
+                mean = mx.mean(mx.stack(losses))
+                if world > 1:
+                    mean = mx.distributed.all_sum(mean, group=group) / world
+                mean_loss = mean.item()  # the only host sync between estimates
+                losses.clear()
+                now = time.perf_counter()
+                tps = tokens_per_step * (done - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, done
+                lr = float(schedule(done))
+                train_log.append(
+                    {"step": done, "train_loss": mean_loss, "lr": lr, "tokens_per_sec": tps}
                 )
-            )  # fmt: skip
-        if done % tc.checkpoint_interval == 0 or done == end or stopped:
-            c0 = time.perf_counter()
-            if world > 1:
-                check_same_weights(model, group)
-            if writer:
-                loop = {"step": done, "history": history, "train_log": train_log, "best": best}
-                meta = {"train_config": tc.to_dict(), "world_size": world}
-                save_train_state(out_dir / LATEST, model, optimizer, {**loop, **meta})
-            spent["checkpoints"] += time.perf_counter() - c0
-            t_last += time.perf_counter() - c0
-        if stopped:
-            break
+                report(Progress(done, tc.max_iters, mean_loss, None, lr, tps, now - t0))
+            if done % tc.eval_interval == 0 or done == tc.max_iters:
+                e0 = time.perf_counter()
+                model.eval()
+                record = {"step": done, "lr": float(schedule(done)), "tokens_per_sec": tps}
+                for split, ids in (("train", train_ids), ("val", val_ids)):
+                    record[f"{split}_loss"] = estimate_loss(
+                        loss_sum, ids, eval_starts[split], cfg.block_size, tc.batch_size // world,
+                        group if world > 1 else None,
+                    )  # fmt: skip
+                model.train()
+                record["elapsed"] = time.perf_counter() - t0  # since this process started training
+                history.append(record)
+                if record["val_loss"] < best["val_loss"]:
+                    best = {"val_loss": record["val_loss"], "step": done}
+                    if writer:  # the digest is filled in before any later state.json is written
+                        files.submit(_write_best, out_dir, model, snapshot(model), best)
+                stopped = _patience_spent(tc, history, best["step"])
+                spent["eval"] += time.perf_counter() - e0
+                t_last += time.perf_counter() - e0  # throughput counts training steps only
+                report(
+                    Progress(
+                        done, tc.max_iters, record["train_loss"], record["val_loss"], record["lr"],
+                        tps, time.perf_counter() - t0, kind="eval",
+                    )
+                )  # fmt: skip
+            if done % tc.checkpoint_interval == 0 or done == end or stopped:
+                c0 = time.perf_counter()
+                if world > 1:
+                    check_same_weights(model, group)
+                if writer:
+                    loop = {"step": done, "history": list(history), "train_log": list(train_log)}
+                    meta = {"train_config": tc.to_dict(), "world_size": world}
+                    state_now = {**loop, "best": best, **meta}
+                    taken = snapshot(model, optimizer)
+                    files.submit(
+                        save_train_state, out_dir / LATEST, model, optimizer, state_now, taken
+                    )
+                spent["checkpoints"] += time.perf_counter() - c0
+                t_last += time.perf_counter() - c0
+            if stopped:
+                break
+    finally:
+        files.close()
     final = done if stopped else end
     spent["total"] = time.perf_counter() - t0
     result = TrainResult(

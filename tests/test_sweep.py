@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from mlx_model.checkpoint import STATE
+from mlx_model.train import LATEST
 from tasks.sweep import RECORD, SWEEPS, leaderboard_rows, parse_grid, trials
+from tasks.train import METRICS
 
 
 def test_grid_values_take_their_fields_types():
@@ -127,3 +135,65 @@ def test_a_failing_trial_is_a_failed_row_and_the_others_finish(
     assert record["best"] == "block_size=16"
     rows = leaderboard_rows(record["trials"])
     assert rows[-1]["status"].startswith("failed:") and rows[0]["rank"] == 1
+
+
+def _worker_pids() -> list[int]:
+    """The local Dask cluster's worker processes: children of this process that
+    multiprocessing spawned."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == os.getpid() and b"spawn_main" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the workers through /proc")
+def test_a_killed_worker_fails_its_trial_and_the_others_finish(
+    corpus_path, corpus_sha, tmp_path, prefect_harness
+):
+    """A worker process killed mid-trial: that trial is a failed row and its task run
+    Crashed, the other trial finishes, nothing unfinished is marked finished, and the
+    rerun trains the lost trial from its latest checkpoint."""
+    from prefect import get_client
+
+    grid = {"training.learning_rate": [1e-3, 3e-3]}
+    long = {"max_iters": 3000, "checkpoint_interval": 50, "eval_interval": 1000}
+    killed: list[int] = []
+
+    def kill_one_when_both_checkpointed():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if len(list(tmp_path.glob(f"train/*/{LATEST}/{STATE}"))) == 2:
+                pids = _worker_pids()
+                if len(pids) == 2:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_when_both_checkpointed, daemon=True)
+    killer.start()
+    state = _sweep(corpus_path, corpus_sha, tmp_path, grid, **long)
+    killer.join(10)
+    assert killed, "the two trials never both checkpointed while running"
+    assert state.is_completed() and state.name == "Completed with failed trials", state
+    record = state.result()
+    failed = [t for t in record["trials"] if t["status"] != "completed"]
+    assert len(failed) == 1 and "KilledWorker" in failed[0]["status"]
+    assert len(_trained(tmp_path)) == 1  # the lost trial's stage is not marked finished
+    run_id = failed[0]["link"].rsplit("/", 1)[-1]
+    with get_client(sync_client=True) as client:
+        assert client.read_task_run(run_id).state.name == "Crashed"
+    again = _sweep(corpus_path, corpus_sha, tmp_path, grid, **long)
+    assert again.name == "Completed", again
+    assert len(_trained(tmp_path)) == 2
+    lost = next(t for t in again.result()["trials"] if t["name"] == failed[0]["name"])
+    metrics = json.loads((Path(lost["train"]["path"]) / METRICS).read_text())
+    assert metrics["resumed_from"] and metrics["resumed_from"] % 50 == 0

@@ -35,6 +35,33 @@ def test_training_reduces_loss(splits, tmp_path):
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"] - 0.3
 
 
+def test_muon_trains_the_block_matrices_and_resumes_exactly(splits, tmp_path):
+    """With optimizer=muon, Muon holds the blocks' weight matrices and AdamW the rest; it
+    trains, and a stopped run resumes to the same result as an uninterrupted one."""
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    from mlx_model.model import GPT
+    from mlx_model.train import make_optimizer
+
+    train_ids, val_ids = splits
+    cfg = TINY.model.replace(vocab_size=65)
+    tc = TINY.train.replace(optimizer="muon", muon_learning_rate=0.02)
+    opt = make_optimizer(tc)
+    opt.init(GPT(cfg).trainable_parameters())
+    muon, adamw = (dict(tree_flatten(s)) for s in opt.state["states"])
+    assert isinstance(opt.optimizers[0], optim.Muon)
+    assert any(k.startswith("h.0.attn.c_attn.weight") for k in muon)
+    assert not any(k.startswith(("wte", "wpe", "ln_f")) or ".bias" in k for k in muon)
+    assert any(k.startswith("wte.weight") for k in adamw)
+    full = train(cfg, tc, train_ids, val_ids, tmp_path / "full")
+    assert full.history[-1]["val_loss"] < full.history[0]["val_loss"] - 0.3
+    train(cfg, tc, train_ids, val_ids, tmp_path / "resumed", stop_after=20)
+    second = train(cfg, tc, train_ids, val_ids, tmp_path / "resumed")
+    assert second.resumed_from == 20
+    assert [h["val_loss"] for h in second.history] == [h["val_loss"] for h in full.history]
+
+
 def test_lr_schedule_warms_up_then_decays_to_floor():
     tc = TINY.train.replace(max_iters=100, warmup_iters=10, learning_rate=1e-3, min_lr=1e-4)
     sched = lr_schedule(tc)
