@@ -170,6 +170,26 @@ def test_model_trains_the_same_with_and_without_it(ext, dropout):
             assert mx.allclose(g, grads_b[name], atol=1e-5).item(), name
 
 
+@pytest.mark.parametrize("shape", [(3, 70, 16), (1, 1, 5), (2, 33, 17)])
+def test_dropout_draws_the_masks_of_the_pure_mlx_form_and_its_gradient_applies_them(ext, shape):
+    mx.random.seed(0)
+    x = mx.random.normal(shape)
+    for p in (0.1, 0.5):
+        mx.random.seed(11)
+        want = fastops.dropout(x, p)
+        mx.random.seed(11)
+        got = ext.dropout(x, fastops.dropout_seed(), p)
+        assert mx.allclose(got, want, atol=1e-6).item()
+        seed = mx.array([5], dtype=mx.uint32)
+        grad = mx.grad(lambda a, seed=seed, p=p: (ext.dropout(a, seed, p) * x).sum())(x)
+        kept = ext.dropout(mx.ones(shape), seed, p)
+        assert mx.allclose(grad, kept * x, atol=1e-6).item()
+        dropped = (kept == 0).astype(mx.float32).mean().item()
+        assert abs(dropped - p) < 0.15
+    with pytest.raises(ValueError, match="dropout p must be in"):
+        ext.dropout(x, mx.array([1], dtype=mx.uint32), 1.0)
+
+
 @pytest.mark.parametrize(
     "cfg",
     [

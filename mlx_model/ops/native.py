@@ -1,6 +1,6 @@
 """The native CPU kernels (`csrc/cpu_kernels.cpp`): MLX primitives for causal
-self-attention, GPT-2's GELU and layer norm, each with its backward; their build, and
-the backend that uses them.
+self-attention, GPT-2's GELU, layer norm and dropout, each with its backward, and the
+whole model's decoding step; their build, and the backend that uses them.
 
 MLX lets a C++ extension add primitives; Python cannot. The attention keeps each
 (batch, head)'s scores in cache, where the pure-MLX formulation
@@ -177,6 +177,11 @@ class Native(cpu.Cpu):
         if not self.training or bias is None:
             return super().layer_norm(x, weight, bias, eps)
         return self.ext.layer_norm(x, weight, bias, eps)
+
+    def dropout(self, x, p):
+        if not self.training or p == 0:
+            return x
+        return self.ext.dropout(x, cpu.dropout_seed(), p)  # the masks of cpu.dropout
 
     def gelu(self, x):
         return self.ext.gelu(x) if self.training else super().gelu(x)

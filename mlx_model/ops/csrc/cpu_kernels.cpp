@@ -1,8 +1,8 @@
 // Fused kernels for MLX's CPU backend, as MLX primitives: causal self-attention,
-// GPT-2's GELU and layer norm, each with its vector-Jacobian product as a second
-// primitive. Built at first use by mlx_model._fused (with the system C++ compiler,
-// against the installed MLX's headers and nanobind); without it the model uses pure
-// MLX.
+// GPT-2's GELU, layer norm and dropout, each with its vector-Jacobian product, and the
+// whole model's decoding step for generation. Built at first use by
+// mlx_model.ops.native (with the system C++ compiler, against the installed MLX's headers
+// and nanobind); without it the model uses pure MLX.
 //
 // Attention takes the fused q/k/v projection (B, T, 3C) and returns the heads' output
 // already laid out as (B, T, C), plus each row's log-sum-exp (B, H, T). For each
@@ -66,7 +66,8 @@ inline void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float
               0.0f, c, ldc);
 }
 
-inline uint32_t hash32(uint32_t x) {  // Chris Wellons' lowbias32
+template <class U>
+inline U hash32(U x) {  // Chris Wellons' lowbias32, of one uint32 or a vector of them
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
@@ -89,6 +90,7 @@ constexpr int kLanes = 4;
 #pragma GCC diagnostic ignored "-Wpsabi"  // vectors stay inside this library
 using vfloat = float __attribute__((vector_size(kLanes * sizeof(float))));
 using vint = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+using vuint = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
 inline vfloat vload(const float* p) {
   vfloat v;
@@ -238,11 +240,14 @@ inline float row_sum(const float* x, int n) {
 }
 
 // dst[j] = src[j] * keep_j / (1 - p) for j < n, where element j's flat index is start + j
-inline void drop_row(const float* src, float* dst, int n, uint32_t start, const DropMask& m) {
-  for (int j = 0; j < n; ++j) {
-    uint32_t h = hash32(start + static_cast<uint32_t>(j) + m.seed_mix);
-    dst[j] = src[j] * (h >= m.threshold ? m.keep_scale : 0.0f);
-  }
+inline void drop_row(const float* src, float* dst, size_t n, uint32_t start, const DropMask& m) {
+  vuint lane;
+  for (int l = 0; l < kLanes; ++l) lane[l] = static_cast<uint32_t>(l);
+  const uint32_t base = start + m.seed_mix;
+  vmap(dst, n, [&](size_t j, auto load) {
+    vuint h = hash32(lane + (base + static_cast<uint32_t>(j)));
+    return h >= m.threshold ? load(src + j, j) * m.keep_scale : vfloat{};
+  });
 }
 
 // P (T x T, row-major, zero above the diagonal) for one (batch, head): scores of the
@@ -569,6 +574,63 @@ mx::array gelu(const mx::array& x) {
   auto stream = cpu_stream();
   return mx::array(x.shape(), mx::float32, std::make_shared<Gelu>(stream),
                    {mx::contiguous(x, false, stream)});
+}
+
+// ---------------------------------------------------------------------------
+// Inverted dropout with mlx_model.ops.cpu.dropout's hashed masks: element i (flat
+// index) is kept when lowbias32(i + seed * 0x9E3779B9) >= round(p * 2^32), and kept
+// elements are scaled by 1 / (1 - p). The map is linear in x with a mask that only the
+// seed decides, so its vector-Jacobian product is the same map of the cotangent: no
+// mask is stored.
+
+struct DropP {
+  float p;
+  bool operator==(const DropP& o) const { return p == o.p; }
+};
+
+class Dropout : public CpuPrimitive<DropP> {
+ public:
+  using CpuPrimitive::CpuPrimitive;
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override {
+    auto x = inputs[0], seed = inputs[1], y = outputs[0];
+    dispatch(outputs, [x, seed, y, p = prm_.p]() mutable {
+      DropMask m(p, seed.data<uint32_t>()[0]);
+      drop_row(x.data<float>(), y.data<float>(), x.size(), 0u, m);
+    });
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>&) override {
+    auto dy = mx::contiguous(cotangents[0], false, stream());
+    auto dx = mx::array(dy.shape(), mx::float32, std::make_shared<Dropout>(stream(), prm_),
+                        {dy, primals[1]});
+    std::vector<mx::array> grads;
+    for (int arg : argnums) grads.push_back(arg == 0 ? dx : mx::zeros_like(primals[1], stream()));
+    return grads;
+  }
+
+  const char* name() const override { return "Dropout"; }
+};
+
+mx::array dropout(const mx::array& x, const mx::array& seed, float p) {
+  check_float32(x, "x");
+  std::ostringstream bad;
+  if (seed.dtype() != mx::uint32 || seed.size() != 1) {
+    bad << "seed must be a uint32 array of one element, got " << seed.dtype() << " "
+        << seed.shape();
+  } else if (!(p >= 0.0f && p < 1.0f)) {
+    bad << "dropout p must be in [0, 1), got " << p;
+  } else if (static_cast<double>(x.size()) >= 4294967296.0) {
+    bad << "x must have fewer than 2^32 elements (32-bit mask indices), got shape " << x.shape();
+  }
+  if (!bad.str().empty()) throw std::invalid_argument(bad.str());
+  auto stream = cpu_stream();
+  return mx::array(x.shape(), mx::float32, std::make_shared<Dropout>(stream, DropP{p}),
+                   {mx::contiguous(x, false, stream), mx::contiguous(seed, false, stream)});
 }
 
 // ---------------------------------------------------------------------------
@@ -927,6 +989,8 @@ NB_MODULE(_cpu_kernels, m) {
         nb::arg("heads"), nb::arg("scale"), nb::arg("p"),
         "Causal attention of the fused projection qkv (B, T, 3C) -> (B, T, C).");
   m.def("gelu", &gelu, nb::arg("x"), "GPT-2's tanh GELU, element-wise.");
+  m.def("dropout", &dropout, nb::arg("x"), nb::arg("seed"), nb::arg("p"),
+        "Inverted dropout with hashed masks seeded by a uint32 (1,) array.");
   m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"),
         nb::arg("eps"), "Layer norm over the last axis.");
   m.def("decode_step", &decode_step, nb::arg("tokens"), nb::arg("offset"), nb::arg("weights"),
