@@ -130,8 +130,11 @@ def main() -> None:
                 "global_batch": tc.batch_size,
                 "stopped_early": result.stopped_early,
                 "loop_seconds": result.seconds,
-                "mfu_last_interval": round(
-                    result.tokens_per_sec * flops_per_token(cfg) / H100_BF16_FLOPS, 3
+                "mfu_last_interval": round(  # per GPU: the group's tokens over its GPUs
+                    result.tokens_per_sec
+                    * flops_per_token(cfg)
+                    / (H100_BF16_FLOPS * args.processes),
+                    3,
                 ),
                 "target": args.target,
                 "first_at_target": next(

@@ -292,6 +292,16 @@ NANOGPT_CHAR = Preset(
     ),
     "nanoGPT's shakespeare-char configuration (6 layers, 6 heads, width 384, context 256)",
 )
+GPT2_CHAR = Preset(
+    "gpt2-char",
+    # GPT-2 small's blocks (12 layers, 12 heads, width 768; 85M parameters) at
+    # nanogpt-char's context, batch and schedule: a model whose step is mostly arithmetic,
+    # for scaling over several GPUs. Its schedule is nanogpt-char's, not tuned for it.
+    GPTConfig(block_size=256, n_layer=12, n_head=12, n_emb=768, dropout=0.2),
+    NANOGPT_CHAR.train,
+    "GPT-2 small's blocks at nanogpt-char's context: for multi-GPU scaling; untuned",
+)
+
 TINY = Preset(
     "tiny",
     GPTConfig(block_size=16, n_layer=2, n_head=2, n_emb=16, dropout=0.0),
@@ -309,7 +319,9 @@ TINY = Preset(
     "a toy model for tests: seconds on any machine",
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (QUICK, SEED, NANOGPT_CHAR, TINY)}
+PRESETS: dict[str, Preset] = {
+    p.name: p for p in (QUICK, SEED, NANOGPT_CHAR, GPT2_CHAR, TINY)
+}
 DEFAULT_PRESET = "quick"
 
 
