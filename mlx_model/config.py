@@ -319,9 +319,7 @@ TINY = Preset(
     "a toy model for tests: seconds on any machine",
 )
 
-PRESETS: dict[str, Preset] = {
-    p.name: p for p in (QUICK, SEED, NANOGPT_CHAR, GPT2_CHAR, TINY)
-}
+PRESETS: dict[str, Preset] = {p.name: p for p in (QUICK, SEED, NANOGPT_CHAR, GPT2_CHAR, TINY)}
 DEFAULT_PRESET = "quick"
 
 
