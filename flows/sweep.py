@@ -15,6 +15,7 @@ from prefect.settings import PREFECT_UI_URL
 from prefect.states import Completed, Crashed
 from prefect_dask import DaskTaskRunner
 
+from mlx_model.runtime.lanes import ENV as LANES_ENV
 from tasks.config import DEFAULT_PRESET, RunConfig
 from tasks.download import download_corpus
 from tasks.evaluate import evaluate_model
@@ -106,10 +107,22 @@ def dask_runner(address: str | None = None, workers: int | None = None) -> DaskT
     # the nanny starts a new worker and the other trials go on). Retried by Dask under the
     # same Prefect task run instead, the trial finished but the flow run never returned
     dask.config.set({"distributed.scheduler.allowed-failures": 0})
+    # the nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
+    # adaptive mmap threshold: MLX's large CPU buffers were mapped and unmapped on every
+    # use, and training steps ran 15-20% slower (docs/BENCHMARKS.md)
+    environ = dask.config.get("distributed.nanny.pre-spawn-environ", {})
+    dask.config.set(
+        {
+            "distributed.nanny.pre-spawn-environ": {
+                k: v for k, v in environ.items() if k != "MALLOC_TRIM_THRESHOLD_"
+            }
+        }
+    )
     cores = max(1, len(os.sched_getaffinity(0)))
     n = workers or cores
-    lanes = max(1, cores // n)  # --workers 1: one trial at a time on every core
-    env = {"SHAKESPEARE_GPT_CPU_LANES": str(lanes), "OPENBLAS_NUM_THREADS": "1"}
+    # --workers 1: one trial at a time on every core; SHAKESPEARE_GPT_CPU_LANES, if set, wins
+    lanes = os.environ.get(LANES_ENV) or str(max(1, cores // n))
+    env = {LANES_ENV: lanes, "OPENBLAS_NUM_THREADS": "1"}
     return DaskTaskRunner(
         cluster_kwargs={
             "n_workers": n,

@@ -166,6 +166,7 @@ def test_a_killed_worker_fails_its_trial_and_the_others_finish(
     grid = {"training.learning_rate": [1e-3, 3e-3]}
     long = {"max_iters": 3000, "checkpoint_interval": 50, "eval_interval": 1000}
     killed: list[int] = []
+    environ: list[bytes] = []
 
     def kill_one_when_both_checkpointed():
         deadline = time.monotonic() + 300
@@ -173,6 +174,7 @@ def test_a_killed_worker_fails_its_trial_and_the_others_finish(
             if len(list(tmp_path.glob(f"train/*/{LATEST}/{STATE}"))) == 2:
                 pids = _worker_pids()
                 if len(pids) == 2:
+                    environ.append((Path("/proc") / str(pids[0]) / "environ").read_bytes())
                     os.kill(pids[0], signal.SIGKILL)
                     killed.append(pids[0])
                     return
@@ -183,6 +185,9 @@ def test_a_killed_worker_fails_its_trial_and_the_others_finish(
     state = _sweep(corpus_path, corpus_sha, tmp_path, grid, **long)
     killer.join(10)
     assert killed, "the two trials never both checkpointed while running"
+    # the workers keep glibc's adaptive mmap threshold (Dask's default environment sets
+    # MALLOC_TRIM_THRESHOLD_, which slowed MLX's steps)
+    assert b"MALLOC_TRIM_THRESHOLD_" not in environ[0]
     assert state.is_completed() and state.name == "Completed with failed trials", state
     record = state.result()
     failed = [t for t in record["trials"] if t["status"] != "completed"]
