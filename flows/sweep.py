@@ -3,7 +3,6 @@ on a Dask cluster (Prefect's DaskTaskRunner), then the leaderboard."""
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from typing import Any
@@ -15,14 +14,13 @@ from prefect.settings import PREFECT_UI_URL
 from prefect.states import Completed, Crashed
 from prefect_dask import DaskTaskRunner
 
-from mlx_model.runtime.lanes import ENV as LANES_ENV
 from tasks.config import DEFAULT_PRESET, RunConfig
 from tasks.download import download_corpus
 from tasks.evaluate import evaluate_model
 from tasks.preflight import check_run
 from tasks.prepare import build_vocab, tokenize
 from tasks.store import ArtifactStore, output_of
-from tasks.sweep import report_sweep, sweep_name, trial_result, trials
+from tasks.sweep import local_cluster, report_sweep, sweep_name, trial_result, trials
 from tasks.train import train_model
 
 
@@ -98,38 +96,24 @@ def _outcome(future) -> Any:
 
 
 def dask_runner(address: str | None = None, workers: int | None = None) -> DaskTaskRunner:
-    """An existing Dask cluster at `address`, or a local one: one process per core (or
-    `workers`), each running MLX on its share of the cores (one lane each, one BLAS
-    thread per lane), so trials share the cores instead of fighting over them."""
+    """An existing Dask cluster at `address`, or a local one (`tasks.sweep.local_cluster`)
+    whose workers share the cores instead of fighting over them."""
     if address:
         return DaskTaskRunner(address=address)
-    # a worker that dies mid-trial fails that trial with Dask's KilledWorker (a failed row;
-    # the nanny starts a new worker and the other trials go on). Retried by Dask under the
-    # same Prefect task run instead, the trial finished but the flow run never returned
-    dask.config.set({"distributed.scheduler.allowed-failures": 0})
-    # the nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
-    # adaptive mmap threshold: MLX's large CPU buffers were mapped and unmapped on every
-    # use, and training steps ran 15-20% slower (docs/BENCHMARKS.md)
     environ = dask.config.get("distributed.nanny.pre-spawn-environ", {})
     dask.config.set(
         {
+            # a worker that dies mid-trial fails that trial with Dask's KilledWorker (a
+            # failed row; the nanny starts a new worker and the other trials go on).
+            # Retried by Dask under the same Prefect task run instead, the trial finished
+            # but the flow run never returned
+            "distributed.scheduler.allowed-failures": 0,
+            # the nanny's MALLOC_TRIM_THRESHOLD_=65536 turns off glibc's adaptive mmap
+            # threshold: MLX's large CPU buffers were mapped and unmapped on every use,
+            # and training steps ran 15-20% slower (docs/BENCHMARKS.md)
             "distributed.nanny.pre-spawn-environ": {
                 k: v for k, v in environ.items() if k != "MALLOC_TRIM_THRESHOLD_"
-            }
+            },
         }
     )
-    cores = max(1, len(os.sched_getaffinity(0)))
-    n = workers or cores
-    # --workers 1: one trial at a time on every core; SHAKESPEARE_GPT_CPU_LANES, if set, wins
-    lanes = os.environ.get(LANES_ENV) or str(max(1, cores // n))
-    env = {LANES_ENV: lanes, "OPENBLAS_NUM_THREADS": "1"}
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": n,
-            "threads_per_worker": 1,
-            "processes": True,
-            "host": "127.0.0.1",
-            "dashboard_address": None,
-            "env": env,
-        }  # fmt: skip
-    )
+    return DaskTaskRunner(cluster_kwargs=local_cluster(workers))

@@ -177,7 +177,7 @@ def estimate_loss(
 class CheckpointWriter:
     """Checkpoint files written in order on one background thread while training goes
     on. A write takes its arrays (`snapshot`) when it is queued, so it holds the state of
-    its own step; `wait` returns when every queued write is on disk (raising the first
+    its own step; `close` returns when every queued write is on disk (raising the first
     error). A killed process leaves at most an incomplete checkpoint, which is ignored."""
 
     def __init__(self) -> None:
@@ -190,14 +190,10 @@ class CheckpointWriter:
             self._pending.remove(done)
             done.result()
 
-    def wait(self) -> None:
-        pending, self._pending = self._pending, []
-        for f in pending:
-            f.result()
-
     def close(self) -> None:
         try:
-            self.wait()
+            for f in self._pending:
+                f.result()
         finally:
             self._pool.shutdown(wait=True)
 

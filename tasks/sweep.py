@@ -12,6 +12,7 @@ import base64
 import io
 import itertools
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from mlx_model.files import atomic_path, write_text_atomic  # noqa: E402
+from mlx_model.runtime.lanes import ENV as LANES_ENV  # noqa: E402
+from mlx_model.runtime.lanes import usable_cores  # noqa: E402
 
 from .config import SECTIONS, RunConfig, parse_value  # noqa: E402
 from .store import ArtifactStore, StageOutput, digest_json, safe_name  # noqa: E402
@@ -229,3 +232,21 @@ def best_trial(root: Path, reference: str) -> StageOutput:
 def promoted_model(store: ArtifactStore, reference: str) -> StageOutput:
     """The trained model a `best-of:<sweep>` reference names, instead of training one."""
     return best_trial(store.root, reference)
+
+
+def local_cluster(workers: int | None = None) -> dict[str, Any]:
+    """Keyword arguments for a local Dask cluster that trains trials side by side: one
+    worker process per usable core (or `workers`), each running MLX on its share of the
+    cores (lanes; `--workers 1` runs one trial at a time on all of them, and
+    SHAKESPEARE_GPT_CPU_LANES, if set, wins) with one BLAS thread per lane."""
+    cores = usable_cores()
+    n = workers or cores
+    lanes = os.environ.get(LANES_ENV) or str(max(1, cores // n))
+    return {
+        "n_workers": n,
+        "threads_per_worker": 1,
+        "processes": True,
+        "host": "127.0.0.1",
+        "dashboard_address": None,
+        "env": {LANES_ENV: lanes, "OPENBLAS_NUM_THREADS": "1"},
+    }

@@ -24,6 +24,11 @@ def cpu_lanes() -> int:
         if not value.isdigit() or int(value) < 1:
             raise ValueError(f"{ENV} must be a whole number >= 1, got {value!r}")
         return int(value)
+    return usable_cores()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS

@@ -405,6 +405,11 @@ struct NoParams {
   bool operator==(const NoParams&) const { return true; }
 };
 
+struct Scalar {  // one float parameter: layer norm's eps, dropout's p
+  float value;
+  bool operator==(const Scalar& o) const { return value == o.value; }
+};
+
 mx::Stream cpu_stream() {
   auto stream = mx::default_stream(mx::default_device());
   if (stream.device != mx::Device::cpu) {
@@ -583,19 +588,14 @@ mx::array gelu(const mx::array& x) {
 // seed decides, so its vector-Jacobian product is the same map of the cotangent: no
 // mask is stored.
 
-struct DropP {
-  float p;
-  bool operator==(const DropP& o) const { return p == o.p; }
-};
-
-class Dropout : public CpuPrimitive<DropP> {
+class Dropout : public CpuPrimitive<Scalar> {
  public:
   using CpuPrimitive::CpuPrimitive;
 
   void eval_cpu(const std::vector<mx::array>& inputs,
                 std::vector<mx::array>& outputs) override {
     auto x = inputs[0], seed = inputs[1], y = outputs[0];
-    dispatch(outputs, [x, seed, y, p = prm_.p]() mutable {
+    dispatch(outputs, [x, seed, y, p = prm_.value]() mutable {
       DropMask m(p, seed.data<uint32_t>()[0]);
       drop_row(x.data<float>(), y.data<float>(), x.size(), 0u, m);
     });
@@ -629,7 +629,7 @@ mx::array dropout(const mx::array& x, const mx::array& seed, float p) {
   }
   if (!bad.str().empty()) throw std::invalid_argument(bad.str());
   auto stream = cpu_stream();
-  return mx::array(x.shape(), mx::float32, std::make_shared<Dropout>(stream, DropP{p}),
+  return mx::array(x.shape(), mx::float32, std::make_shared<Dropout>(stream, Scalar{p}),
                    {mx::contiguous(x, false, stream), mx::contiguous(seed, false, stream)});
 }
 
@@ -682,12 +682,7 @@ void layer_norm_backward(const float* x, const float* w, const float* mean, cons
   }
 }
 
-struct Eps {
-  float eps;
-  bool operator==(const Eps& o) const { return eps == o.eps; }
-};
-
-class LayerNormGrad : public CpuPrimitive<Eps> {
+class LayerNormGrad : public CpuPrimitive<Scalar> {
  public:
   using CpuPrimitive::CpuPrimitive;
 
@@ -707,7 +702,7 @@ class LayerNormGrad : public CpuPrimitive<Eps> {
   const char* name() const override { return "LayerNormGrad"; }
 };
 
-class LayerNorm : public CpuPrimitive<Eps> {
+class LayerNorm : public CpuPrimitive<Scalar> {
  public:
   using CpuPrimitive::CpuPrimitive;
 
@@ -717,7 +712,7 @@ class LayerNorm : public CpuPrimitive<Eps> {
     auto y = outputs[0], mean = outputs[1], rstd = outputs[2];
     int C = x.shape(-1);
     size_t rows = x.size() / C;
-    dispatch(outputs, [x, w, b, y, mean, rstd, rows, C, eps = prm_.eps]() mutable {
+    dispatch(outputs, [x, w, b, y, mean, rstd, rows, C, eps = prm_.value]() mutable {
       layer_norm_forward(x.data<float>(), w.data<float>(), b.data<float>(), eps, rows, C,
                          y.data<float>(), mean.data<float>(), rstd.data<float>());
     });
@@ -761,7 +756,7 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
   rows_shape.pop_back();
   auto outs = mx::array::make_arrays(
       {x.shape(), rows_shape, rows_shape}, {mx::float32, mx::float32, mx::float32},
-      std::make_shared<LayerNorm>(stream, Eps{eps}),
+      std::make_shared<LayerNorm>(stream, Scalar{eps}),
       {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream),
        mx::contiguous(bias, false, stream)});
   return outs[0];
