@@ -125,24 +125,38 @@ class GPT(nn.Module):
         With a cache (`make_cache`), `idx` continues the sequence it holds, and the
         cache is updated in place.
         """
+        x = self._blocks(idx, cache, dtype)
+        if cache is None:
+            return ops.in_lanes(self._logits, x, self.training)
+        return self._logits(x)  # (B, T, vocab)
+
+    def loss(self, idx: mx.array, targets: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
+        """Next-token cross-entropy (B, T) of `targets` (B, T) after token ids `idx` (B, T),
+        computed in `dtype`; the head and the loss run in the blocks' CPU lanes."""
+
+        def head_loss(x: mx.array, t: mx.array) -> mx.array:
+            return ops.cross_entropy(self._logits(x), t, self.training)
+
+        return ops.in_lanes(head_loss, self._blocks(idx, None, dtype), self.training, targets)
+
+    def _blocks(self, idx: mx.array, cache: list[KVCache] | None, dtype: mx.Dtype) -> mx.array:
+        """The embeddings through every block: (B, T) ids -> (B, T, C) in `dtype`."""
         B, T = idx.shape
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-            pos = mx.arange(T)
+            x = ops.embed(idx, self.wte.weight, self.wpe.weight, self.training)
         else:
-            pos = cache[0].positions(T)
-        x = (self.wte(idx) + self.wpe(pos)).astype(dtype)  # (B, T, C)
+            x = self.wte(idx) + self.wpe(cache[0].positions(T))
+        x = x.astype(dtype)  # (B, T, C)
         x = ops.dropout(x, self.config.dropout, self.training)
         if cache is None:  # whole sequences: the batch may run over CPU lanes
             for block in self.h:
                 x = ops.in_lanes(block, x, self.training)
-            logits = ops.in_lanes(self._head, x, self.training)
         else:
             for block, layer_cache in zip(self.h, cache, strict=True):
                 x = block(x, layer_cache)
-            logits = self._head(x)
-        return logits.astype(mx.float32)  # (B, T, vocab)
+        return x
 
     def decode(self, tokens: mx.array, cache: list[KVCache]) -> mx.array:
         """Logits (B, vocab) of one new token per sequence (tokens (B,)) continuing the
@@ -170,9 +184,10 @@ class GPT(nn.Module):
                 out += [m.weight, b(m)]
         return out
 
-    def _head(self, x: mx.array) -> mx.array:
+    def _logits(self, x: mx.array) -> mx.array:
+        """Final layer norm and LM head: (B, T, C) -> float32 logits (B, T, vocab)."""
         head = self.wte.weight if self.config.tie_weights else self.lm_head.weight
-        return self.ln_f(x) @ head.astype(x.dtype).T
+        return (self.ln_f(x) @ head.astype(x.dtype).T).astype(mx.float32)
 
     def make_cache(self, batch: int) -> list[KVCache]:
         """An empty KV cache for `batch` sequences, one `KVCache` per layer."""
@@ -182,4 +197,4 @@ class GPT(nn.Module):
 
 def loss_fn(model: GPT, x: mx.array, y: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
     """Mean next-token cross-entropy of targets y (B, T) given inputs x (B, T)."""
-    return nn.losses.cross_entropy(model(x, dtype=dtype), y, reduction="mean")
+    return model.loss(x, y, dtype).mean()

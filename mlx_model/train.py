@@ -116,7 +116,7 @@ def make_loss_sum(model: GPT, dtype=mx.float32):
 
     @partial(mx.compile, inputs=model.state)
     def loss_sum(x: mx.array, y: mx.array) -> mx.array:
-        return nn.losses.cross_entropy(model(x, dtype=dtype), y, reduction="sum")
+        return model.loss(x, y, dtype).sum()
 
     return loss_sum
 

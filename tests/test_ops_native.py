@@ -140,6 +140,68 @@ def test_gelu_and_layer_norm_name_bad_inputs(ext):
         ext.layer_norm(mx.zeros((2, 4)), ones, ones, 0.0)
 
 
+@pytest.mark.parametrize("shape", [(4, 7, 65), (300, 16), (3, 1), (2, 3, 40)])
+def test_cross_entropy_and_its_gradient_match_mlx(ext, shape):
+    logits = mx.random.normal(shape) * 4
+    logits[0, ..., 0] = 60.0  # one confident row: the max-subtraction must hold
+    targets = mx.random.randint(0, shape[-1], shape[:-1]).astype(mx.int32)
+    ct = mx.random.normal(shape[:-1])
+    ref = nn.losses.cross_entropy(logits, targets, reduction="none")
+    assert mx.abs(ext.cross_entropy(logits, targets) - ref).max().item() < 2e-5
+
+    def grad(fn):
+        return mx.grad(lambda x: (fn(x, targets) * ct).sum())(logits)
+
+    g_ref = grad(lambda x, t: nn.losses.cross_entropy(x, t, reduction="none"))
+    assert mx.abs(grad(ext.cross_entropy) - g_ref).max().item() < 2e-6
+    compiled = mx.compile(mx.grad(lambda x: (ext.cross_entropy(x, targets) * ct).sum()))
+    assert mx.abs(compiled(logits) - g_ref).max().item() < 2e-6
+
+
+def test_cross_entropy_poisons_bad_rows_instead_of_reading_past_them(ext):
+    logits = mx.array([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0], [0.0, float("inf"), 1.0]])
+    loss = ext.cross_entropy(logits, mx.array([2, 0, 0], mx.int32))
+    assert math.isfinite(loss[0].item()) and math.isnan(loss[1].item())
+    assert not math.isfinite(loss[2].item())
+    out_of_range = ext.cross_entropy(logits[:1], mx.array([3], mx.int32))
+    assert math.isnan(out_of_range.item())
+    g = mx.grad(lambda x: ext.cross_entropy(x, mx.array([-1], mx.int32)).sum())(logits[:1])
+    assert mx.allclose(g, mx.softmax(logits[:1], axis=-1)).item()  # no target term
+
+
+@pytest.mark.parametrize("B, T, S", [(5, 7, 9), (64, 128, 128), (1, 1, 4)])
+def test_embed_and_its_gradients_match_mlx_gathers(ext, B, T, S):
+    V, C = 11, 20
+    wte, wpe = mx.random.normal((V, C)), mx.random.normal((S, C))
+    ids = mx.random.randint(0, V, (B, T)).astype(mx.int32)
+    ct = mx.random.normal((B, T, C))
+
+    def ref(a, b):
+        return a[ids] + b[:T]
+
+    assert mx.array_equal(ext.embed(ids, wte, wpe), ref(wte, wpe)).item()
+    grads = mx.grad(lambda a, b: (ext.embed(ids, a, b) * ct).sum(), argnums=(0, 1))(wte, wpe)
+    refs = mx.grad(lambda a, b: (ref(a, b) * ct).sum(), argnums=(0, 1))(wte, wpe)
+    for g, r, name in zip(grads, refs, ("wte", "wpe"), strict=True):
+        assert g.shape == r.shape and mx.abs(g - r).max().item() < 1e-4, name
+    if T < S:  # positions past the sequence get no gradient
+        assert mx.abs(grads[1][T:]).max().item() == 0
+
+
+def test_embed_and_cross_entropy_name_bad_inputs(ext):
+    wte, wpe = mx.zeros((5, 4)), mx.zeros((8, 4))
+    with pytest.raises(ValueError, match=r"ids must be int32 of shape \(B, T\), got float32"):
+        ext.embed(mx.zeros((2, 3)), wte, wpe)
+    with pytest.raises(ValueError, match="sequence length 9 exceeds the 8 positions"):
+        ext.embed(mx.zeros((1, 9), mx.int32), wte, wpe)
+    with pytest.raises(ValueError, match=r"wte \(V, C\) and wpe \(S, C\), got \(5,4\) and"):
+        ext.embed(mx.zeros((1, 2), mx.int32), wte, mx.zeros((8, 3)))
+    with pytest.raises(ValueError, match="targets must be int32, got uint32"):
+        ext.cross_entropy(mx.zeros((2, 5)), mx.zeros((2,), mx.uint32))
+    with pytest.raises(ValueError, match=r"for targets \(...\), got logits \(2,5\) and"):
+        ext.cross_entropy(mx.zeros((2, 5)), mx.zeros((3,), mx.int32))
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_model_trains_the_same_with_and_without_it(ext, dropout):
     """Without dropout, loss and gradients with the primitive equal pure MLX's, at one

@@ -1,17 +1,17 @@
 """The operations the GPT is written in, and the one place their implementation is chosen.
 
-`mlx_model.model` calls `layer_norm`, `gelu`, `dropout`, `causal_attention` (over the
-fused q/k/v projection), `in_lanes` (a batch split over CPU streams) and, for one
-generation step, `decode` (the whole model in one kernel, where a backend has one). Each call goes
-to a backend chosen once per (device, dtype, training):
+`mlx_model.model` calls `embed`, `layer_norm`, `gelu`, `dropout`, `causal_attention`
+(over the fused q/k/v projection), `cross_entropy`, `in_lanes` (a batch split over CPU
+streams) and, for one generation step, `decode` (the whole model in one kernel, where a backend
+has one). Each call goes to a backend chosen once per (device, dtype, training):
 
 - `reference` (`ops/reference.py`): MLX's own operations; every device and dtype.
 - `cpu` (`ops/cpu.py`): MLX's CPU in float32: multiply-add forms of exp, GELU, softmax
   and layer norm with closed-form backwards, hashed dropout masks, attention in query
   blocks, the batch split over one stream per core.
-- `native` (`ops/native.py`): the `cpu` backend with C++ primitives for attention, GELU
-  and layer norm in training, and the fused generation step, built on first use; `cpu`
-  stands in if they cannot be built.
+- `native` (`ops/native.py`): the `cpu` backend with C++ primitives for attention, GELU,
+  layer norm and dropout in training, the embeddings and cross-entropy, and the fused
+  generation step, built on first use; `cpu` stands in if they cannot be built.
 
 The choice is `auto` (native, else cpu, on the CPU in float32; reference elsewhere)
 unless `SHAKESPEARE_GPT_OPS` or `use(...)` names one. All compute the same functions;
@@ -92,6 +92,11 @@ def signature(dtype: str, training: bool = True) -> dict[str, Any]:
     return {"mlx": mx.__version__, "device": device, "backend": chosen.name, "lanes": chosen.lanes}
 
 
+def embed(ids: mx.array, wte: mx.array, wpe: mx.array, training: bool) -> mx.array:
+    """GPT-2's input, token plus position embedding: wte[ids] + wpe[:T] for ids (B, T)."""
+    return backend(wte.dtype, training).embed(ids, wte, wpe)
+
+
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array | None, eps: float, training: bool):
     return backend(x.dtype, training).layer_norm(x, weight, bias, eps)
 
@@ -111,6 +116,12 @@ def causal_attention(qkv: mx.array, n_head: int, dropout: float, training: bool)
     return backend(qkv.dtype, training).causal_attention(qkv, n_head, dropout)
 
 
+def cross_entropy(logits: mx.array, targets: mx.array, training: bool) -> mx.array:
+    """Next-token cross-entropy of each position: logits (..., V) float32, integer
+    targets (...) -> losses (...)."""
+    return backend(logits.dtype, training).cross_entropy(logits, targets)
+
+
 def decode(
     tokens: mx.array, caches: list, weights: list[mx.array], n_head: int, eps: float
 ) -> mx.array | None:
@@ -120,9 +131,10 @@ def decode(
     return backend(weights[0].dtype, False).decode(tokens, caches, weights, n_head, eps)
 
 
-def in_lanes(fn: Callable[..., Any], x: mx.array, training: bool) -> Any:
-    """fn(x), with the batch (axis 0) split over the backend's CPU lanes, run at once."""
-    return split_batch(fn, backend(x.dtype, training).lanes, x)
+def in_lanes(fn: Callable[..., Any], x: mx.array, training: bool, *more: mx.array) -> Any:
+    """fn(x, *more), with the batch (axis 0 of each) split over the backend's CPU lanes,
+    run at once."""
+    return split_batch(fn, backend(x.dtype, training).lanes, x, *more)
 
 
 @functools.cache

@@ -1,6 +1,7 @@
-"""The native CPU kernels (`csrc/cpu_kernels.cpp`): MLX primitives for causal
-self-attention, GPT-2's GELU, layer norm and dropout, each with its backward, and the
-whole model's decoding step; their build, and the backend that uses them.
+"""The native CPU kernels (`csrc/cpu_kernels.cpp`): MLX primitives for the embeddings,
+causal self-attention, GPT-2's GELU, layer norm, dropout and cross-entropy, each with its
+backward, and the whole model's decoding step; their build, and the backend that uses
+them.
 
 MLX lets a C++ extension add primitives; Python cannot. The attention keeps each
 (batch, head)'s scores in cache, where the pure-MLX formulation
@@ -185,6 +186,12 @@ class Native(cpu.Cpu):
 
     def gelu(self, x):
         return self.ext.gelu(x) if self.training else super().gelu(x)
+
+    def embed(self, ids, wte, wpe):
+        return self.ext.embed(ids.astype(mx.int32), wte, wpe)
+
+    def cross_entropy(self, logits, targets):
+        return self.ext.cross_entropy(logits, targets.astype(mx.int32))
 
     def decode(self, tokens, caches, weights, n_head, eps):
         if self.training or tokens.dtype != mx.int32:

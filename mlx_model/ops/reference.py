@@ -32,7 +32,7 @@ def attention_weights(q: mx.array, k: mx.array, scale: float) -> mx.array:
 
 
 class Reference:
-    """MLX's layer norm, tanh GELU, Bernoulli dropout and fused attention."""
+    """MLX's gathers, layer norm, tanh GELU, Bernoulli dropout, fused attention, cross-entropy."""
 
     name = "reference"
     lanes = 1
@@ -52,6 +52,12 @@ class Reference:
             return x
         keep = mx.random.bernoulli(1.0 - p, x.shape)
         return mx.where(keep, x * (1.0 / (1.0 - p)), mx.array(0.0, x.dtype))
+
+    def embed(self, ids, wte, wpe):
+        return wte[ids] + wpe[: ids.shape[1]]
+
+    def cross_entropy(self, logits, targets):
+        return nn.losses.cross_entropy(logits, targets, reduction="none")
 
     def decode(self, tokens, caches, weights, n_head, eps):
         """Logits (B, vocab) of one new token per sequence through the whole model, from

@@ -1,6 +1,6 @@
-// Fused kernels for MLX's CPU backend, as MLX primitives: causal self-attention,
-// GPT-2's GELU, layer norm and dropout, each with its vector-Jacobian product, and the
-// whole model's decoding step for generation. Built at first use by
+// Fused kernels for MLX's CPU backend, as MLX primitives: the embeddings, causal
+// self-attention, GPT-2's GELU, layer norm, dropout and cross-entropy, each with its vector-Jacobian
+// product, and the whole model's decoding step for generation. Built at first use by
 // mlx_model.ops.native (with the system C++ compiler, against the installed MLX's headers
 // and nanobind); without it the model uses pure MLX.
 //
@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -763,6 +764,236 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
 }
 
 // ---------------------------------------------------------------------------
+// GPT-2's input: token embedding plus position embedding, x[b, t] = wte[idx[b, t]] +
+// wpe[t], for ids (B, T) int32. The backward adds each position's cotangent into its
+// token's row of dwte and sums it over the batch into dwpe: as MLX operations, a gather,
+// a broadcast and their general scatter-add took a tenth of the seed model's step. An id
+// outside [0, V) gives a NaN row and no gradient.
+
+void embed_forward(const int32_t* idx, const float* wte, const float* wpe, int B, int T, int V,
+                   int C, float* x) {
+  for (int b = 0; b < B; ++b) {
+    for (int t = 0; t < T; ++t) {
+      int32_t v = idx[b * T + t];
+      float* xr = x + (static_cast<size_t>(b) * T + t) * C;
+      if (v < 0 || v >= V) {
+        std::fill(xr, xr + C, std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      const float *e = wte + static_cast<size_t>(v) * C, *p = wpe + static_cast<size_t>(t) * C;
+      vmap(xr, C, [e, p](size_t j, auto load) { return load(e + j, j) + load(p + j, j); });
+    }
+  }
+}
+
+// dwpe has wpe's S >= T rows; those past T get zeros
+void embed_backward(const int32_t* idx, const float* dx, int B, int T, int V, int S, int C,
+                    float* dwte, float* dwpe) {
+  std::fill(dwte, dwte + static_cast<size_t>(V) * C, 0.0f);
+  std::fill(dwpe, dwpe + static_cast<size_t>(S) * C, 0.0f);
+  for (int b = 0; b < B; ++b) {
+    for (int t = 0; t < T; ++t) {
+      int32_t v = idx[b * T + t];
+      const float* d = dx + (static_cast<size_t>(b) * T + t) * C;
+      float* p = dwpe + static_cast<size_t>(t) * C;
+      vmap(p, C, [p, d](size_t j, auto load) { return load(p + j, j) + load(d + j, j); });
+      if (v < 0 || v >= V) continue;
+      float* e = dwte + static_cast<size_t>(v) * C;
+      vmap(e, C, [e, d](size_t j, auto load) { return load(e + j, j) + load(d + j, j); });
+    }
+  }
+}
+
+class EmbedGrad : public CpuPrimitive<NoParams> {
+ public:
+  explicit EmbedGrad(mx::Stream stream) : CpuPrimitive(stream, {}) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override {
+    auto idx = inputs[0], dx = inputs[1], dwte = outputs[0], dwpe = outputs[1];
+    int B = idx.shape(0), T = idx.shape(1), V = dwte.shape(0), S = dwpe.shape(0);
+    int C = dwte.shape(1);
+    dispatch(outputs, [idx, dx, dwte, dwpe, B, T, V, S, C]() mutable {
+      embed_backward(idx.data<int32_t>(), dx.data<float>(), B, T, V, S, C, dwte.data<float>(),
+                     dwpe.data<float>());
+    });
+  }
+
+  const char* name() const override { return "EmbedGrad"; }
+};
+
+class Embed : public CpuPrimitive<NoParams> {
+ public:
+  explicit Embed(mx::Stream stream) : CpuPrimitive(stream, {}) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override {
+    auto idx = inputs[0], wte = inputs[1], wpe = inputs[2], x = outputs[0];
+    int B = idx.shape(0), T = idx.shape(1), V = wte.shape(0), C = wte.shape(1);
+    dispatch(outputs, [idx, wte, wpe, x, B, T, V, C]() mutable {
+      embed_forward(idx.data<int32_t>(), wte.data<float>(), wpe.data<float>(), B, T, V, C,
+                    x.data<float>());
+    });
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>&) override {
+    const auto& idx = primals[0];
+    auto dx = mx::contiguous(cotangents[0], false, stream());
+    auto grads = mx::array::make_arrays({primals[1].shape(), primals[2].shape()},
+                                        {mx::float32, mx::float32},
+                                        std::make_shared<EmbedGrad>(stream()), {idx, dx});
+    std::vector<mx::array> out;
+    for (int arg : argnums) out.push_back(arg == 0 ? mx::zeros_like(idx, stream()) : grads[arg - 1]);
+    return out;
+  }
+
+  const char* name() const override { return "Embed"; }
+};
+
+mx::array embed(const mx::array& idx, const mx::array& wte, const mx::array& wpe) {
+  check_float32(wte, "wte");
+  check_float32(wpe, "wpe");
+  std::ostringstream bad;
+  if (idx.dtype() != mx::int32 || idx.ndim() != 2) {
+    bad << "ids must be int32 of shape (B, T), got " << idx.dtype() << " " << idx.shape();
+  } else if (wte.ndim() != 2 || wpe.ndim() != 2 || wte.shape(1) != wpe.shape(1)) {
+    bad << "embed needs wte (V, C) and wpe (S, C), got " << wte.shape() << " and "
+        << wpe.shape();
+  } else if (idx.shape(1) > wpe.shape(0)) {
+    bad << "sequence length " << idx.shape(1) << " exceeds the " << wpe.shape(0)
+        << " positions of wpe";
+  }
+  if (!bad.str().empty()) throw std::invalid_argument(bad.str());
+  auto stream = cpu_stream();
+  return mx::array({idx.shape(0), idx.shape(1), wte.shape(1)}, mx::float32,
+                   std::make_shared<Embed>(stream),
+                   {mx::contiguous(idx, false, stream), mx::contiguous(wte, false, stream),
+                    mx::contiguous(wpe, false, stream)});
+}
+
+// ---------------------------------------------------------------------------
+// Cross-entropy of each row of logits (..., V) against its target id (...) int32:
+// loss = lse - logits[target] with lse = log(sum(exp(logits))), max-subtracted. The
+// forward also returns lse, from which the backward recomputes the softmax:
+// dlogits = dloss * (softmax - onehot(target)). As MLX operations this is a log-sum-exp,
+// a gather and, backward, a scatter over the (rows, V) logits, each a pass of scalar
+// loops: with the vocabulary of 65 characters they cost more than the head's product.
+// A target outside [0, V) gives a NaN loss (and no gradient); a non-finite logit makes
+// its row's loss non-finite.
+
+void cross_entropy_forward(const float* logits, const int32_t* target, size_t rows, int V,
+                           float* loss, float* lse) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float* x = logits + r * V;
+    float m = row_max(x, V);
+    vfloat acc = {}, poison = {};
+    int j = 0;
+    for (; j + kLanes <= V; j += kLanes) {
+      vfloat v = vload(x + j);
+      acc += exp_nonpositive(v - m);
+      poison += v * 0.0f;  // NaN where a logit is NaN or infinite
+    }
+    float s = lanes_sum(acc), bad = lanes_sum(poison);
+    for (; j < V; ++j) {
+      s += exp_nonpositive(x[j] - m);
+      bad += x[j] * 0.0f;
+    }
+    float l = m + std::log(s) + bad;
+    int32_t t = target[r];
+    lse[r] = l;
+    loss[r] = (t >= 0 && t < V) ? l - x[t] : std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
+void cross_entropy_backward(const float* logits, const int32_t* target, const float* lse,
+                            const float* dloss, size_t rows, int V, float* dlogits) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float* x = logits + r * V;
+    float* dx = dlogits + r * V;
+    float g = dloss[r], l = lse[r];
+    vmap(dx, V, [x, g, l](size_t j, auto load) { return g * exp_nonpositive(load(x + j, j) - l); });
+    int32_t t = target[r];
+    if (t >= 0 && t < V) dx[t] -= g;
+  }
+}
+
+class CrossEntropyGrad : public CpuPrimitive<NoParams> {
+ public:
+  explicit CrossEntropyGrad(mx::Stream stream) : CpuPrimitive(stream, {}) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override {
+    auto x = inputs[0], t = inputs[1], lse = inputs[2], dl = inputs[3], dx = outputs[0];
+    int V = x.shape(-1);
+    dispatch(outputs, [x, t, lse, dl, dx, V]() mutable {
+      cross_entropy_backward(x.data<float>(), t.data<int32_t>(), lse.data<float>(),
+                             dl.data<float>(), t.size(), V, dx.data<float>());
+    });
+  }
+
+  const char* name() const override { return "CrossEntropyGrad"; }
+};
+
+class CrossEntropy : public CpuPrimitive<NoParams> {
+ public:
+  explicit CrossEntropy(mx::Stream stream) : CpuPrimitive(stream, {}) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override {
+    auto x = inputs[0], t = inputs[1], loss = outputs[0], lse = outputs[1];
+    int V = x.shape(-1);
+    dispatch(outputs, [x, t, loss, lse, V]() mutable {
+      cross_entropy_forward(x.data<float>(), t.data<int32_t>(), t.size(), V,
+                            loss.data<float>(), lse.data<float>());
+    });
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>& outputs) override {
+    auto dl = mx::contiguous(cotangents[0], false, stream());
+    std::vector<mx::array> grads;
+    for (int arg : argnums) {
+      if (arg == 0) {
+        grads.push_back(mx::array(primals[0].shape(), mx::float32,
+                                  std::make_shared<CrossEntropyGrad>(stream()),
+                                  {primals[0], primals[1], outputs[1], dl}));
+      } else {
+        grads.push_back(mx::zeros_like(primals[1], stream()));
+      }
+    }
+    return grads;
+  }
+
+  const char* name() const override { return "CrossEntropy"; }
+};
+
+mx::array cross_entropy(const mx::array& logits, const mx::array& target) {
+  check_float32(logits, "logits");
+  std::ostringstream bad;
+  if (target.dtype() != mx::int32) {
+    bad << "targets must be int32, got " << target.dtype();
+  } else if (logits.ndim() != target.ndim() + 1 ||
+             !std::equal(target.shape().begin(), target.shape().end(), logits.shape().begin())) {
+    bad << "cross_entropy needs logits (..., V) for targets (...), got logits "
+        << logits.shape() << " and targets " << target.shape();
+  } else if (logits.shape(-1) < 1) {
+    bad << "logits need at least one class, got shape " << logits.shape();
+  }
+  if (!bad.str().empty()) throw std::invalid_argument(bad.str());
+  auto stream = cpu_stream();
+  auto outs = mx::array::make_arrays(
+      {target.shape(), target.shape()}, {mx::float32, mx::float32},
+      std::make_shared<CrossEntropy>(stream),
+      {mx::contiguous(logits, false, stream), mx::contiguous(target, false, stream)});
+  return outs[0];
+}
+
+// ---------------------------------------------------------------------------
 // One step of generation for the whole model: each sequence's newest token through
 // every block against its KV cache, to the next-token logits, in one primitive. At
 // batch 1 the model is a chain of matrix-vector products over a few hundred floats;
@@ -979,7 +1210,8 @@ std::vector<mx::array> decode_step(const mx::array& tokens, const mx::array& off
 }  // namespace
 
 NB_MODULE(_cpu_kernels, m) {
-  m.doc() = "Fused CPU primitives for MLX: causal self-attention, GELU, layer norm";
+  m.doc() = "Fused CPU primitives for MLX: embeddings, attention, GELU, layer norm, dropout, "
+            "cross-entropy, decoding";
   m.def("causal_attention", &causal_attention, nb::arg("qkv"), nb::arg("seed"),
         nb::arg("heads"), nb::arg("scale"), nb::arg("p"),
         "Causal attention of the fused projection qkv (B, T, 3C) -> (B, T, C).");
@@ -988,6 +1220,10 @@ NB_MODULE(_cpu_kernels, m) {
         "Inverted dropout with hashed masks seeded by a uint32 (1,) array.");
   m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias"),
         nb::arg("eps"), "Layer norm over the last axis.");
+  m.def("embed", &embed, nb::arg("ids"), nb::arg("wte"), nb::arg("wpe"),
+        "Token plus position embeddings: wte[ids[b, t]] + wpe[t] -> (B, T, C).");
+  m.def("cross_entropy", &cross_entropy, nb::arg("logits"), nb::arg("targets"),
+        "Cross-entropy of logits (..., V) against int32 targets (...) -> loss (...).");
   m.def("decode_step", &decode_step, nb::arg("tokens"), nb::arg("offset"), nb::arg("weights"),
         nb::arg("keys"), nb::arg("values"), nb::arg("heads"), nb::arg("eps"),
         "One generation step of the whole model from its KV cache -> [logits, offset, "
