@@ -258,15 +258,14 @@ SEED = Preset(
     TrainConfig(batch_size=64, max_iters=2442, learning_rate=3e-3, min_lr=3e-4, warmup_iters=100),
     "the tutorial's model (context 128, width 128, 4 heads, 3 layers) on 20M tokens",
 )
-# The same model on a sixth of the budget: the default, finishes in minutes on 2 CPU cores.
 # The same model on 800 steps (6.6M tokens), estimated 4 times: the default. On a 2-core
-# CPU the whole job takes about 7 minutes (docs/BENCHMARKS.md); 400 steps ended at a
-# validation loss of 2.02, letter soup, and 700 steps estimated 7 times at 1.78.
+# CPU the whole job takes 5 to 6 minutes to about 1.72 (docs/BENCHMARKS.md); 400 steps
+# ended at a validation loss of 2.02, letter soup, and 700 steps estimated 7 times at 1.78.
 QUICK = Preset(
     "quick",
     SEED.model,
     SEED.train.replace(max_iters=800, warmup_iters=40, eval_interval=200, checkpoint_interval=200),
-    "the seed model on 6.6M tokens: the default, about 7 minutes on 2 CPU cores",
+    "the seed model on 6.6M tokens: the default, 5 to 6 minutes on 2 CPU cores",
 )
 NANOGPT_CHAR = Preset(
     "nanogpt-char",
