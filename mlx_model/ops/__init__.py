@@ -2,8 +2,8 @@
 
 `mlx_model.model` calls `embed`, `layer_norm`, `gelu`, `dropout`, `causal_attention`
 (over the fused q/k/v projection), `cross_entropy`, `in_lanes` (a batch split over CPU
-streams) and, for one generation step, `decode` (the whole model in one kernel, where a
-backend has one). Each call goes to a backend chosen once per (device, dtype, training):
+streams) and, for one generation step, `decode` (the whole model in one kernel, where a backend
+has one). Each call goes to a backend chosen once per (device, dtype, training):
 
 - `reference` (`ops/reference.py`): MLX's own operations; every device and dtype.
 - `cpu` (`ops/cpu.py`): MLX's CPU in float32: multiply-add forms of exp, GELU, softmax
@@ -12,14 +12,12 @@ backend has one). Each call goes to a backend chosen once per (device, dtype, tr
 - `native` (`ops/native.py`): the `cpu` backend with C++ primitives for attention, GELU,
   layer norm and dropout in training, the embeddings and cross-entropy, and the fused
   generation step, built on first use; `cpu` stands in if they cannot be built.
-- `cuda` (`ops/cuda.py`): `reference` with dropout as one hashed-mask kernel (the masks
-  of `cpu` and `native`), on NVIDIA GPUs.
 
-The choice is `auto` (native, else cpu, on the CPU in float32; cuda on an NVIDIA GPU;
-reference elsewhere) unless `SHAKESPEARE_GPT_OPS` or `use(...)` names one. All compute
-the same functions; `reference` draws different dropout masks from the others, and
-float32 rounding differs in the last bits, so the backend and lane count are part of a
-training run's cache key (`signature`).
+The choice is `auto` (native, else cpu, on the CPU in float32; reference elsewhere)
+unless `SHAKESPEARE_GPT_OPS` or `use(...)` names one. All compute the same functions;
+`reference` and `cpu` draw different dropout masks, and float32 rounding differs in the
+last bits, so the backend and lane count are part of a training run's cache key
+(`signature`).
 """
 
 from __future__ import annotations
@@ -34,14 +32,14 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from ..runtime.lanes import cpu_lanes
-from . import cuda, native
+from . import native
 from .cpu import Cpu
 from .reference import Reference, merge_heads, split_heads
 
 __all__ = ["merge_heads", "split_heads"]  # head layout, shared with the cached path
 
 ENV = "SHAKESPEARE_GPT_OPS"
-CHOICES = ("auto", "reference", "cpu", "native", "cuda")
+CHOICES = ("auto", "reference", "cpu", "native")
 
 _forced: list[tuple[str | None, int | None]] = []
 
@@ -76,14 +74,12 @@ def _setting() -> tuple[str, int]:
 def backend(dtype: mx.Dtype, training: bool) -> Reference:
     """The backend for arrays of `dtype` on the default device, in training or not."""
     on_cpu = mx.default_device() == mx.cpu
-    return _choose(on_cpu and dtype == mx.float32, not on_cpu, training, *_setting())
+    return _choose(on_cpu and dtype == mx.float32, training, *_setting())
 
 
 @functools.cache
-def _choose(cpu_float32: bool, gpu: bool, training: bool, setting: str, lanes: int) -> Reference:
-    if gpu and setting in ("auto", "cuda") and cuda.available():
-        return cuda.Cuda(training)
-    if not cpu_float32 or setting in ("reference", "cuda"):
+def _choose(cpu_float32: bool, training: bool, setting: str, lanes: int) -> Reference:
+    if not cpu_float32 or setting == "reference":
         return Reference(training)
     ext = native.load() if setting in ("auto", "native") else None
     return native.Native(training, lanes, ext) if ext is not None else Cpu(training, lanes)
