@@ -77,6 +77,7 @@ def main() -> None:
         print(json.dumps({**out, "rank0_s": {k: round(v, 4) for k, v in phases.items()}}))
     mine = mx.array(list(phases.values()))
     mean = mx.distributed.all_sum(mine, group=group) / group.size()
+    mx.eval(mean)  # on every rank: a collective needs them all
     if group.rank() == 0:
         means = (round(v, 4) for v in mean.tolist())
         print(json.dumps({**out, "mean_over_ranks_s": dict(zip(phases, means, strict=True))}))
