@@ -56,6 +56,9 @@ def main() -> None:
     p.add_argument(
         "--target", type=float, default=1.47, help="report the first estimate at or below"
     )
+    p.add_argument(
+        "--every-log", action="store_true", help="print each log interval: step, seconds, tok/s"
+    )
     args = p.parse_args()
     preset = get_preset(args.preset)
     text = Path(args.corpus).read_text()
@@ -79,6 +82,8 @@ def main() -> None:
     mx.reset_peak_memory()
 
     def report(pr):
+        if pr.kind == "log" and args.every_log:
+            print(f"log {pr.step} {pr.elapsed:.3f} s {pr.tokens_per_sec:.0f} tok/s", flush=True)
         if pr.kind == "eval":
             print(
                 f"step {pr.step} train {pr.train_loss:.4f} val {pr.val_loss:.4f} "
