@@ -265,3 +265,29 @@ def test_lanes_default_to_usable_cores_and_can_be_set(monkeypatch):
     monkeypatch.setenv("SHAKESPEARE_GPT_CPU_LANES", "zero")
     with pytest.raises(ValueError, match="must be a whole number >= 1, got 'zero'"):
         cpu_lanes()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "native"])
+def test_loss_is_the_cross_entropy_of_the_logits_on_every_backend(backend):
+    """GPT.loss (head and loss inside the lanes) equals MLX's cross-entropy of the model's
+    logits, per position, and its gradients equal those of that formulation."""
+    from mlx.utils import tree_flatten
+
+    mx.random.seed(4)
+    model = GPT(CFG)
+    idx = mx.array(np.random.default_rng(5).integers(0, 11, (3, 12)), dtype=mx.int32)
+    y = mx.array(np.random.default_rng(6).integers(0, 11, (3, 12)), dtype=mx.int32)
+
+    def plain(m, x, t):
+        return nn.losses.cross_entropy(m(x), t, reduction="mean")
+
+    with ops.use(backend, lanes=2):
+        per_position = model.loss(idx, y)
+        assert per_position.shape == (3, 12)
+        ref = nn.losses.cross_entropy(model(idx), y, reduction="none")
+        assert mx.allclose(per_position, ref, atol=1e-5).item()
+        _, grads = nn.value_and_grad(model, loss_fn)(model, idx, y)
+        _, ref_grads = nn.value_and_grad(model, plain)(model, idx, y)
+    ref_grads = dict(tree_flatten(ref_grads))
+    for name, g in tree_flatten(grads):
+        assert mx.allclose(g, ref_grads[name], atol=1e-5).item(), name
