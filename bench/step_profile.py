@@ -4,8 +4,8 @@
     python bench/step_profile.py --preset seed
 
 "Before": MLX's built-in kernels in one stream, OpenBLAS using every core.
-"After": what the model runs now: the native attention primitive (mlx_model.ops.native),
-mlx_model.ops.cpu (multiply-add exp, GELU, layer norm, dropout) with the batch split
+"After": what the model runs now: the native primitives (mlx_model.ops.native: attention,
+GELU, layer norm, the embeddings, cross-entropy) with the batch split
 over one stream per core (`ops.split_batch`) where the model splits it, OpenBLAS
 single-threaded in each lane. Attention, layer norm and GELU are also timed in their
 pure-MLX forms (ops.cpu: the model's fallback when the kernels cannot be built).
@@ -70,7 +70,8 @@ def timed(fn, batched: tuple, shared: tuple, repeat: int, lanes: int) -> float:
         return ops.split_batch(lane, lanes, *args[:n_b]).sum()
 
     args = (*batched, *shared)
-    grad = mx.compile(mx.value_and_grad(total, list(range(len(args)))))
+    floats = [i for i, a in enumerate(args) if mx.issubdtype(a.dtype, mx.floating)]
+    grad = mx.compile(mx.value_and_grad(total, floats))  # targets and ids get none
     for _ in range(2):
         mx.eval(grad(*args))
     times = []
@@ -143,8 +144,8 @@ def main() -> None:
     w_attn, w_proj, w_fc, w_fc2 = r((3 * C, C)), r((C, C)), r((4 * C, C)), r((C, 4 * C))
     g, b = mx.ones((C,)), mx.zeros((C,))
     wte, wpe = r((cfg.vocab_size, C)), r((T, C))
-    idx = mx.random.randint(0, cfg.vocab_size, (B, T))
-    y = mx.random.randint(0, cfg.vocab_size, (B, T))
+    idx = mx.random.randint(0, cfg.vocab_size, (B, T)).astype(mx.int32)
+    y = mx.random.randint(0, cfg.vocab_size, (B, T)).astype(mx.int32)
     scale = 1 / math.sqrt(D)
     mx.eval(x, h4, qkv, w_attn, w_proj, w_fc, w_fc2, wte, wpe, idx, y)
     drop = nn.Dropout(cfg.dropout)
@@ -166,6 +167,15 @@ def main() -> None:
     if ext is None:
         sys.exit("the fused kernels did not build here (see the warning above)")
 
+    def embed(a, c):
+        return ext.embed(idx, a, c)
+
+    def head_loss(a, t, w):
+        return nn.losses.cross_entropy(a @ w.T, t, reduction="none")
+
+    def fused_head_loss(a, t, w):
+        return ext.cross_entropy(a @ w.T, t)
+
     def builtin(qkv):  # MLX's own ops, with the head split and merge the model does
         return merge_heads(builtin_attention(*split_heads(qkv, H), scale, drop))
 
@@ -178,7 +188,7 @@ def main() -> None:
     # name, count per step, before fn, after fn (None: same), batched args, shared args,
     # whether the model runs the op in lanes
     table = [
-        ("embeddings (gather)", 1, lambda a, c: a[idx] + c[:T], None, (), (wte, wpe), False),
+        ("embeddings", 1, lambda a, c: a[idx] + c[:T], embed, (), (wte, wpe), False),
         ("layer norm: pure MLX (fastops)", 2 * L + 1, layer_norm, fast_ln, (x,), (), True),
         ("layer norm: fused primitive", 2 * L + 1, layer_norm, fused_ln, (x,), (), True),
         ("qkv projection (matmul)", L, matmul, None, (x,), (w_attn,), True),
@@ -189,15 +199,7 @@ def main() -> None:
         ("GELU: pure MLX (fastops)", L, nn.gelu_approx, fastops.gelu, (h4,), (), True),
         ("GELU: fused primitive", L, nn.gelu_approx, ext.gelu, (h4,), (), True),
         ("MLP down (matmul)", L, matmul, None, (h4,), (w_fc2,), True),
-        (
-            "LM head + cross-entropy",
-            1,
-            lambda a, w: nn.losses.cross_entropy(a @ w.T, y),
-            None,
-            (x,),
-            (wte,),
-            False,
-        ),
+        ("LM head + cross-entropy", 1, head_loss, fused_head_loss, (x, y), (wte,), True),
     ]
     rows = []
     for name, count, before, after, batched, shared, laned in table:
