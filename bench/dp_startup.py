@@ -8,7 +8,10 @@ Phases (seconds, rank 0's, then the mean over ranks): `init` (mx.distributed.ini
 all_sum` and `second all_sum` of one float (the first creates the communicator), `model`
 (build and initialise), then the compiled training step (`mlx_model.train.make_step`)
 at the preset's batch per rank: `step 1` (tracing, compiling, first run), `steps 2-10`,
-`steps 11-60` (per step). Two JSON lines from rank 0.
+`steps 11-60` (per step). Then, in the same warmed process, the training loop itself
+(`mlx_model.train.train`, random tokens, 50 steps, a log every 5, no estimate before step
+50): the seconds since the loop began at each log, to tell the loop's own start-up from
+the group's and the compiler's. Three JSON lines from rank 0.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from mlx_model.config import get_preset  # noqa: E402
 from mlx_model.model import GPT  # noqa: E402
-from mlx_model.train import DTYPES, make_optimizer, make_step  # noqa: E402
+from mlx_model.train import DTYPES, make_optimizer, make_step, train  # noqa: E402
 
 
 def main() -> None:
@@ -81,6 +85,20 @@ def main() -> None:
     if group.rank() == 0:
         means = (round(v, 4) for v in mean.tolist())
         print(json.dumps({**out, "mean_over_ranks_s": dict(zip(phases, means, strict=True))}))
+    loop_tc = tc.replace(
+        batch_size=tc.batch_size * group.size(), max_iters=50, log_interval=5,
+        eval_interval=50, eval_batches=2, checkpoint_interval=50, patience=0,
+    )  # fmt: skip
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 1_000_000).astype(np.uint16)
+    logs: list[tuple[int, float]] = []
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:  # each rank its own; only rank 0 writes
+        train(
+            cfg, loop_tc, ids, ids, Path(tmp), callback=lambda p: logs.append((p.step, p.elapsed))
+        )
+    if group.rank() == 0:
+        loop = {"loop_elapsed_s_at_step": {s: round(e, 3) for s, e in logs}}
+        print(json.dumps({**out, **loop, "train_call_s": round(time.perf_counter() - t, 3)}))
 
 
 if __name__ == "__main__":
