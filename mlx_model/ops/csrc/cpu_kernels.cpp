@@ -1,8 +1,8 @@
 // Fused kernels for MLX's CPU backend, as MLX primitives: the embeddings, causal
-// self-attention, GPT-2's GELU, layer norm, dropout and cross-entropy, each with its vector-Jacobian
-// product, and the whole model's decoding step for generation. Built at first use by
-// mlx_model.ops.native (with the system C++ compiler, against the installed MLX's headers
-// and nanobind); without it the model uses pure MLX.
+// self-attention, GPT-2's GELU, layer norm, dropout and cross-entropy, each with its
+// vector-Jacobian product, and the whole model's decoding step for generation. Built at
+// first use by mlx_model.ops.native (with the system C++ compiler, against the installed
+// MLX's headers and nanobind); without it the model uses pure MLX.
 //
 // Attention takes the fused q/k/v projection (B, T, 3C) and returns the heads' output
 // already laid out as (B, T, C), plus each row's log-sum-exp (B, H, T). For each
@@ -770,6 +770,11 @@ mx::array layer_norm(const mx::array& x, const mx::array& weight, const mx::arra
 // a broadcast and their general scatter-add took a tenth of the seed model's step. An id
 // outside [0, V) gives a NaN row and no gradient.
 
+// dst[j] = a[j] + b[j] for j < n (dst may be a)
+inline void add_rows(float* dst, const float* a, const float* b, int n) {
+  vmap(dst, n, [a, b](size_t j, auto load) { return load(a + j, j) + load(b + j, j); });
+}
+
 void embed_forward(const int32_t* idx, const float* wte, const float* wpe, int B, int T, int V,
                    int C, float* x) {
   for (int b = 0; b < B; ++b) {
@@ -780,8 +785,7 @@ void embed_forward(const int32_t* idx, const float* wte, const float* wpe, int B
         std::fill(xr, xr + C, std::numeric_limits<float>::quiet_NaN());
         continue;
       }
-      const float *e = wte + static_cast<size_t>(v) * C, *p = wpe + static_cast<size_t>(t) * C;
-      vmap(xr, C, [e, p](size_t j, auto load) { return load(e + j, j) + load(p + j, j); });
+      add_rows(xr, wte + static_cast<size_t>(v) * C, wpe + static_cast<size_t>(t) * C, C);
     }
   }
 }
@@ -796,10 +800,10 @@ void embed_backward(const int32_t* idx, const float* dx, int B, int T, int V, in
       int32_t v = idx[b * T + t];
       const float* d = dx + (static_cast<size_t>(b) * T + t) * C;
       float* p = dwpe + static_cast<size_t>(t) * C;
-      vmap(p, C, [p, d](size_t j, auto load) { return load(p + j, j) + load(d + j, j); });
+      add_rows(p, p, d, C);
       if (v < 0 || v >= V) continue;
       float* e = dwte + static_cast<size_t>(v) * C;
-      vmap(e, C, [e, d](size_t j, auto load) { return load(e + j, j) + load(d + j, j); });
+      add_rows(e, e, d, C);
     }
   }
 }
@@ -846,7 +850,9 @@ class Embed : public CpuPrimitive<NoParams> {
                                         {mx::float32, mx::float32},
                                         std::make_shared<EmbedGrad>(stream()), {idx, dx});
     std::vector<mx::array> out;
-    for (int arg : argnums) out.push_back(arg == 0 ? mx::zeros_like(idx, stream()) : grads[arg - 1]);
+    for (int arg : argnums) {
+      out.push_back(arg == 0 ? mx::zeros_like(idx, stream()) : grads[arg - 1]);
+    }
     return out;
   }
 
@@ -956,16 +962,11 @@ class CrossEntropy : public CpuPrimitive<NoParams> {
                              const std::vector<int>& argnums,
                              const std::vector<mx::array>& outputs) override {
     auto dl = mx::contiguous(cotangents[0], false, stream());
+    auto dx = mx::array(primals[0].shape(), mx::float32,
+                        std::make_shared<CrossEntropyGrad>(stream()),
+                        {primals[0], primals[1], outputs[1], dl});
     std::vector<mx::array> grads;
-    for (int arg : argnums) {
-      if (arg == 0) {
-        grads.push_back(mx::array(primals[0].shape(), mx::float32,
-                                  std::make_shared<CrossEntropyGrad>(stream()),
-                                  {primals[0], primals[1], outputs[1], dl}));
-      } else {
-        grads.push_back(mx::zeros_like(primals[1], stream()));
-      }
-    }
+    for (int arg : argnums) grads.push_back(arg == 0 ? dx : mx::zeros_like(primals[1], stream()));
     return grads;
   }
 
