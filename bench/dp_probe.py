@@ -55,8 +55,9 @@ def main() -> None:
     cfg = preset.model.replace(vocab_size=vocab.size)
     lr = {1: preset.train.learning_rate, 2: 1.4e-3}.get(world, 2e-3)
     tc = preset.train.replace(
-        batch_size=preset.train.batch_size * world, max_iters=5000 // world, eval_interval=100 // world,
-        learning_rate=lr, min_lr=lr / 10, log_interval=args.log_interval,
+        batch_size=preset.train.batch_size * world, max_iters=5000 // world,
+        eval_interval=100 // world, learning_rate=lr, min_lr=lr / 10,
+        log_interval=args.log_interval,
     )  # fmt: skip
     asked: list[tuple[int, float]] = []
     real = training.train_batch

@@ -8,7 +8,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from safetensors.numpy import save_file
 
 from .config import GPTConfig
 from .data import file_sha256
@@ -21,13 +23,14 @@ OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 
 
-def save_model(directory: Path, model: GPT, weights: dict[str, mx.array] | None = None) -> None:
+def save_model(directory: Path, model: GPT, weights: dict[str, np.ndarray] | None = None) -> None:
     """Write `model.safetensors` and `config.json` into `directory`, each atomically.
-    `weights` (flat, as `snapshot` takes them) stand in for the model's current ones."""
+    `weights` (flat host copies, as `snapshot` takes them) stand in for the model's
+    current ones; given them, this makes no MLX call, so it may run on another thread."""
     directory = Path(directory)
-    weights = weights if weights is not None else dict(tree_flatten(model.parameters()))
+    weights = weights if weights is not None else snapshot(model)["weights"]
     with atomic_path(directory / WEIGHTS) as tmp:
-        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
+        save_file(weights, str(tmp), metadata={"format": "mlx"})
     write_text_atomic(directory / CONFIG, json.dumps(model.config.to_dict(), indent=2))
 
 
@@ -52,14 +55,19 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint file differs from the digest its state.json recorded."""
 
 
-def snapshot(model: GPT, optimizer: optim.Optimizer | None = None) -> dict[str, dict]:
-    """The model's (and optimiser's) arrays now, evaluated: what a checkpoint written
-    later, on another thread, must contain. Training replaces arrays, never changes them."""
+def snapshot(
+    model: GPT, optimizer: optim.Optimizer | None = None
+) -> dict[str, dict[str, np.ndarray]]:
+    """The model's (and optimiser's) arrays now, copied to host memory: what a checkpoint
+    written later must contain. Writers given it make no MLX call: MLX must not be used
+    from two threads at once (a checkpoint thread's `mx.save_safetensors` reading the
+    weights while the training thread read them crashed 2-GPU runs), so the copy is
+    taken here, on the calling thread."""
     taken = {"weights": dict(tree_flatten(model.parameters()))}
     if optimizer is not None:
         taken["opt_state"] = dict(tree_flatten(optimizer.state))
     mx.eval(list(taken.values()))
-    return taken
+    return {part: {k: np.array(v) for k, v in arrays.items()} for part, arrays in taken.items()}
 
 
 def save_train_state(
@@ -70,7 +78,8 @@ def save_train_state(
     taken: dict[str, dict] | None = None,
 ) -> None:
     """Write everything needed to resume: weights, optimiser moments and step; from
-    `taken` (a `snapshot`) if given, else from the model and optimiser as they are.
+    `taken` (a `snapshot`: no MLX call, any thread) if given, else from the model and
+    optimiser as they are.
 
     `state.json` is written last and records the other files' SHA-256; a checkpoint
     without it is incomplete and ignored, one whose files differ from it is refused.
@@ -82,7 +91,7 @@ def save_train_state(
     save_model(directory, model, taken["weights"])
     opt_state = taken["opt_state"]
     with atomic_path(directory / OPTIMIZER) as tmp:
-        mx.save_safetensors(str(tmp), opt_state)
+        save_file(opt_state, str(tmp))
     files = {name: file_sha256(directory / name) for name in (WEIGHTS, CONFIG, OPTIMIZER)}
     write_text_atomic(directory / STATE, json.dumps({**state, "files": files}, indent=2))
 

@@ -62,6 +62,37 @@ def test_muon_trains_the_block_matrices_and_resumes_exactly(splits, tmp_path):
     assert [h["val_loss"] for h in second.history] == [h["val_loss"] for h in full.history]
 
 
+def test_checkpoint_writes_from_a_snapshot_make_no_mlx_call(tmp_path, monkeypatch):
+    """The checkpoint thread writes host copies taken at their step and never calls MLX,
+    which must not run on two threads at once (a 2-GPU run crashed when it did)."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
+    from mlx_model.checkpoint import load_train_state, save_train_state, snapshot
+    from mlx_model.model import GPT
+    from mlx_model.train import make_optimizer
+
+    cfg = TINY.model.replace(vocab_size=65)
+    model, optimizer = GPT(cfg), make_optimizer(TINY.train)
+    optimizer.init(model.trainable_parameters())
+    taken = snapshot(model, optimizer)
+    assert all(isinstance(a, np.ndarray) for part in taken.values() for a in part.values())
+    before = np.array(model.wte.weight)
+    model.wte.weight = model.wte.weight + 1.0  # training goes on after the snapshot
+
+    def no_mlx(*args, **kwargs):
+        raise AssertionError("the checkpoint writer called MLX")
+
+    with monkeypatch.context() as m:
+        for name in ("eval", "save_safetensors", "save", "array"):
+            m.setattr(mx, name, no_mlx)
+        save_train_state(tmp_path, model, optimizer, {"step": 7}, taken)
+    fresh, opt = GPT(cfg), make_optimizer(TINY.train)
+    assert load_train_state(tmp_path, fresh, opt)["step"] == 7
+    np.testing.assert_array_equal(np.array(fresh.wte.weight), before)
+    assert isinstance(opt, optim.Optimizer) and set(opt.state) == set(optimizer.state)
+
+
 def test_lr_schedule_warms_up_then_decays_to_floor():
     tc = TINY.train.replace(max_iters=100, warmup_iters=10, learning_rate=1e-3, min_lr=1e-4)
     sched = lr_schedule(tc)
