@@ -2,8 +2,10 @@
 # nanogpt-char to validation <= 1.47 on 1, 2 (and 4) GPUs at 64 sequences per GPU, as
 # bench/gpu_dp_target.sh, but with MLX's kernel caches warmed for every layout first: a
 # data-parallel step compiles kernels of its own (the gradient exchange changes what is
-# fused), which a 1-GPU warm-up does not build. Each layout trains 100 steps once, then
-# the measured runs follow, ROUNDS times: 1 GPU as shipped, N GPUs with global batch 64N,
+# fused), which a 1-GPU warm-up does not build. Each layout trains its run's first 100
+# steps once (the same schedule, stopped at step 100: MLX writes the schedule's numbers
+# into its fused kernels, so another schedule compiles other kernels), then the
+# measured runs follow, ROUNDS times: 1 GPU as shipped, N GPUs with global batch 64N,
 # max_iters 5000/N, estimates every 100/N steps on 40/N batches (the same 2,560 windows
 # as one GPU's), peak learning rate LR_N (1.4e-3 for 2, 2e-3 for 4).
 # Usage: CORPUS=input.txt OUT=logs GPUS="1 2 4" ROUNDS=2 bash bench/gpu_dp_warm.sh

@@ -93,16 +93,14 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if args.processes > 1:
-        if args.stop_after:
-            tc = tc.replace(
-                max_iters=args.stop_after, warmup_iters=min(tc.warmup_iters, args.stop_after)
-            )
         paths = []
         for name, ids in (("train", train_ids), ("val", val_ids)):
             paths.append(out / f"{name}.arrow")
             write_tokens(paths[-1], ids, {})
         parallel = ParallelConfig(processes=args.processes, backend="auto")
-        result = train_distributed(cfg, tc, parallel, *paths, out / "run", callback=report)
+        result = train_distributed(
+            cfg, tc, parallel, *paths, out / "run", callback=report, stop_after=args.stop_after
+        )
         out = out / "run"
     else:
         result = train(

@@ -77,8 +77,10 @@ def train_distributed(
     val_path: Path,
     out_dir: Path,
     callback: Callable | None = None,
+    stop_after: int | None = None,
 ):
-    """Train over `parallel.world_size` processes; return rank 0's `TrainResult`."""
+    """Train over `parallel.world_size` processes; return rank 0's `TrainResult`.
+    `stop_after` ends the run at that step, as `mlx_model.train.train`'s does."""
     from .train import Progress, TrainResult
 
     out_dir = Path(out_dir)
@@ -92,6 +94,7 @@ def train_distributed(
                 "train": str(Path(train_path).resolve()),
                 "val": str(Path(val_path).resolve()),
                 "out_dir": str(out_dir.resolve()),
+                "stop_after": stop_after,
             }
         ),
     )
@@ -166,6 +169,7 @@ def main(spec_path: str) -> None:
         val_ids,
         Path(spec["out_dir"]),
         callback=emit,
+        stop_after=spec.get("stop_after"),
     )
     if rank == 0:
         print(RESULT + json.dumps(dataclasses.asdict(result)), flush=True)

@@ -48,6 +48,13 @@ def test_two_ring_processes_compute_what_one_process_computes(token_files, tmp_p
     assert two.final_step == tc.max_iters and two.best_step == one.best_step
     # only rank 0 wrote; every checkpoint compared the ranks' weight digests on the way
     assert (tmp_path / "two" / LATEST / "state.json").exists()
+    # stopped at a step and started again, the group resumes to the same run
+    parallel = ParallelConfig(processes=2)
+    part = train_distributed(cfg, tc, parallel, train_path, val_path, tmp_path / "p", stop_after=10)
+    assert part.final_step == 10 and part.resumed_from is None
+    rest = train_distributed(cfg, tc, parallel, train_path, val_path, tmp_path / "p")
+    assert rest.resumed_from == 10 and rest.final_step == tc.max_iters
+    assert [h["val_loss"] for h in rest.history] == [h["val_loss"] for h in two.history]
 
 
 def _rank_pid(spec: Path, rank: int) -> int | None:
