@@ -70,6 +70,11 @@ class GPTConfig(Serializable):
     n_head: int = option(4, "attention heads per block")
     n_emb: int = option(128, "embedding width")
     dropout: float = option(0.1, "dropout probability (embeddings, attention, residuals)")
+    attention_dropout: bool = option(
+        True,
+        "dropout on the attention weights too (GPT-2, nanoGPT); off, attention runs as "
+        "MLX's fused kernel and dropout stays on the embeddings and residual branches",
+    )
     bias: bool = option(True, "biases in Linear layers and LayerNorms, as GPT-2")
     tie_weights: bool = option(True, "share the token embedding with the LM head, as GPT-2")
 

@@ -52,7 +52,7 @@ def hf_config(cfg: GPTConfig) -> dict:
         "activation_function": "gelu_new",
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
-        "attn_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout if cfg.attention_dropout else 0.0,
         "layer_norm_epsilon": 1e-5,
         "initializer_range": 0.02,
         "scale_attn_weights": True,

@@ -51,13 +51,14 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
+        self.attention_dropout = cfg.dropout if cfg.attention_dropout else 0.0
         self.c_attn = Linear(cfg.n_emb, 3 * cfg.n_emb, cfg.bias)  # q, k, v in one product
         self.c_proj = Linear(cfg.n_emb, cfg.n_emb, cfg.bias, std=proj_std)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         qkv = self.c_attn(x)  # (B, T, 3C)
         if cache is None:
-            y = ops.causal_attention(qkv, self.n_head, self.dropout, self.training)
+            y = ops.causal_attention(qkv, self.n_head, self.attention_dropout, self.training)
         else:
             y = self._cached(qkv, cache)
         return ops.dropout(self.c_proj(y), self.dropout, self.training)

@@ -9,6 +9,7 @@ import json
 import math
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import (
     STATE,
@@ -49,6 +50,62 @@ class AdamWMatrices(optim.AdamW):
         if parameter.ndim < 2:
             return optim.Adam.apply_single(self, gradient, parameter, state)
         return super().apply_single(gradient, parameter, state)
+
+
+class BatchedMuon(optim.Muon):
+    """MLX's Muon (the same state, momentum and update), with the Newton-Schulz iterations
+    of all matrices of one shape run as batched products in `dtype` (bfloat16, as Muon's
+    authors run them, where the model computes in it). MLX's own runs them matrix by
+    matrix in float32: for nanogpt-char's 24 matrices, 360 small products a step, which on
+    a GPU cost more in launches than in arithmetic."""
+
+    def __init__(self, learning_rate, dtype: mx.Dtype = mx.float32, **kwargs: Any):
+        super().__init__(learning_rate, **kwargs)
+        self.dtype = dtype
+
+    def apply_gradients(self, gradients: dict, parameters: dict):
+        if not self._initialized:
+            self.init(gradients)
+        for name, scheduler in self._schedulers.items():
+            self.state[name] = scheduler(self.step)
+        self.state["step"] = self.step + 1
+        params = dict(tree_flatten(parameters))
+        states = dict(tree_flatten(self.state, is_leaf=lambda n: isinstance(n, dict) and "v" in n))
+        updates, groups = {}, defaultdict(list)
+        flat_gradients = tree_flatten(gradients)
+        for path, g in flat_gradients:
+            p, state = params[path], states[path]
+            if self.weight_decay != 0:
+                g = g + self.weight_decay * p
+            v = state["v"] = self.momentum * state["v"] + (1 - self.momentum) * g
+            u = g * (1 - self.momentum) + v * self.momentum if self.nesterov else v
+            if u.ndim < 2:  # as MLX's: a vector moves by its momentum alone
+                updates[path] = p - self.learning_rate.astype(g.dtype) * u
+                continue
+            flat = u.reshape(u.shape[0], -1)
+            tall = flat.shape[0] > flat.shape[1]
+            wide = flat.T if tall else flat
+            groups[wide.shape].append((path, tall, wide))
+        for members in groups.values():
+            x = mx.stack([w for *_, w in members]).astype(mx.float32)
+            x = x / (mx.sqrt((x * x).sum(axis=(1, 2), keepdims=True)) + 1e-7)
+            x = _newton_schulz(x.astype(self.dtype), self.ns_steps)
+            for (path, tall, _), o in zip(members, x, strict=True):
+                p = params[path]
+                step = (o.T if tall else o).reshape(p.shape).astype(p.dtype)
+                lr = self.learning_rate.astype(p.dtype) * max(1, p.shape[-2] / p.shape[-1]) ** 0.5
+                updates[path] = p - lr * step
+        return tree_unflatten([(path, updates[path]) for path, _ in flat_gradients])
+
+
+def _newton_schulz(x: mx.array, steps: int) -> mx.array:
+    """Muon's quintic iteration towards the orthogonal factor, on a stack of wide
+    matrices (rows <= columns) each of Frobenius norm at most 1."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(steps):
+        gram = x @ x.swapaxes(1, 2)
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x
 
 
 def lr_schedule(tc: TrainConfig, peak: float | None = None):
@@ -80,7 +137,9 @@ def make_optimizer(tc: TrainConfig) -> optim.Optimizer:
     )
     if tc.optimizer == "adamw":
         return adamw
-    muon = optim.Muon(learning_rate=lr_schedule(tc, tc.muon_learning_rate), weight_decay=0.0)
+    muon = BatchedMuon(
+        lr_schedule(tc, tc.muon_learning_rate), DTYPES[tc.compute_dtype], weight_decay=0.0
+    )
     return optim.MultiOptimizer([muon, adamw], [_in_blocks])
 
 

@@ -37,6 +37,31 @@ def test_bfloat16_compute_keeps_float32_weights():
     assert model.h[0].attn.c_attn.weight.dtype == mx.float32
 
 
+def test_attention_dropout_off_leaves_the_attention_weights_whole():
+    """attention_dropout=False: in training, attention itself is deterministic (MLX's fused
+    kernel) while the residual branches still drop; on, the attention weights drop too."""
+    qkv = mx.random.normal((2, 12, 3 * CFG.n_emb), key=mx.random.key(3))
+
+    def attention_twice(attention_dropout: bool) -> list[np.ndarray]:
+        attn = GPT(CFG.replace(dropout=0.5, attention_dropout=attention_dropout)).h[0].attn
+        outs = []
+        for seed in (1, 2):
+            mx.random.seed(seed)
+            outs.append(np.array(ops.causal_attention(qkv, 2, attn.attention_dropout, True)))
+        return outs
+
+    whole, dropped = attention_twice(False), attention_twice(True)
+    np.testing.assert_array_equal(whole[0], whole[1])
+    assert not np.array_equal(dropped[0], dropped[1])
+    model = GPT(CFG.replace(dropout=0.5, attention_dropout=False))
+    model.train()
+    idx = mx.zeros((2, 12), dtype=mx.int32)
+    mx.random.seed(1)
+    first = np.array(model(idx))
+    mx.random.seed(2)
+    assert not np.array_equal(first, np.array(model(idx)))  # the residual dropouts remain
+
+
 def test_gpt2_initialisation():
     cfg = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_emb=128, dropout=0.0)
     mx.random.seed(1)

@@ -93,6 +93,40 @@ def test_checkpoint_writes_from_a_snapshot_make_no_mlx_call(tmp_path, monkeypatc
     assert isinstance(opt, optim.Optimizer) and set(opt.state) == set(optimizer.state)
 
 
+def test_batched_muon_is_mlx_muon_with_batched_newton_schulz():
+    """In float32, the batched form moves every parameter as MLX's Muon does (tall, wide
+    and square matrices, two of one shape, a vector) and keeps the same state."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    from mlx_model.train import BatchedMuon
+
+    shapes = {"tall": (48, 16), "wide": [(16, 48), (16, 16), (16, 16)], "vector": (8,)}
+    key = iter(mx.random.split(mx.random.key(0), 32))
+
+    def tree():
+        return {
+            k: [mx.random.normal(s, key=next(key)) for s in v]
+            if isinstance(v, list)
+            else mx.random.normal(v, key=next(key))
+            for k, v in shapes.items()
+        }
+
+    mlx_muon, batched = optim.Muon(0.02, weight_decay=0.01), BatchedMuon(0.02, weight_decay=0.01)
+    a = b = tree()
+    for _ in range(3):
+        grads = tree()
+        a, b = mlx_muon.apply_gradients(grads, a), batched.apply_gradients(grads, b)
+    flat_b = dict(tree_flatten(b))
+    assert list(flat_b) == [k for k, _ in tree_flatten(a)]
+    for name, value in tree_flatten(a):
+        np.testing.assert_allclose(np.array(flat_b[name]), np.array(value), atol=1e-6)
+    state = dict(tree_flatten(batched.state))
+    for name, value in tree_flatten(mlx_muon.state):
+        np.testing.assert_allclose(np.array(state[name]), np.array(value), atol=1e-6)
+
+
 def test_lr_schedule_warms_up_then_decays_to_floor():
     tc = TINY.train.replace(max_iters=100, warmup_iters=10, learning_rate=1e-3, min_lr=1e-4)
     sched = lr_schedule(tc)
