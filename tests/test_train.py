@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mlx_model.checkpoint import load_model
-from mlx_model.config import TINY
+from mlx_model.config import PRESETS, TINY
 from mlx_model.data import Vocab, split_tokens
 from mlx_model.train import AdamWMatrices, lr_schedule, train
 
@@ -125,6 +125,35 @@ def test_batched_muon_is_mlx_muon_with_batched_newton_schulz():
     state = dict(tree_flatten(batched.state))
     for name, value in tree_flatten(mlx_muon.state):
         np.testing.assert_allclose(np.array(state[name]), np.array(value), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_recipe_takes_compiled_steps(name):
+    """Each preset's optimizer, schedule, dtype and dropout placement train a small model of
+    its kind for a few compiled steps (its own shape would take minutes on 2 cores)."""
+    import mlx.core as mx
+
+    from mlx_model.config import get_preset
+    from mlx_model.model import GPT
+    from mlx_model.train import DTYPES, make_optimizer, make_step
+
+    preset = get_preset(name)
+    cfg = TINY.model.replace(
+        vocab_size=65,
+        dropout=preset.model.dropout,
+        attention_dropout=preset.model.attention_dropout,
+    )
+    mx.random.seed(0)
+    model, optimizer = GPT(cfg), make_optimizer(preset.train)
+    optimizer.init(model.trainable_parameters())
+    model.train()
+    step = make_step(model, optimizer, preset.train, DTYPES[preset.train.compute_dtype])
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.integers(0, 65, (4, cfg.block_size)), mx.int32)
+    before = np.array(model.h[0].attn.c_attn.weight)
+    losses = [step(x, x).item() for _ in range(3)]
+    assert all(np.isfinite(losses))
+    assert not np.array_equal(np.array(model.h[0].attn.c_attn.weight), before)
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
