@@ -298,7 +298,7 @@ NANOGPT_CHAR = Preset(
 )
 # nanogpt-char with Muon on the blocks' matrices (BatchedMuon; AdamW on the rest): on one
 # H100, 1.47 at step 1200 instead of 1600-1700 and a best validation loss of 1.43 instead
-# of 1.45-1.46. Attention without dropout (MLX's fused kernel, 40% more tokens/s) reached
+# of 1.45-1.46. Attention without dropout (MLX's fused kernel, 12-40% more tokens/s) reached
 # 1.47 sooner in some runs but ended at 1.46-1.47, or above 1.47 without Muon; it stays an
 # option (attention_dropout=false). Figures: docs/BENCHMARKS.md.
 NANOGPT_CHAR_FAST = Preset(

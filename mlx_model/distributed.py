@@ -169,7 +169,7 @@ def main(spec_path: str) -> None:
         val_ids,
         Path(spec["out_dir"]),
         callback=emit,
-        stop_after=spec.get("stop_after"),
+        stop_after=spec["stop_after"],
     )
     if rank == 0:
         print(RESULT + json.dumps(dataclasses.asdict(result)), flush=True)

@@ -262,17 +262,18 @@ def _write_best(out_dir: Path, model: GPT, taken: dict, best: dict[str, Any]) ->
     best["sha256"] = file_sha256(out_dir / BEST / WEIGHTS)
 
 
-def weights_digest(model: GPT) -> str:
-    """SHA-256 of every parameter's bytes, in a fixed order."""
+def weights_digest(weights: dict[str, np.ndarray]) -> str:
+    """SHA-256 of every parameter's bytes (host copies, as `snapshot` takes them), in a
+    fixed order."""
     h = hashlib.sha256()
-    for name, value in sorted(tree_flatten(model.parameters())):
-        h.update(name.encode() + np.array(value).tobytes())
+    for name, value in sorted(weights.items()):
+        h.update(name.encode() + value.tobytes())
     return h.hexdigest()
 
 
-def check_same_weights(model: GPT, group) -> None:
+def check_same_weights(weights: dict[str, np.ndarray], group) -> None:
     """Raise if the processes of the group hold different weights (compared by digest)."""
-    digest = np.frombuffer(bytes.fromhex(weights_digest(model)), dtype=np.int32)
+    digest = np.frombuffer(bytes.fromhex(weights_digest(weights)), dtype=np.int32)
     gathered = np.array(mx.distributed.all_gather(mx.array(digest), group=group))
     rows = gathered.reshape(group.size(), -1)
     differ = [r for r in range(group.size()) if not np.array_equal(rows[r], rows[0])]
@@ -428,13 +429,13 @@ def train(
                 )  # fmt: skip
             if done % tc.checkpoint_interval == 0 or done == end or stopped:
                 c0 = time.perf_counter()
+                taken = snapshot(model, optimizer if writer else None)  # one host copy
                 if world > 1:
-                    check_same_weights(model, group)
+                    check_same_weights(taken["weights"], group)
                 if writer:
                     loop = {"step": done, "history": list(history), "train_log": list(train_log)}
                     meta = {"train_config": tc.to_dict(), "world_size": world}
                     state_now = {**loop, "best": best, **meta}
-                    taken = snapshot(model, optimizer)
                     files.submit(
                         save_train_state, out_dir / LATEST, model, optimizer, state_now, taken
                     )

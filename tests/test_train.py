@@ -66,7 +66,6 @@ def test_checkpoint_writes_from_a_snapshot_make_no_mlx_call(tmp_path, monkeypatc
     """The checkpoint thread writes host copies taken at their step and never calls MLX,
     which must not run on two threads at once (a 2-GPU run crashed when it did)."""
     import mlx.core as mx
-    import mlx.optimizers as optim
 
     from mlx_model.checkpoint import load_train_state, save_train_state, snapshot
     from mlx_model.model import GPT
@@ -90,7 +89,7 @@ def test_checkpoint_writes_from_a_snapshot_make_no_mlx_call(tmp_path, monkeypatc
     fresh, opt = GPT(cfg), make_optimizer(TINY.train)
     assert load_train_state(tmp_path, fresh, opt)["step"] == 7
     np.testing.assert_array_equal(np.array(fresh.wte.weight), before)
-    assert isinstance(opt, optim.Optimizer) and set(opt.state) == set(optimizer.state)
+    assert set(opt.state) == set(optimizer.state)
 
 
 def test_batched_muon_is_mlx_muon_with_batched_newton_schulz():
