@@ -122,6 +122,11 @@ class TrainConfig(Serializable):
     compute_dtype: str = option(
         "float32", "dtype of the forward/backward pass (float32, bfloat16, float16)"
     )
+    grad_exchange: str = option(
+        "compute",
+        "dtype of the gradient all-reduce across processes: compute (the compute dtype, whose "
+        "precision the gradients of its products already have) or float32",
+    )
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -144,6 +149,11 @@ class TrainConfig(Serializable):
         if not self.muon_learning_rate > 0:
             raise ValueError(
                 f"TrainConfig.muon_learning_rate must be > 0, got {self.muon_learning_rate!r}"
+            )
+        if self.grad_exchange not in ("compute", "float32"):
+            raise ValueError(
+                "TrainConfig.grad_exchange must be compute or float32, "
+                f"got {self.grad_exchange!r}"
             )
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(

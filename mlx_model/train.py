@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .checkpoint import (
     STATE,
@@ -149,25 +149,40 @@ def make_step(
     """The compiled training step `(x, y) -> loss`, updating model, optimizer and RNG state.
 
     Over a group of several processes, each passes its share of the batch and gradients
-    are averaged across the group (batched all-reduces). The returned loss is this
+    are averaged across the group (batched all-reduces, sent in the compute dtype unless
+    `grad_exchange` is float32). The returned loss is this
     process's: reducing it in every step cost 4 ms a step on H100s (`bench/dp_step.py`),
     so the loop reduces the losses once per log interval instead.
     """
     state = [model.state, optimizer.state, mx.random.state]
     value_and_grad = nn.value_and_grad(model, partial(loss_fn, dtype=dtype))
     world = group.size() if group is not None else 1
+    exchange = dtype if tc.grad_exchange == "compute" else mx.float32
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(x: mx.array, y: mx.array) -> mx.array:
         loss, grads = value_and_grad(model, x, y)
         if world > 1:
-            grads = nn.average_gradients(grads, group=group)
+            grads = average_gradients(grads, group, exchange)
         if tc.grad_clip > 0:
             grads, _ = optim.clip_grad_norm(grads, tc.grad_clip)
         optimizer.update(model, grads)
         return loss
 
     return step
+
+
+def average_gradients(grads: dict, group, dtype: mx.Dtype = mx.float32) -> dict:
+    """`nn.average_gradients` (batched all-reduces over the group) with the arrays sent in
+    `dtype`; the averages come back in each gradient's own dtype. On two H100s, bfloat16
+    halves the bytes and took the exchange from 0.57 ms a step to 0.05 ms
+    (`bench/dp_step.py`)."""
+    if all(g.dtype == dtype for _, g in tree_flatten(grads)):
+        return nn.average_gradients(grads, group=group)
+    sent = tree_map(lambda g: g.astype(dtype), grads)
+    return tree_map(
+        lambda avg, g: avg.astype(g.dtype), nn.average_gradients(sent, group=group), grads
+    )
 
 
 def make_loss_sum(model: GPT, dtype=mx.float32):

@@ -235,3 +235,28 @@ def test_the_install_extras_keep_one_mlx_build():
     assert any(d.startswith("mlx[cuda13]") for d in extras["cuda"])
     assert any(d.startswith("mlx[cpu]") for d in extras["cpu"])
     assert not any("cpu" in d for d in extras["cuda"])
+
+
+def test_average_gradients_sends_the_exchange_dtype(monkeypatch):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_model.train import average_gradients
+
+    sent = []
+    real = nn.average_gradients
+
+    def spy(grads, group=None, **kw):
+        sent.extend(g.dtype for _, g in tree_flatten(grads))
+        return real(grads, group=group, **kw)
+
+    monkeypatch.setattr(nn, "average_gradients", spy)
+    grads = {"w": mx.array([[1.0 + 2**-12, 2.0]]), "b": mx.array([0.1])}
+    out = average_gradients(grads, mx.distributed.init(), mx.bfloat16)
+    assert sent == [mx.bfloat16, mx.bfloat16]
+    assert out["w"].dtype == mx.float32 and out["b"].dtype == mx.float32
+    assert out["w"].tolist() == [[1.0, 2.0]]  # rounded to bfloat16 on the way
+    sent.clear()
+    same = average_gradients(grads, mx.distributed.init(), mx.float32)
+    assert sent == [mx.float32, mx.float32] and same["w"].tolist() == grads["w"].tolist()
