@@ -152,8 +152,7 @@ class TrainConfig(Serializable):
             )
         if self.grad_exchange not in ("compute", "float32"):
             raise ValueError(
-                "TrainConfig.grad_exchange must be compute or float32, "
-                f"got {self.grad_exchange!r}"
+                f"TrainConfig.grad_exchange must be compute or float32, got {self.grad_exchange!r}"
             )
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(

@@ -63,8 +63,12 @@ def test_bfloat16_runs_exchange_gradients_in_bfloat16(token_files, tmp_path):
     one = train(cfg, tc, train_ids, val_ids, tmp_path / "one")
     runs = {
         exchange: train_distributed(
-            cfg, tc.replace(grad_exchange=exchange), ParallelConfig(processes=2),
-            train_path, val_path, tmp_path / exchange,
+            cfg,
+            tc.replace(grad_exchange=exchange),
+            ParallelConfig(processes=2),
+            train_path,
+            val_path,
+            tmp_path / exchange,
         )  # fmt: skip
         for exchange in ("compute", "float32")
     }
