@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Steps to 1.47 for variants of a preset's recipe, PAR runs at a time on one GPU (the
+# step counts, losses and early stops do not depend on what else runs; the wall times
+# do, so time the chosen recipe alone afterwards). Each line of LIST is a name and its
+# `--set` overrides, e.g. `m1500-d0.1 max_iters=1500 dropout=0.1`.
+# Usage: CORPUS=input.txt OUT=logs LIST=bench/sweeps/muon-wave1.txt PAR=4 bash bench/gpu_recipe_sweep.sh
+set -u
+out=${OUT:-.}
+corpus=${CORPUS:-input.txt}
+preset=${PRESET:-nanogpt-char-fast}
+par=${PAR:-4}
+limit=${LIMIT:-400}
+one() {
+  local name=$1; shift
+  local sets=()
+  for kv in "$@"; do sets+=(--set "$kv"); done
+  timeout "$limit" python3 bench/train_preset.py --corpus "$corpus" --preset "$preset" "${sets[@]}" \
+    >"$out/sweep-$name.log" 2>&1
+  python3 - "$name" "$out/sweep-$name.log" <<'PY'
+import json, sys
+name, path = sys.argv[1:]
+last = open(path).read().strip().splitlines()[-1:] or [""]
+try:
+    r = json.loads(last[0])
+except json.JSONDecodeError:
+    print(f"{name}: no result ({last[0][:200]})"); raise SystemExit
+hit = r["first_at_target"]
+print(f"{name}: first<=1.47 {hit['step'] if hit else None} best {r['best_est_val_loss']} "
+      f"at {r['best_step']} full {r['full_val_loss']} steps {r['steps']} "
+      f"early {r['stopped_early']} {r['seconds']} s", flush=True)
+PY
+}
+export -f one
+export out corpus preset limit
+grep -v '^\s*#' "$LIST" | grep -v '^\s*$' | xargs -P "$par" -L 1 bash -c 'one "$@"' _
