@@ -2,8 +2,10 @@
 # Steps to 1.47 for variants of a preset's recipe, PAR runs at a time on one GPU (the
 # step counts, losses and early stops do not depend on what else runs; the wall times
 # do, so time the chosen recipe alone afterwards). Each line of LIST is a name and its
-# `--set` overrides, e.g. `m1500-d0.1 max_iters=1500 dropout=0.1`.
-# Usage: CORPUS=input.txt OUT=logs LIST=bench/sweeps/muon-wave1.txt PAR=4 bash bench/gpu_recipe_sweep.sh
+# `--set` overrides, e.g. `m1500-d0.1 max_iters=1500 dropout=0.1`. On an 80 GB H100, 4
+# nanogpt-char runs at a time ran out of GPU memory (each MLX process keeps its own buffer
+# cache); 2 at a time did not.
+# Usage: CORPUS=input.txt OUT=logs LIST=bench/sweeps/muon-wave2.txt PAR=2 bash bench/gpu_recipe_sweep.sh
 set -u
 out=${OUT:-.}
 corpus=${CORPUS:-input.txt}
