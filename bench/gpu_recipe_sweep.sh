@@ -10,7 +10,7 @@ set -u
 out=${OUT:-.}
 corpus=${CORPUS:-input.txt}
 preset=${PRESET:-nanogpt-char-fast}
-par=${PAR:-4}
+par=${PAR:-2}
 limit=${LIMIT:-400}
 one() {
   local name=$1; shift

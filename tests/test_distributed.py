@@ -69,7 +69,7 @@ def test_bfloat16_runs_exchange_gradients_in_bfloat16(token_files, tmp_path):
             train_path,
             val_path,
             tmp_path / exchange,
-        )  # fmt: skip
+        )
         for exchange in ("compute", "float32")
     }
     # the setting reaches the step: the two exchanges round differently ...
