@@ -23,6 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from . import ops, warmup
 from .checkpoint import (
     STATE,
     WEIGHTS,
@@ -35,6 +36,7 @@ from .checkpoint import (
 from .config import GPTConfig, TrainConfig
 from .data import file_sha256, fixed_windows, get_batch, train_batch
 from .model import GPT, loss_fn
+from .runtime import kernel_cache
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # the folders `train` writes under its output folder: the best model so far, and the
@@ -144,9 +146,15 @@ def make_optimizer(tc: TrainConfig) -> optim.Optimizer:
 
 
 def make_step(
-    model: GPT, optimizer: optim.Optimizer, tc: TrainConfig, dtype=mx.float32, group=None
+    model: GPT,
+    optimizer: optim.Optimizer,
+    tc: TrainConfig,
+    dtype=mx.float32,
+    group=None,
+    compiled: bool = True,
 ):
-    """The compiled training step `(x, y) -> loss`, updating model, optimizer and RNG state.
+    """The compiled training step `(x, y) -> loss`, updating model, optimizer and RNG state
+    (`compiled=False`: the same step run op by op, which compiles no fused kernels).
 
     Over a group of several processes, each passes its share of the batch and gradients
     are averaged across the group (batched all-reduces, sent in the compute dtype unless
@@ -159,7 +167,6 @@ def make_step(
     world = group.size() if group is not None else 1
     exchange = dtype if tc.grad_exchange == "compute" else mx.float32
 
-    @partial(mx.compile, inputs=state, outputs=state)
     def step(x: mx.array, y: mx.array) -> mx.array:
         loss, grads = value_and_grad(model, x, y)
         if world > 1:
@@ -169,7 +176,7 @@ def make_step(
         optimizer.update(model, grads)
         return loss
 
-    return step
+    return mx.compile(step, inputs=state, outputs=state) if compiled else step
 
 
 def average_gradients(grads: dict, group, dtype: mx.Dtype = mx.float32) -> dict:
@@ -185,14 +192,70 @@ def average_gradients(grads: dict, group, dtype: mx.Dtype = mx.float32) -> dict:
     )
 
 
-def make_loss_sum(model: GPT, dtype=mx.float32):
+def make_loss_sum(model: GPT, dtype=mx.float32, compiled: bool = True):
     """The compiled `(x, y) -> summed next-token loss`, for evaluation (call in eval mode)."""
 
-    @partial(mx.compile, inputs=model.state)
     def loss_sum(x: mx.array, y: mx.array) -> mx.array:
         return model.loss(x, y, dtype).sum()
 
-    return loss_sum
+    return mx.compile(loss_sum, inputs=model.state) if compiled else loss_sum
+
+
+class StepFunctions:
+    """The training step and the loss estimate, run op by op until `compile_now()` first
+    returns True and compiled from then on (both compute the same functions).
+
+    With `compile_now=None` they are compiled from the first step, unless the kernels are
+    not in MLX's kernel cache yet (a GPU's first run): then a `mlx_model.warmup` child
+    compiles them while the loop runs uncompiled, and the loop switches when it is done.
+    """
+
+    def __init__(self, model, optimizer, tc: TrainConfig, dtype, group, compile_now=None):
+        world = group.size() if group is not None else 1
+        self.signature = {
+            **warmup.signature(model.config, tc, ops.signature(tc.compute_dtype)),
+            "world_size": world,
+        }
+        self.warmup = None
+        if compile_now is None and world == 1:
+            self.warmup = warmup.start(model.config, tc, self.signature)
+            compile_now = self.warmup.ready if self.warmup else None
+        self._compile_now = compile_now
+        self.compiled_from: int | None = None
+        self._fns = {
+            compiled: (
+                make_step(model, optimizer, tc, dtype, group, compiled),
+                make_loss_sum(model, dtype, compiled),
+            )
+            for compiled in (True, False)
+        }
+        self._recorded = False
+
+    def at(self, step: int) -> tuple[Callable, Callable]:
+        """(step function, loss-sum function) for training step `step` (0-based)."""
+        if self.compiled_from is None and (self._compile_now is None or self._compile_now()):
+            self.compiled_from = step
+            if self.warmup is not None and self.warmup.failed:
+                warnings.warn(
+                    f"the kernel warm-up failed; compiling in the run: {self.warmup.failed}",
+                    stacklevel=2,
+                )
+        return self._fns[self.compiled_from is not None]
+
+    def after_estimate(self) -> None:
+        """At a sync point: share the kernels compiled so far, and once a compiled step
+        and estimate have run, record that this configuration's kernels are cached."""
+        cache = kernel_cache.active()
+        if cache is None:
+            return
+        cache.publish()
+        if self.compiled_from is not None and not self._recorded:
+            cache.mark_warm(self.signature)
+            self._recorded = True
+
+    def close(self) -> None:
+        if self.warmup is not None:
+            self.warmup.close()
 
 
 @dataclass
@@ -220,6 +283,8 @@ class TrainResult:
     train_log: list[dict[str, Any]] = field(default_factory=list)  # one per log interval
     stopped_early: bool = False
     seconds: dict[str, float] = field(default_factory=dict)  # wall time: total, eval, checkpoints
+    compiled_from: int | None = None  # the first compiled step (later than the first while
+    # a cold GPU kernel cache was being filled by `mlx_model.warmup`)
 
 
 # tokens per forward pass of a loss estimate on a GPU: a few large batches rather than
@@ -351,13 +416,16 @@ def train(
     out_dir: Path,
     callback: Callable[[Progress], None] | None = None,
     stop_after: int | None = None,
+    compile_now: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train a GPT, writing `latest/` (resumable) and `best/` checkpoints under `out_dir`.
 
     If `out_dir/latest` holds a complete checkpoint, training resumes from it and
     continues exactly as an uninterrupted run would. `stop_after` ends the run
     early at that step (after checkpointing), to simulate an interruption; `patience`
-    ends it when validation stops improving. Under `mlx.launch` every process runs
+    ends it when validation stops improving. `compile_now` (see `StepFunctions`) decides
+    when the uncompiled steps give way to compiled ones; by default, at once unless a GPU's
+    kernel cache lacks this run's kernels. Under `mlx.launch` every process runs
     this with the same arguments: each computes its share of every batch, rank 0
     alone writes files and reports. Returns the best validation loss, its step and
     the history.
@@ -375,8 +443,7 @@ def train(
     train_log: list[dict[str, Any]] = state.get("train_log", []) if state else []
     best = state["best"] if state else {"val_loss": math.inf, "step": -1}
 
-    step_fn = make_step(model, optimizer, tc, dtype, group if world > 1 else None)
-    loss_sum = make_loss_sum(model, dtype)
+    steps = StepFunctions(model, optimizer, tc, dtype, group if world > 1 else None, compile_now)
     n_eval = tc.eval_batches * tc.batch_size
     eval_starts = {
         "train": fixed_windows(train_ids, cfg.block_size, n_eval, tc.seed),
@@ -400,6 +467,7 @@ def train(
             x, y = train_batch(train_ids, cfg.block_size, tc.batch_size, tc.seed, step)
             # dropout masks depend on (seed, step, rank) only; a group of one keeps the old seeds
             mx.random.seed((tc.seed * 1_000_003 + step) * world + rank)
+            step_fn, loss_sum = steps.at(step)
             losses.append(step_fn(mx.array(x[share]), mx.array(y[share])))
             mx.async_eval(losses[-1], model.parameters(), optimizer.state)
             done = step + 1
@@ -427,6 +495,7 @@ def train(
                         group if world > 1 else None,
                     )  # fmt: skip
                 model.train()
+                steps.after_estimate()
                 record["elapsed"] = time.perf_counter() - t0  # since this process started training
                 history.append(record)
                 if record["val_loss"] < best["val_loss"]:
@@ -459,12 +528,13 @@ def train(
             if stopped:
                 break
     finally:
+        steps.close()
         files.close()
     final = done if stopped else end
     spent["total"] = time.perf_counter() - t0
     result = TrainResult(
         best["val_loss"], best["step"], final, history, start or None, tps, train_log, stopped,
-        {k: round(v, 3) for k, v in spent.items()},
+        {k: round(v, 3) for k, v in spent.items()}, steps.compiled_from,
     )  # fmt: skip
     report(
         Progress(

@@ -15,6 +15,7 @@ from mlx_model.config import GPTConfig, ParallelConfig, TrainConfig
 from mlx_model.data import Vocab, read_tokens
 from mlx_model.distributed import backend, rank_lanes, train_distributed
 from mlx_model.files import write_text_atomic
+from mlx_model.runtime import kernel_cache
 from mlx_model.train import BEST, LATEST, train
 
 from .logs import stage_logger
@@ -60,6 +61,8 @@ def train_model(
         key["parallel"] = {"world_size": parallel.world_size, "backend": backend(parallel)}
     runtime = {**signature, "dtype": training.compute_dtype}
     runtime["processes"] = parallel.world_size
+    if kernels := kernel_cache.active():
+        runtime["kernel cache"] = kernels.describe()
 
     def compute(directory: Path) -> dict:
         if force:

@@ -1,0 +1,122 @@
+"""Compile a run's GPU kernels in a separate process while the run trains uncompiled.
+
+On a GPU with a cold kernel cache, the first compiled training step sits for about two
+minutes while NVRTC compiles its fused kernels one after another (36 modules for
+`nanogpt-char-fast` on an H200, MLX 0.32). A kernel module's name, and so its cache
+entry, depends on the fused operations, dtypes and constants, not on shapes
+(`mlx/backend/cuda/compiled.cpp`): the same step and loss estimate run on two windows
+compile exactly the modules the real batch needs.
+
+So a cold run starts this module as a child process (`python -m mlx_model.warmup`) on the
+same configuration and trains op by op meanwhile (MLX must not be used from two threads
+at once, hence a process). The child publishes the modules into the shared kernel cache
+(`mlx_model.runtime.kernel_cache`) and exits; the run copies them in and switches to its
+compiled step, which then loads instead of compiling. Uncompiled and compiled steps
+compute the same functions, so the losses agree within float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from .config import GPTConfig, TrainConfig
+from .runtime import kernel_cache
+
+ENV = "SHAKESPEARE_GPT_COMPILE_WARMUP"  # "0": compile in the run itself, as before
+WINDOWS = 2  # sequences per warm-up batch: shapes do not change the kernels
+
+
+def signature(cfg: GPTConfig, tc: TrainConfig, ops_signature: dict[str, Any]) -> dict[str, Any]:
+    """What decides the compiled step's kernels: the configurations (the schedule's
+    numbers are constants in them), the ops backend and MLX's version."""
+    import mlx.core as mx
+
+    return {
+        "model": cfg.to_dict(),
+        "training": tc.to_dict(),
+        "ops": ops_signature,
+        "mlx": mx.__version__,
+    }
+
+
+class Warmup:
+    """A child process compiling the run's kernels into the shared cache."""
+
+    def __init__(self, proc: subprocess.Popen, cache: kernel_cache.KernelCache):
+        self.proc = proc
+        self.cache = cache
+        self.failed: str | None = None
+
+    def ready(self) -> bool:
+        """True once the child has finished (its modules are then copied in); a failed
+        child also reads as ready (the run then compiles for itself) and sets `failed`."""
+        code = self.proc.poll()
+        if code is None:
+            return False
+        if code != 0:
+            self.failed = (self.proc.stderr.read() or b"").decode(errors="replace")[-2000:]
+        self.cache.refresh()
+        return True
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def start(cfg: GPTConfig, tc: TrainConfig, sig: dict[str, Any]) -> Warmup | None:
+    """A warm-up for this run, or None when its kernels are cached, there is no kernel
+    cache (no CUDA), or SHAKESPEARE_GPT_COMPILE_WARMUP=0."""
+    cache = kernel_cache.active()
+    if cache is None or os.environ.get(ENV) == "0" or cache.is_warm(sig):
+        return None
+    job = json.dumps({"model": cfg.to_dict(), "training": tc.to_dict(), "signature": sig})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_model.warmup"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # a terminal's Ctrl-C goes to the run, which ends this
+    )
+    proc.stdin.write(job.encode())
+    proc.stdin.close()
+    return Warmup(proc, cache)
+
+
+def compile_kernels(cfg: GPTConfig, tc: TrainConfig) -> None:
+    """Run the compiled training step and loss estimate of (cfg, tc) once on a tiny batch."""
+    import mlx.core as mx
+    import numpy as np
+
+    from .data import get_batch
+    from .train import DTYPES, _fresh, make_loss_sum, make_step
+
+    dtype = DTYPES[tc.compute_dtype]
+    model, optimizer = _fresh(cfg, tc)
+    ids = np.arange(WINDOWS * (cfg.block_size + 1)) % cfg.vocab_size
+    x, y = map(mx.array, get_batch(ids, np.arange(WINDOWS), cfg.block_size))  # as the run's
+    model.train()
+    mx.eval(make_step(model, optimizer, tc, dtype)(x, y), model.parameters(), optimizer.state)
+    model.eval()
+    mx.eval(make_loss_sum(model, dtype)(x, y))
+
+
+def main() -> int:
+    job = json.loads(sys.stdin.read())
+    cfg, tc = GPTConfig.from_dict(job["model"]), TrainConfig.from_dict(job["training"])
+    compile_kernels(cfg, tc)
+    cache = kernel_cache.active()
+    if cache is not None:
+        cache.publish()
+        cache.mark_warm(job["signature"])
+    return 0
+
+
+if __name__ == "__main__":  # importing mlx_model first installed the kernel cache
+    raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""MLX's kernel cache under the user's cache folder, shared safely by processes, and the
+switch from uncompiled to compiled steps that a cold cache uses (issue: GPU cold start).
+
+No GPU here: the cache's files are written by the tests as MLX writes them (`.ptx`, then
+`.txt`, then `.cu`), and the warm-up child runs on the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_model.runtime import kernel_cache as kc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """No kernel cache installed, the user's cache folder under tmp_path."""
+    monkeypatch.setattr(kc, "_ACTIVE", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    for name in (kc.ENV, kc.SHARED_ENV):
+        monkeypatch.delenv(name, raising=False)
+    yield tmp_path
+    if kc._ACTIVE is not None and kc._ACTIVE.private is not None:
+        kc._ACTIVE.close()
+    for name in (kc.ENV, kc.SHARED_ENV):  # install() may have set them for children
+        os.environ.pop(name, None)
+
+
+def write_module(folder: Path, name: str, body: bytes) -> None:
+    """A module as MLX writes it (jit_module.cpp's write_cached_ptx)."""
+    (folder / f"{name}.ptx").write_bytes(body)
+    (folder / f"{name}.txt").write_text(f"{name}_kernel\tmangled_{name}\n")
+    (folder / f"{name}.cu").write_text("// source\n")
+
+
+def test_the_cache_lives_under_the_users_cache_folder_per_mlx_version(fresh_cache):
+    env: dict[str, str] = {}
+    cache = kc.install("9.9.9", env)
+    shared = fresh_cache / "xdg" / "shakespeare-gpt" / "mlx-kernels" / "9.9.9"
+    assert cache.shared == shared
+    private = Path(env[kc.ENV])
+    assert private.parent == shared / kc.STAGING and private.is_dir()
+    assert cache.cold and "cold" in cache.describe()
+
+
+def test_a_users_own_cache_folder_is_used_as_it_is(fresh_cache):
+    own = fresh_cache / "mine"
+    own.mkdir()
+    write_module(own, "fused_a", b"x")
+    env = {kc.ENV: str(own)}
+    cache = kc.install("9.9.9", env)
+    assert env[kc.ENV] == str(own) and cache.private is None
+    assert cache.modules_at_start == 1 and not cache.cold
+
+
+def test_modules_travel_whole_between_private_and_shared_folders(fresh_cache):
+    cache = kc.install("9.9.9", {})
+    write_module(cache.private, "fused_a", b"A" * 1000)
+    assert cache.compiled_here() == 1
+    assert cache.publish() == 1 and cache.publish() == 0
+    shared = cache.shared
+    assert (shared / "fused_a.ptx").read_bytes() == b"A" * 1000
+    assert (shared / "fused_a.txt").read_text().startswith("fused_a_kernel")
+    assert not list(shared.glob(".tmp-*"))
+    # a second process starts warm, with the module copied into its own folder
+    monkey_env: dict[str, str] = {}
+    kc._ACTIVE = None
+    second = kc.install("9.9.9", monkey_env)
+    assert second.private != cache.private and second.modules_at_start == 1
+    assert (second.private / "fused_a.ptx").read_bytes() == b"A" * 1000
+    second.close()
+    assert not second.private.exists()
+
+
+def test_a_child_process_takes_a_private_folder_of_its_own(fresh_cache):
+    env: dict[str, str] = {}
+    parent = kc.install("9.9.9", env)
+    kc._ACTIVE = None
+    child_env = dict(env)  # what a child process inherits
+    child = kc.install("9.9.9", child_env)
+    assert child.shared == parent.shared
+    assert child.private is not None and child.private != parent.private
+    assert child_env[kc.ENV] == str(child.private)
+    child.close()
+
+
+def test_folders_of_processes_that_died_are_removed(fresh_cache):
+    kc.install("9.9.9", {})
+    staging = kc._ACTIVE.shared / kc.STAGING
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = staging / f"{kc.socket.gethostname()}-{dead.pid}-abc"
+    stale.mkdir()
+    kc._ACTIVE = None
+    kc.install("9.9.9", {})
+    assert not stale.exists()
+    assert kc._ACTIVE.private.exists()
+
+
+PUBLISHER = textwrap.dedent(
+    """
+    import os, sys, time
+    from mlx_model.runtime import kernel_cache as kc
+    cache = kc.install("9.9.9")
+    for i in range(int(sys.argv[1])):
+        name = f"fused_{i}"
+        body = (name.encode() * 50000)[:400000]
+        with open(cache.private / f"{name}.ptx", "wb") as f:  # in place, as MLX writes
+            for k in range(0, len(body), 50000):
+                f.write(body[k:k + 50000]); f.flush()
+        (cache.private / f"{name}.txt").write_text(f"{name}\\tm\\n")
+        cache.publish()
+    """
+)
+
+
+def test_processes_filling_the_cache_at_once_never_expose_a_torn_module(fresh_cache):
+    """Four processes compile the same 12 modules and publish them while a reader checks
+    every module it finds in the shared folder: each is whole, with its kernel names."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(fresh_cache / "xdg")}
+    env.pop(kc.ENV, None)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", PUBLISHER, "12"], env=env, cwd=ROOT)
+        for _ in range(4)
+    ]
+    shared = kc.default_shared("9.9.9")
+    seen: dict[str, bytes] = {}
+    while any(p.poll() is None for p in procs) or len(seen) < 12:
+        for ptx in shared.glob("fused_*.ptx"):
+            body = ptx.read_bytes()
+            assert body == (ptx.stem.encode() * 50000)[:400000], f"torn {ptx.name}"
+            assert (shared / f"{ptx.stem}.txt").read_text() == f"{ptx.stem}\tm\n"
+            seen[ptx.stem] = body
+        if all(p.poll() is not None for p in procs):
+            break
+    assert [p.wait() for p in procs] == [0, 0, 0, 0]
+    assert kc.count_modules(shared) == 12 and len(seen) == 12
+    assert not list((shared / kc.STAGING).iterdir())  # every private folder removed at exit
+
+
+# --- the switch from uncompiled to compiled steps -------------------------------------
+
+
+def _tiny(max_iters=12):
+    from mlx_model.config import get_preset
+
+    preset = get_preset("tiny")
+    tc = preset.train.replace(max_iters=max_iters, eval_interval=4, checkpoint_interval=4)
+    return preset.model.replace(vocab_size=65), tc
+
+
+def _ids(n=4000):
+    return np.random.default_rng(0).integers(0, 65, n).astype(np.uint8)
+
+
+def _losses(result):
+    return [r["train_loss"] for r in result.train_log] + [h["val_loss"] for h in result.history]
+
+
+def test_uncompiled_steps_then_compiled_ones_give_the_compiled_runs_losses(tmp_path):
+    from mlx_model.train import train
+
+    cfg, tc = _tiny()
+    tc = tc.replace(log_interval=1)
+    ids, val = _ids(), _ids(1000)
+    compiled = train(cfg, tc, ids, val, tmp_path / "a", compile_now=lambda: True)
+    switch = iter([False] * 5 + [True] * 100)
+    mixed = train(cfg, tc, ids, val, tmp_path / "b", compile_now=lambda: next(switch))
+    eager = train(cfg, tc, ids, val, tmp_path / "c", compile_now=lambda: False)
+    assert compiled.compiled_from == 0 and mixed.compiled_from == 5 and eager.compiled_from is None
+    np.testing.assert_allclose(_losses(mixed), _losses(compiled), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(_losses(eager), _losses(compiled), rtol=2e-5, atol=2e-5)
+
+
+def test_a_run_resumed_after_the_switch_continues_exactly(tmp_path):
+    from mlx_model.train import train
+
+    cfg, tc = _tiny()
+    ids, val = _ids(), _ids(1000)
+
+    def after(n):
+        calls = iter([False] * n + [True] * 1000)
+        return lambda: next(calls)
+
+    whole = train(cfg, tc, ids, val, tmp_path / "a", compile_now=after(3))
+    train(cfg, tc, ids, val, tmp_path / "b", compile_now=after(3), stop_after=8)
+    resumed = train(cfg, tc, ids, val, tmp_path / "b", compile_now=lambda: True)
+    assert resumed.resumed_from == 8 and resumed.compiled_from == 8
+
+    def numbers(result):
+        return [(h["step"], h["train_loss"], h["val_loss"]) for h in result.history]
+
+    assert numbers(resumed) == numbers(whole)
+
+
+def test_a_cold_cache_starts_a_warm_up_child_and_the_next_run_finds_it_warm(
+    fresh_cache, monkeypatch
+):
+    """The warm-up child compiles the step on the CPU here (no NVRTC) and records the
+    configuration as warm in the shared cache (the test waits for it, so the run switches
+    at its first step); a second run of the same configuration starts no child."""
+    from mlx_model import warmup
+    from mlx_model.train import train
+
+    cache = kc.install("9.9.9")  # sets MLX_PTX_CACHE_DIR and the shared folder for children
+    started = []
+    real_start = warmup.start
+
+    def start_and_wait(*args):
+        started.append(real_start(*args))
+        if started[-1] is not None:
+            started[-1].proc.wait(timeout=120)
+        return started[-1]
+
+    monkeypatch.setattr(warmup, "start", start_and_wait)
+    cfg, tc = _tiny()
+    first = train(cfg, tc, _ids(), _ids(1000), fresh_cache / "a")
+    assert started[0] is not None and started[0].proc.returncode == 0
+    assert started[0].failed is None and first.compiled_from == 0
+    sig = {**warmup.signature(cfg, tc, _ops_signature(tc)), "world_size": 1}
+    assert cache.is_warm(sig)
+    second = train(cfg, tc, _ids(), _ids(1000), fresh_cache / "b")
+    assert started[1] is None and second.compiled_from == 0
+    assert second.best_val_loss == pytest.approx(first.best_val_loss, rel=1e-4)
+
+
+def _ops_signature(tc):
+    from mlx_model import ops
+
+    return ops.signature(tc.compute_dtype)
+
+
+def test_no_warm_up_without_a_kernel_cache_or_when_turned_off(fresh_cache, monkeypatch):
+    from mlx_model import warmup
+
+    cfg, tc = _tiny()
+    sig = {"any": 1}
+    assert kc.active() is None and warmup.start(cfg, tc, sig) is None
+    kc.install("9.9.9", {})
+    monkeypatch.setenv(warmup.ENV, "0")
+    assert warmup.start(cfg, tc, sig) is None
