@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from .config import GPTConfig, TrainConfig
@@ -46,9 +47,10 @@ def signature(cfg: GPTConfig, tc: TrainConfig, ops_signature: dict[str, Any]) ->
 class Warmup:
     """A child process compiling the run's kernels into the shared cache."""
 
-    def __init__(self, proc: subprocess.Popen, cache: kernel_cache.KernelCache):
+    def __init__(self, proc: subprocess.Popen, cache: kernel_cache.KernelCache, log: Path):
         self.proc = proc
         self.cache = cache
+        self.log = log
         self.failed: str | None = None
 
     def ready(self) -> bool:
@@ -58,16 +60,15 @@ class Warmup:
         if code is None:
             return False
         if code != 0:
-            self.failed = (self.proc.stderr.read() or b"").decode(errors="replace")[-2000:]
+            self.failed = self.log.read_text(errors="replace")[-2000:] or f"exit code {code}"
+        self.log.unlink(missing_ok=True)
         self.cache.refresh()
         return True
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
+    def close(self) -> bool:
+        """Leave a child that is still compiling to finish in the background (it fills the
+        cache for the next run, and exits by itself); returns whether it still runs."""
+        return not self.ready()
 
 
 def start(cfg: GPTConfig, tc: TrainConfig, sig: dict[str, Any]) -> Warmup | None:
@@ -77,16 +78,26 @@ def start(cfg: GPTConfig, tc: TrainConfig, sig: dict[str, Any]) -> Warmup | None
     if cache is None or os.environ.get(ENV) == "0" or cache.is_warm(sig):
         return None
     job = json.dumps({"model": cfg.to_dict(), "training": tc.to_dict(), "signature": sig})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_model.warmup"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # a terminal's Ctrl-C goes to the run, which ends this
-    )
+    logs = cache.shared / ".warmup"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{os.getpid()}-{os.urandom(4).hex()}.log"
+    here = str(Path(__file__).resolve().parents[1])  # the child imports this mlx_model
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])),
+    }
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_model.warmup"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env,
+            start_new_session=True,  # a terminal's Ctrl-C goes to the run alone
+        )
     proc.stdin.write(job.encode())
     proc.stdin.close()
-    return Warmup(proc, cache)
+    return Warmup(proc, cache, log)
 
 
 def compile_kernels(cfg: GPTConfig, tc: TrainConfig) -> None:
