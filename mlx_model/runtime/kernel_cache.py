@@ -136,7 +136,7 @@ def _place(source: Path, target: Path) -> None:
     one (a module whose read failed), which through a link would tear the other copy."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{target.name}"
-    shutil.copyfile(source, tmp)
+    shutil.copy2(source, tmp)  # with its time: when the module was compiled
     os.replace(tmp, target)
 
 
