@@ -119,13 +119,21 @@ def compile_kernels(cfg: GPTConfig, tc: TrainConfig) -> None:
 
 
 def main() -> int:
+    """The child: compile, publish, record the signature as warm. One child per signature
+    compiles at a time (a lock in the cache); another waits for it, then finds the
+    kernels cached and only copies them in."""
     job = json.loads(sys.stdin.read())
     cfg, tc = GPTConfig.from_dict(job["model"]), TrainConfig.from_dict(job["training"])
-    compile_kernels(cfg, tc)
     cache = kernel_cache.active()
-    if cache is not None:
-        cache.publish()
-        cache.mark_warm(job["signature"])
+    if cache is None:
+        compile_kernels(cfg, tc)
+        return 0
+    with cache.lock(job["signature"]):
+        if not cache.is_warm(job["signature"]):
+            cache.refresh()
+            compile_kernels(cfg, tc)
+            cache.publish()
+            cache.mark_warm(job["signature"])
     return 0
 
 

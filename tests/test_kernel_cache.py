@@ -247,3 +247,22 @@ def test_no_warm_up_without_a_kernel_cache_or_when_turned_off(fresh_cache, monke
     kc.install("9.9.9", {})
     monkeypatch.setenv(warmup.ENV, "0")
     assert warmup.start(cfg, tc, sig) is None
+
+
+def test_a_second_warm_up_of_the_same_configuration_waits_for_the_first(fresh_cache):
+    """While one warm-up holds the configuration's lock, another waits (it does not
+    compile the same kernels beside it) and ends once the first has recorded them."""
+    import time
+
+    from mlx_model import warmup
+
+    cache = kc.install("9.9.9")
+    cfg, tc = _tiny()
+    sig = {**warmup.signature(cfg, tc, _ops_signature(tc)), "world_size": 1}
+    with cache.lock(sig):
+        second = warmup.start(cfg, tc, sig)
+        time.sleep(3)
+        assert not second.ready()  # blocked on the lock
+        cache.mark_warm(sig)
+    second.proc.wait(timeout=60)
+    assert second.ready() and second.failed is None and second.proc.returncode == 0

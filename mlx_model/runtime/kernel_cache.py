@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,18 @@ class KernelCache:
             with os.fdopen(fd, "w") as f:
                 json.dump(signature, f, sort_keys=True)
             os.replace(tmp, path)
+
+    @contextlib.contextmanager
+    def lock(self, signature: dict[str, Any]) -> Iterator[None]:
+        """Hold the shared cache's lock for `signature` (one warm-up compiles it at a time)."""
+        folder = self.shared / WARM
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{_digest(signature)}.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def close(self) -> None:
         """Publish, then remove the private folder."""
