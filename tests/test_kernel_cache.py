@@ -28,7 +28,7 @@ def fresh_cache(tmp_path, monkeypatch):
     for name in (kc.ENV, kc.SHARED_ENV):
         monkeypatch.delenv(name, raising=False)
     yield tmp_path
-    if kc._ACTIVE is not None and kc._ACTIVE.private is not None:
+    if kc._ACTIVE is not None:
         kc._ACTIVE.close()
     for name in (kc.ENV, kc.SHARED_ENV):  # install() may have set them for children
         os.environ.pop(name, None)
@@ -51,14 +51,15 @@ def test_the_cache_lives_under_the_users_cache_folder_per_mlx_version(fresh_cach
     assert cache.cold and "cold" in cache.describe()
 
 
-def test_a_users_own_cache_folder_is_used_as_it_is(fresh_cache):
+def test_a_users_own_cache_folder_is_the_shared_one(fresh_cache):
     own = fresh_cache / "mine"
     own.mkdir()
     write_module(own, "fused_a", b"x")
     env = {kc.ENV: str(own)}
     cache = kc.install("9.9.9", env)
-    assert env[kc.ENV] == str(own) and cache.private is None
+    assert cache.shared == own and Path(env[kc.ENV]).parent == own / kc.STAGING
     assert cache.modules_at_start == 1 and not cache.cold
+    assert (Path(env[kc.ENV]) / "fused_a.ptx").read_bytes() == b"x"
 
 
 def test_modules_travel_whole_between_private_and_shared_folders(fresh_cache):

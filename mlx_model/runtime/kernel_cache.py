@@ -13,7 +13,7 @@ writes only there. `publish()` moves the modules this process compiled into the 
 folder atomically (companion files first, the `.ptx` last, each by rename), so a module
 is in the shared cache whole or not at all; it runs at the training loop's sync points
 and at exit. The shared folder is `~/.cache/shakespeare-gpt/mlx-kernels/<mlx version>/`
-(`$XDG_CACHE_HOME` respected); a user's own `MLX_PTX_CACHE_DIR` is used as it is.
+(`$XDG_CACHE_HOME` respected), or the user's own `MLX_PTX_CACHE_DIR`, shared the same way.
 
 Nothing happens without CUDA: on the CPU, MLX compiles no NVRTC modules.
 """
@@ -49,13 +49,10 @@ COMPANIONS = (".txt", ".cu")
 
 @dataclass
 class KernelCache:
-    """The shared cache folder and this process's private folder (where MLX reads/writes).
-
-    `private` is None when the user set `MLX_PTX_CACHE_DIR` (then `shared` is theirs and
-    MLX uses it directly)."""
+    """The shared cache folder and this process's private folder (where MLX reads/writes)."""
 
     shared: Path
-    private: Path | None
+    private: Path
     modules_at_start: int
 
     @property
@@ -68,19 +65,17 @@ class KernelCache:
 
     def compiled_here(self) -> int:
         """Modules this process compiled that the shared cache did not have."""
-        if self.private is None:
-            return max(count_modules(self.shared) - self.modules_at_start, 0)
         return sum(1 for rel in _modules(self.private) if not (self.shared / rel).exists())
 
     def refresh(self) -> int:
         """Copy in the modules other processes published since this one started; returns
         how many."""
-        return 0 if self.private is None else _copy_modules(self.shared, self.private)
+        return _copy_modules(self.shared, self.private)
 
     def publish(self) -> int:
         """Move modules compiled here into the shared cache (atomically); returns how many.
         Call it where no kernel is being compiled (after an `mx.eval`)."""
-        return 0 if self.private is None else _copy_modules(self.private, self.shared)
+        return _copy_modules(self.private, self.shared)
 
     def is_warm(self, signature: dict[str, Any]) -> bool:
         """Whether a process recorded that the kernels of `signature` are all cached."""
@@ -111,8 +106,6 @@ class KernelCache:
 
     def close(self) -> None:
         """Publish, then remove the private folder."""
-        if self.private is None:
-            return
         with contextlib.suppress(OSError):
             self.publish()
         shutil.rmtree(self.private, ignore_errors=True)
@@ -198,10 +191,10 @@ def install(version: str, environ: dict[str, str] | None = None) -> KernelCache:
     if _ACTIVE is not None:
         return _ACTIVE
     own, inherited = env.get(ENV), env.get(SHARED_ENV)
-    if own and not (inherited and Path(own).parent == Path(inherited) / STAGING):
-        _ACTIVE = KernelCache(Path(own), None, count_modules(Path(own)))
-        return _ACTIVE
-    shared = Path(inherited) if inherited else default_shared(version)
+    if inherited and own and Path(own).parent == Path(inherited) / STAGING:
+        shared = Path(inherited)  # a child of a process that installed the cache
+    else:
+        shared = Path(own) if own else default_shared(version)
     staging = shared / STAGING
     staging.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(staging)
