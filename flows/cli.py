@@ -341,7 +341,8 @@ def execute(args: argparse.Namespace, params: dict[str, Any]) -> int:
         return 0
     if args.command == "export":
         out = export_pipeline(
-            out=args.out, **{k: params[k] for k in ("preset", "overrides", "artifacts", "force")}
+            out=args.out,
+            **{k: params[k] for k in ("preset", "overrides", "artifacts", "force", "model")},
         )
         print(f"exported the trained model as GPT2LMHeadModel to {out}")
         return 0
