@@ -29,6 +29,6 @@ def api(params: dict[str, Any], serve: dict[str, Any] | None = None, verbose: bo
         keys = ("preset", "overrides", "artifacts", "from_stage", "force")
         summary = pipeline(**{k: params[k] for k in keys}, until="train")
         trained = summary["outputs"]["train"]
-        model_id = trained.produced_by or summary["run"]  # a run name: --model takes it
+        model_id = summary["run"]  # this run's name, which --model takes
     serve_model(trained, model_id, sampling, config, verbose)
     return 0

@@ -151,7 +151,9 @@ class Job:
 
 
 class Generator:
-    """The model, its vocabulary and the worker that runs it."""
+    """The model, its vocabulary and the worker that runs it. The model's parameters must
+    be evaluated (as `load_model` leaves them): an MLX graph built on one thread cannot
+    be run on another."""
 
     def __init__(self, model: GPT, vocab: Vocab, worker: Worker):
         self.model, self.vocab, self.worker = model, vocab, worker
