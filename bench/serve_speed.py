@@ -174,7 +174,10 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     ratios = [r["ratio"] for r in rounds]
-    cpu = platform.processor() or platform.machine()
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), platform.processor() or platform.machine(),
+    ) if Path("/proc/cpuinfo").exists() else platform.processor() or platform.machine()  # fmt: skip
     print(
         f"api / sample: {min(ratios):.3f} to {max(ratios):.3f} over {len(ratios)} rounds "
         f"(model run {run}, {args.max_tokens} characters, {os.cpu_count()} cores, {cpu})"

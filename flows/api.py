@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.api import serve_model, trained_model
+from tasks.api import check_address, serve_model, trained_model
 from tasks.config import RunConfig, ServeConfig
 from tasks.store import default_root
 
@@ -22,6 +22,7 @@ def api(params: dict[str, Any], serve: dict[str, Any] | None = None, verbose: bo
     config = ServeConfig(**(serve or {}))
     sampling = RunConfig.resolve(params["preset"], params["overrides"]).sampling
     config.check(sampling)
+    check_address(config)
     if params.get("model"):
         root = Path(params["artifacts"]) if params["artifacts"] else default_root()
         trained, model_id = trained_model(root, params["model"]), params["model"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 from mlx_model.config import SampleConfig, ServeConfig
@@ -36,6 +37,17 @@ def trained_model(root: Path, reference: str) -> StageOutput:
     if hit is None:
         raise ValueError(f"the model of run {reference!r} is missing or damaged")
     return hit
+
+
+def check_address(config: ServeConfig) -> None:
+    """Raise ValueError naming host and port when the server could not listen there (the
+    port taken, an address this machine does not have), before any model is loaded."""
+    try:
+        with socket.create_server((config.host, config.port)):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ValueError(f"cannot listen on {config.host}:{config.port}: {reason}") from None
 
 
 def serve_model(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -221,6 +222,15 @@ def test_api_command_refuses_bad_settings_in_one_line(tmp_path, flags, words, ca
     assert main(["api", "--artifacts", str(tmp_path), "--model", "x", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_api_command_refuses_a_port_in_use(tmp_path, capsys):
+    from flows.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        assert main(["api", "--artifacts", str(tmp_path), "--model", "x", "--port", port]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
 
 
 @pytest.mark.slow
