@@ -143,6 +143,11 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--prompt", default="ROMEO:\n")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    parser.add_argument(
+        "--settle", type=float, default=3.0,
+        help="seconds to wait before each measurement (a finished `sample` process's "
+        "temporary Prefect server shuts down in the background)",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the rounds to this file")
     args = parser.parse_args()
     if args.rounds < 1 or args.max_tokens < 2:
@@ -159,13 +164,20 @@ def main() -> None:
         for i in range(args.rounds):
             body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "seed": i,
                     "temperature": args.temperature, "stream": True}  # fmt: skip
+
             # alternate which goes first, so neither always runs on a warmer machine
+            def api() -> float:
+                time.sleep(args.settle)
+                return api_rate(port, body)
+
+            def cli() -> float:
+                time.sleep(args.settle)
+                return sample_rate(common, args.prompt, i, args.max_tokens, settings)
+
             if i % 2:
-                a = api_rate(port, body)
-                s = sample_rate(common, args.prompt, i, args.max_tokens, settings)
+                a, s = api(), cli()
             else:
-                s = sample_rate(common, args.prompt, i, args.max_tokens, settings)
-                a = api_rate(port, body)
+                s, a = cli(), api()
             rounds.append({"round": i, "sample_chars_per_s": s, "api_chars_per_s": a,
                            "ratio": a / s})  # fmt: skip
             print(f"round {i}: sample {s:8.0f} chars/s   api {a:8.0f} chars/s   ratio {a / s:.3f}",
@@ -173,13 +185,14 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    ratios = [r["ratio"] for r in rounds]
+    ratios = sorted(r["ratio"] for r in rounds)
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
          if line.startswith("model name")), platform.processor() or platform.machine(),
     ) if Path("/proc/cpuinfo").exists() else platform.processor() or platform.machine()  # fmt: skip
     print(
-        f"api / sample: {min(ratios):.3f} to {max(ratios):.3f} over {len(ratios)} rounds "
+        f"api / sample: {ratios[0]:.3f} to {ratios[-1]:.3f} (median "
+        f"{ratios[len(ratios) // 2]:.3f}) over {len(ratios)} rounds "
         f"(model run {run}, {args.max_tokens} characters, {os.cpu_count()} cores, {cpu})"
     )
     if args.json:

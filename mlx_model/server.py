@@ -43,6 +43,37 @@ from .model import GPT
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 MAX_SEED = 2**63 - 1  # OpenAI's seed is a 64-bit signed integer
+# A stream sends at most one chunk per interval (seconds); what is generated meanwhile goes
+# in the next. Smooth to the eye, and it keeps the event loop from taking the worker's
+# CPU time one token at a time.
+STREAM_INTERVAL = 0.02
+
+
+class Channel:
+    """From the worker thread to one request's event loop: `put` from any thread, `batch`
+    awaited on the loop. The loop is woken only when it waits for a batch, not per item."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop, self._lock, self._ready = loop, threading.Lock(), asyncio.Event()
+        self._items: list[Any] = []
+        self._woken = False
+
+    def put(self, item: Any) -> None:
+        with self._lock:
+            self._items.append(item)
+            if self._woken:
+                return
+            self._woken = True
+        self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def batch(self) -> list[Any]:
+        """Everything put since the last batch (at least one item)."""
+        await self._ready.wait()
+        with self._lock:
+            items, self._items = self._items, []
+            self._woken = False
+            self._ready.clear()
+        return items
 
 
 class ServerBusy(Exception):
@@ -292,9 +323,8 @@ def create_app(generator: Generator, model_id: str, defaults: SampleConfig, serv
             prompt_ids = generator.vocab.encode(cfg.prompt)
         except ValueError as err:
             raise BadRequest("prompt", str(err).replace("text has", "prompt has", 1)) from None
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = Job(prompt_ids, cfg, stops, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        events = Channel(asyncio.get_running_loop())
+        job = Job(prompt_ids, cfg, stops, events.put)
         generator.worker.submit(lambda: generator.run(job))  # ServerBusy: 503
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
@@ -325,18 +355,18 @@ class GenerationFailed(Exception):
     """The worker reported an error while generating."""
 
 
-async def _events(events: asyncio.Queue) -> AsyncIterator[list[Any]]:
-    """Batches of what the worker emitted: everything waiting, at least one item."""
+async def _events(events: Channel, interval: float = 0.0) -> AsyncIterator[list[Any]]:
+    """Batches of what the worker emitted, at most one per `interval` seconds."""
     while True:
-        batch = [await events.get()]
-        while not events.empty():
-            batch.append(events.get_nowait())
+        batch = await events.batch()
         yield batch
         if isinstance(batch[-1], tuple):
             return
+        if interval:
+            await asyncio.sleep(interval)
 
 
-async def _collect(events: asyncio.Queue) -> tuple[list[str], tuple[str, int]]:
+async def _collect(events: Channel) -> tuple[list[str], tuple[str, int]]:
     pieces: list[str] = []
     async for batch in _events(events):
         pieces += [e for e in batch if isinstance(e, str)]
@@ -353,8 +383,8 @@ def _sse(obj: Any) -> str:
 
 
 async def _stream(events, job: Job, head: dict, echo: str, usage: dict, include_usage: bool):
-    """Server-sent events: one `text_completion` chunk per batch of text the worker has
-    ready (one per token when the client keeps up), the finish reason, `[DONE]`."""
+    """Server-sent events: a `text_completion` chunk with the text generated since the last
+    one (at most one per STREAM_INTERVAL), the finish reason, `[DONE]`."""
 
     def chunk(text: str, finish: str | None) -> str:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
@@ -363,7 +393,7 @@ async def _stream(events, job: Job, head: dict, echo: str, usage: dict, include_
     try:
         if echo:
             yield chunk(echo, None)
-        async for batch in _events(events):
+        async for batch in _events(events, STREAM_INTERVAL):
             text = "".join(e for e in batch if isinstance(e, str))
             last = batch[-1]
             if isinstance(last, tuple) and last[0] == "error":
