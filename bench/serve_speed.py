@@ -166,13 +166,13 @@ def main() -> None:
                     "temperature": args.temperature, "stream": True}  # fmt: skip
 
             # alternate which goes first, so neither always runs on a warmer machine
-            def api() -> float:
+            def api(body: dict = body) -> float:
                 time.sleep(args.settle)
                 return api_rate(port, body)
 
-            def cli() -> float:
+            def cli(seed: int = i) -> float:
                 time.sleep(args.settle)
-                return sample_rate(common, args.prompt, i, args.max_tokens, settings)
+                return sample_rate(common, args.prompt, seed, args.max_tokens, settings)
 
             if i % 2:
                 a, s = api(), cli()
