@@ -241,8 +241,11 @@ def sampling_for(req: CompletionRequest, defaults: SampleConfig, limit: int) -> 
     )
 
 
-def stop_strings(stop: str | list[str] | None) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
+def stop_strings(stop: str | list[str] | None, default: str | None = None) -> list[str]:
+    """The request's stop strings, or the server's default when it gives none."""
+    if stop is None:
+        return [default] if default else []
+    stops = [stop] if isinstance(stop, str) else list(stop)
     if len(stops) > MAX_STOP_STRINGS:
         raise BadRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
     if any(not s for s in stops):
@@ -318,7 +321,7 @@ def create_app(generator: Generator, model_id: str, defaults: SampleConfig, serv
                 f"{model_id!r} (GET /v1/models)", 404, "model_not_found",
             )  # fmt: skip
         cfg = sampling_for(req, defaults, serve.max_tokens_limit)
-        stops = stop_strings(req.stop)
+        stops = stop_strings(req.stop, defaults.stop)
         try:
             prompt_ids = generator.vocab.encode(cfg.prompt)
         except ValueError as err:

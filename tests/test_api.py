@@ -207,6 +207,27 @@ def test_a_full_queue_gets_503_then_serves_again():
     worker.close()
 
 
+def test_the_servers_defaults_fill_what_a_request_leaves_out():
+    from starlette.testclient import TestClient
+
+    from mlx_model.server import Generator, Worker, create_app
+
+    vocab = Vocab("\n ABab")
+    model = GPT(GPTConfig(vocab_size=vocab.size, block_size=8, n_layer=1, n_head=1, n_emb=8))
+    mx.eval(model.parameters())
+    greedy = SampleConfig(prompt="ab", max_tokens=12, temperature=0.0)
+    text = generate_text(model, vocab, greedy)[2:]
+    worker = Worker(max_queue=2)
+    for stop in (None, text[5:7]):
+        defaults = greedy.replace(prompt="\n", stop=stop)
+        app = create_app(Generator(model, vocab, worker), "m", defaults, ServeConfig())
+        with TestClient(app) as http:
+            done = http.post("/v1/completions", json={"prompt": "ab"}).json()["choices"][0]
+        assert done["text"] == (text[: text.index(stop)] if stop else text)
+        assert done["finish_reason"] == ("stop" if stop else "length")
+    worker.close()
+
+
 @pytest.mark.parametrize(
     "flags, words",
     [
