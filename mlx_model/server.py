@@ -16,6 +16,7 @@ whose `param` names the field; neither takes the server down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import secrets
@@ -64,7 +65,8 @@ class Channel:
             if self._woken:
                 return
             self._woken = True
-        self._loop.call_soon_threadsafe(self._ready.set)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+            self._loop.call_soon_threadsafe(self._ready.set)
 
     async def batch(self) -> list[Any]:
         """Everything put since the last batch (at least one item)."""
