@@ -29,6 +29,7 @@ from tasks.config import (  # noqa: E402
     PRESETS,
     SECTIONS,
     RunConfig,
+    ServeConfig,
     help_text,
     parse_value,
 )
@@ -127,7 +128,8 @@ def _common(p: argparse.ArgumentParser, sampling: bool = True) -> None:
             "--model",
             default=None,
             metavar="best-of:SWEEP",
-            help="use a sweep's best trial instead of training (sample, evaluate, export)",
+            help="use a sweep's best trial instead of training (sample, evaluate, export); "
+            "api also takes a run name (RUN, as under artifacts/runs/)",
         )
     p.add_argument("--verbose", action="store_true", help="show Prefect's own log lines too")
     p.add_argument(
@@ -158,6 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(export)
     export.add_argument("--out", required=True, help="output folder")
+    api = sub.add_parser(
+        "api",
+        help="serve the trained model over HTTP: OpenAI's /v1/completions and a playground at /",
+    )
+    _common(api)
+    for name in ("host", "port", "max_queue", "max_tokens_limit"):
+        api.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=f"serve.{name}",
+            metavar=name.upper(),
+            type=str if name == "host" else int,
+            default=None,
+            help=f"{help_text(ServeConfig, name)} (default {getattr(ServeConfig(), name)})",
+        )
     sweep = sub.add_parser(
         "sweep", help="train and evaluate a grid of settings on a Dask cluster; a leaderboard"
     )
@@ -274,7 +290,7 @@ def checked(args: argparse.Namespace) -> dict[str, Any]:
                params["seed"])  # fmt: skip
         check_run(config, args.artifacts)
         return params
-    if args.model:
+    if args.model and args.command != "api":  # api also takes a run name (flows.api checks)
         best_trial(Path(args.artifacts) if args.artifacts else default_root(), args.model)
     until = {"run": None, "stage": getattr(args, "name", None), "sample": "sample"}.get(
         args.command, "train"
@@ -334,6 +350,11 @@ def report_sweep_result(record: dict[str, Any]) -> None:
 def execute(args: argparse.Namespace, params: dict[str, Any]) -> int:
     if args.command == "serve":
         return serve(args, params)
+    if args.command == "api":
+        from .api import api
+
+        given = {k.removeprefix("serve."): v for k, v in vars(args).items() if k[:6] == "serve."}
+        return api(params, {k: v for k, v in given.items() if v is not None}, args.verbose)
     if args.command == "sweep":
         runner = dask_runner(args.dask_address, args.workers)
         record = sweep_pipeline.with_options(task_runner=runner)(**params)
@@ -341,7 +362,8 @@ def execute(args: argparse.Namespace, params: dict[str, Any]) -> int:
         return 0
     if args.command == "export":
         out = export_pipeline(
-            out=args.out, **{k: params[k] for k in ("preset", "overrides", "artifacts", "force")}
+            out=args.out,
+            **{k: params[k] for k in ("preset", "overrides", "artifacts", "force", "model")},
         )
         print(f"exported the trained model as GPT2LMHeadModel to {out}")
         return 0

@@ -139,7 +139,12 @@ def export_pipeline(
     force: list[str] | None = None,
     model: str | None = None,
 ) -> str:
-    """The pipeline up to `train` (cached stages reused), then the Hugging Face export."""
+    """The pipeline up to `evaluate` (cached stages reused), then the Hugging Face export
+    with a model card that states the validation loss."""
     check_export_target(out)
-    summary = pipeline(preset, overrides, artifacts, until="train", force=force, model=model)
-    return export_model(summary["outputs"]["train"], out)
+    config = RunConfig.resolve(preset, overrides)
+    summary = pipeline(preset, overrides, artifacts, until="evaluate", force=force, model=model)
+    outputs = summary["outputs"]
+    return export_model(
+        outputs["train"], out, outputs["evaluate"], config.sampling, config.data, config.source
+    )

@@ -253,6 +253,30 @@ class SampleConfig(Serializable):
 
 
 @dataclass(frozen=True)
+class ServeConfig(Serializable):
+    """The OpenAI-compatible server (`shakespeare-gpt api`): where it listens, its limits."""
+
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0 exposes it to the network)")
+    port: int = option(8000, "TCP port")
+    max_queue: int = option(16, "requests that may wait while one generates; more get 503")
+    max_tokens_limit: int = option(4096, "largest max_tokens a request may ask for")
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("port", "max_queue", "max_tokens_limit"))
+        if self.port > 65535:
+            raise ValueError(f"ServeConfig.port must be at most 65535, got {self.port!r}")
+        if not self.host:
+            raise ValueError("ServeConfig.host must not be empty")
+
+    def check(self, defaults: SampleConfig) -> None:
+        """Raise ValueError if the default request (`defaults`) is already over the limit."""
+        if defaults.max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"max_tokens {defaults.max_tokens} is over max_tokens_limit {self.max_tokens_limit}"
+            )
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named pair of model and training configurations."""
 

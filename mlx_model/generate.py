@@ -7,7 +7,7 @@ token ahead of the host, so a token is read back while the next is computed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -150,6 +150,41 @@ def _held_back(text: str, stop: str) -> int:
     return 0
 
 
+class StopStrings:
+    """Cuts streamed text before the first occurrence of any of `stops`.
+
+    `feed(piece)` returns the text that is now known to precede every stop string;
+    text that might begin one is held back until it is known not to. `hit` is set
+    once a stop string has appeared (the caller stops generating); `flush()` returns
+    what is held back when generation ended without one.
+    """
+
+    def __init__(self, stops: Sequence[str] = ()):
+        if any(not s for s in stops):
+            raise ValueError("a stop string must not be empty")
+        self.stops = list(stops)
+        self.hit = False
+        self._pending = ""
+
+    def feed(self, piece: str) -> str:
+        if not self.stops:
+            return piece
+        self._pending += piece
+        found = [i for i in (self._pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit = True
+            head, self._pending = self._pending[: min(found)], ""
+            return head
+        keep = max(_held_back(self._pending, s) for s in self.stops)
+        ready = self._pending[: len(self._pending) - keep]
+        self._pending = self._pending[len(ready) :]
+        return ready
+
+    def flush(self) -> str:
+        rest, self._pending = self._pending, ""
+        return rest
+
+
 def stream_text(model: GPT, vocab: Vocab, cfg: SampleConfig) -> Iterator[str]:
     """Yield the continuation of `cfg.prompt` piece by piece, as it is generated.
 
@@ -166,24 +201,14 @@ def stream_text(model: GPT, vocab: Vocab, cfg: SampleConfig) -> Iterator[str]:
         top_p=cfg.top_p,
         seed=cfg.seed,
     )
-    if not cfg.stop:
-        for tok in tokens:
-            yield vocab.decode(tok)
-        return
-    pending = ""
+    stops = StopStrings([cfg.stop] if cfg.stop else [])
     for tok in tokens:
-        pending += vocab.decode(tok)
-        if cfg.stop in pending:
-            head = pending[: pending.index(cfg.stop)]
-            if head:
-                yield head
+        if text := stops.feed(vocab.decode(tok)):
+            yield text
+        if stops.hit:
             return
-        keep = _held_back(pending, cfg.stop)
-        if len(pending) > keep:
-            yield pending[: len(pending) - keep]
-            pending = pending[len(pending) - keep :]
-    if pending:
-        yield pending
+    if rest := stops.flush():
+        yield rest
 
 
 def generate_text(model: GPT, vocab: Vocab, cfg: SampleConfig) -> str:

@@ -19,6 +19,7 @@ from mlx_model.config import (
     GPTConfig,
     ParallelConfig,
     SampleConfig,
+    ServeConfig,
     TrainConfig,
     get_preset,
     help_text,
@@ -37,7 +38,9 @@ SECTIONS: dict[str, type] = {
 }
 Overrides = dict[str, dict[str, Any]]
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "SECTIONS", "RunConfig", "help_text", "parse_value"]
+__all__ = [
+    "DEFAULT_PRESET", "PRESETS", "SECTIONS", "RunConfig", "ServeConfig", "help_text", "parse_value",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -14,6 +15,11 @@ from mlx_model.files import write_text_atomic
 from .store import ArtifactStore, StageOutput, safe_name
 
 
+def manifest_path(root: Path, run_name: str) -> Path:
+    """Where the manifest of run `run_name` is written under the artifact root."""
+    return Path(root) / "runs" / safe_name(run_name, "run name") / "manifest.json"
+
+
 @task(name="manifest", cache_policy=NO_CACHE)
 def write_manifest(
     store: ArtifactStore,
@@ -22,7 +28,7 @@ def write_manifest(
     outputs: list[StageOutput],
 ) -> str:
     """Record the run's parameters and each stage's cache key, folder and hit/miss."""
-    path = store.root / "runs" / safe_name(run_name, "run name") / "manifest.json"
+    path = manifest_path(store.root, run_name)
     manifest = {
         "run": run_name,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -94,3 +94,32 @@ def prefect_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def hub_export(tmp_path_factory, corpus_path, corpus_sha, prefect_harness) -> dict:
+    """A tiny model trained once per session through `shakespeare-gpt export`, with a
+    context of 128 characters (so that 100 generated ones fit GPT-2's positions).
+
+    Yields {"artifacts", "out" (the export folder), "run" (the run that trained it),
+    "manifest" (that run's manifest), "args" (the CLI options that reach the same model)}.
+    """
+    import json
+
+    from flows.cli import main
+
+    root = tmp_path_factory.mktemp("hub")
+    args = [
+        "--preset", "tiny", "--set", "model.block_size=128", "--artifacts", str(root / "a"),
+        "--source", str(corpus_path), "--sha256", corpus_sha,
+    ]  # fmt: skip
+    assert main(["export", *args, "--out", str(root / "hf")]) == 0
+    (run,) = [p for p in (root / "a" / "runs").iterdir()]
+    manifest = json.loads((run / "manifest.json").read_text())
+    return {
+        "artifacts": root / "a",
+        "out": root / "hf",
+        "run": run.name,
+        "manifest": manifest,
+        "args": args,
+    }

@@ -78,7 +78,10 @@ def test_export_command_trains_if_needed_then_writes_gpt2_layout(
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["n_layer"] == 2
     assert {p.name for p in (tmp_path / "hf").iterdir()} == {
+        "README.md",
         "config.json",
+        "generation_config.json",
         "model.safetensors",
-        "vocab.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
     }

@@ -1,15 +1,19 @@
-"""Hugging Face GPT-2 export: transformers loads it and gives the same logits."""
+"""Hugging Face export: transformers loads the weights (same logits), the tokenizer (same
+ids) and runs the text-generation pipeline; the model card states the validation loss."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_map
 
+from mlx_model.checkpoint import load_model
 from mlx_model.config import GPTConfig
+from mlx_model.data import Vocab, read_tokens
 from mlx_model.export import export_blockers, export_hf
 from mlx_model.model import GPT
 
@@ -54,3 +58,82 @@ def test_export_names_what_prevents_it(tmp_path):
     with pytest.raises(ValueError, match="cannot export as Hugging Face GPT-2: layer-norm"):
         export_hf(model, tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
+
+
+# ----- the Hub folder of a trained model (shakespeare-gpt export) -----
+
+HUB_FILES = {
+    "README.md", "config.json", "generation_config.json", "model.safetensors",
+    "tokenizer.json", "tokenizer_config.json",
+}  # fmt: skip
+
+
+def stage_path(hub_export, stage: str) -> Path:
+    return Path(hub_export["manifest"]["stages"][stage]["path"])
+
+
+def test_hub_folder_has_no_end_of_text_token(hub_export):
+    out = hub_export["out"]
+    assert {p.name for p in out.iterdir()} == HUB_FILES
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    for ids in (config, generation):
+        assert ids["eos_token_id"] is None and ids["bos_token_id"] is None
+        assert ids["pad_token_id"] is None
+    assert generation["max_length"] == config["n_positions"] == 128
+
+
+def test_pipeline_generates_100_characters_with_the_projects_first_logits(hub_export):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out, prompt = hub_export["out"], "ROMEO:\n"
+    vocab = Vocab.load(stage_path(hub_export, "train") / "vocab.json")
+    ours = load_model(stage_path(hub_export, "train") / "best")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer(prompt)["input_ids"]
+    assert ids == vocab.encode(prompt).tolist()  # one id per character, nothing added
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0, -1].numpy()
+    first = np.array(ours(mx.array([ids], dtype=mx.int32))[0, -1])
+    np.testing.assert_allclose(first, theirs, atol=1e-4, rtol=0)
+
+    generate = transformers.pipeline("text-generation", model=str(out))
+    text = generate(prompt, max_new_tokens=110, do_sample=True)[0]["generated_text"]
+    assert text.startswith(prompt)
+    new = text[len(prompt) :]
+    assert len(new) == 110 and set(new) <= set(vocab.chars)  # not stopped at a newline
+
+
+def test_tokenizer_round_trips_the_validation_text(hub_export):
+    transformers = pytest.importorskip("transformers")
+    vocab = Vocab.load(stage_path(hub_export, "train") / "vocab.json")
+    val_ids, _ = read_tokens(stage_path(hub_export, "tokenize") / "val.arrow")
+    text = vocab.decode(val_ids)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hub_export["out"])
+    ids = tokenizer(text)["input_ids"]
+    assert ids == val_ids.tolist()
+    assert tokenizer.decode(ids) == text
+
+
+def test_tokenizer_refuses_characters_outside_the_vocabulary(hub_export):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hub_export["out"])
+    with pytest.raises(Exception, match=r"Missing \[UNK\] token"):
+        tokenizer("ROMEO: caf\u00e9")
+
+
+def test_model_card_states_data_configuration_and_validation_loss(hub_export):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(hub_export["out"] / "README.md")
+    evaluation = json.loads((stage_path(hub_export, "evaluate") / "eval.json").read_text())
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["loss"] == round(evaluation["val_loss"], 4)
+    assert results["bpc"] == round(evaluation["bits_per_char"], 4)
+    assert card.data.datasets == ["karpathy/tiny_shakespeare"]
+    assert card.data.pipeline_tag == "text-generation"
+    config = card.data.training_config
+    assert config["model"]["block_size"] == 128 and config["training"]["max_iters"] == 30
+    assert f"**{evaluation['val_loss']:.4f}** nats per character" in card.text
+    assert "/" not in card.text.split("Data: Tiny Shakespeare (")[1].split(";")[0]  # no path
