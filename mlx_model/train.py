@@ -23,6 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from . import ops
 from .checkpoint import (
     STATE,
     WEIGHTS,
@@ -34,7 +35,7 @@ from .checkpoint import (
 )
 from .config import GPTConfig, TrainConfig
 from .data import file_sha256, fixed_windows, get_batch, train_batch
-from .model import GPT, loss_fn
+from .model import GPT
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # the folders `train` writes under its output folder: the best model so far, and the
@@ -155,7 +156,7 @@ def make_step(
     so the loop reduces the losses once per log interval instead.
     """
     state = [model.state, optimizer.state, mx.random.state]
-    value_and_grad = nn.value_and_grad(model, partial(loss_fn, dtype=dtype))
+    value_and_grad = nn.value_and_grad(model, partial(_mean_loss, dtype=dtype))
     world = group.size() if group is not None else 1
     exchange = dtype if tc.grad_exchange == "compute" else mx.float32
 
@@ -185,12 +186,16 @@ def average_gradients(grads: dict, group, dtype: mx.Dtype = mx.float32) -> dict:
     )
 
 
+def _mean_loss(model: GPT, x: mx.array, y: mx.array, dtype: mx.Dtype) -> mx.array:
+    return ops.loss(model, x, y, dtype).mean()  # the batch in the ops backend's CPU lanes
+
+
 def make_loss_sum(model: GPT, dtype=mx.float32):
     """The compiled `(x, y) -> summed next-token loss`, for evaluation (call in eval mode)."""
 
     @partial(mx.compile, inputs=model.state)
     def loss_sum(x: mx.array, y: mx.array) -> mx.array:
-        return model.loss(x, y, dtype).sum()
+        return ops.loss(model, x, y, dtype).sum()
 
     return loss_sum
 
