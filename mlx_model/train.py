@@ -152,7 +152,7 @@ def make_step(
     Over a group of several processes, each passes its share of the batch and gradients
     are averaged across the group (batched all-reduces, sent in the compute dtype unless
     `grad_exchange` is float32). The returned loss is this
-    process's: reducing it in every step cost 4 ms a step on H100s (`bench/dp_step.py`),
+    process's: reducing it in every step cost 4 ms a step on H100s (docs/BENCHMARKS.md),
     so the loop reduces the losses once per log interval instead.
     """
     state = [model.state, optimizer.state, mx.random.state]
@@ -177,7 +177,7 @@ def average_gradients(grads: dict, group, dtype: mx.Dtype = mx.float32) -> dict:
     """`nn.average_gradients` (batched all-reduces over the group) with the arrays sent in
     `dtype`; the averages come back in each gradient's own dtype. On two H100s, bfloat16
     halves the bytes and took the exchange from 0.57 ms a step to 0.05 ms
-    (`bench/dp_step.py`)."""
+    (docs/BENCHMARKS.md)."""
     if all(g.dtype == dtype for _, g in tree_flatten(grads)):
         return nn.average_gradients(grads, group=group)
     sent = tree_map(lambda g: g.astype(dtype), grads)
