@@ -18,8 +18,11 @@ machine falls on both sides).
 
 tok/s: the project's is the median of its log intervals (50 steps) that hold no estimate
 and are not its first; the reference's is its own steady figure (steps 20 to the end,
-estimates excluded). MFU: tok/s times nanoGPT's FLOPs per token (6N + 12 L C T), over
-the GPU's dense bfloat16 peak (`--peak-tflops`, 989 for an H100 or H200 SXM).
+estimates excluded). Each warm round also trains the reference's own recipe (nanogpt-char:
+AdamW) in the project for `--throughput-steps` steps without estimates
+("project-same-recipe"), so that the step is compared on the same arithmetic too.
+MFU: tok/s times nanoGPT's FLOPs per token (6N + 12 L C T), over the GPU's dense bfloat16
+peak (`--peak-tflops`, 989 for an H100 or H200 SXM).
 
 Prints a line per run, then one JSON line with every run and the summary. Each run's
 output is kept in `--out` as `<side>-<cache>-<round>.log`.
@@ -141,7 +144,7 @@ def measure(run: Run, cmd: list[str], env: dict, args, flops: float) -> Run:
     hit = first_at_target(lines, args.target)
     if hit:
         run.seconds_to_target, run.step_at_target, run.val_at_target = round(hit[0], 1), *hit[1:]
-    if run.side == "project":
+    if run.side.startswith("project"):
         run.tokens_per_sec = steady_tokens_per_sec(text)
     else:
         run.tokens_per_sec = run.result.get("tokens_per_sec")
@@ -159,7 +162,11 @@ def commands(args) -> dict[str, list[str]]:
     reference = [py, str(HERE / "torch_gpu.py"), "--preset", args.reference_preset] + common
     if args.smoke:
         reference += ["--device", "cpu", "--no-compile"]
-    return {"project": project, "reference": reference}
+    # the reference's own recipe (AdamW) in the project, no estimates: tok/s alone
+    same_recipe = [py, str(HERE / "train_preset.py"), "--preset", args.reference_preset]
+    same_recipe += ["--corpus", args.corpus, "--every-log", "--set", "eval_interval=1000"]
+    same_recipe += ["--stop-after", str(args.throughput_steps)]
+    return {"project": project, "reference": reference, "project-same-recipe": same_recipe}
 
 
 def summary(runs: list[Run]) -> dict:
@@ -171,7 +178,7 @@ def summary(runs: list[Run]) -> dict:
         return [min(values), max(values)] if values else None
 
     out: dict = {}
-    for side in ("project", "reference"):
+    for side in ("project", "reference", "project-same-recipe"):
         mine = [r for r in runs if r.side == side]
         out[side] = {
             "cold_seconds_to_target": next(
@@ -185,13 +192,15 @@ def summary(runs: list[Run]) -> dict:
     pairs = {}
     for r in runs:
         pairs.setdefault((r.cache, r.round), {})[r.side] = r
-    ratios = {"seconds_to_target": [], "tokens_per_sec": []}
+    ratios = {"seconds_to_target": [], "tokens_per_sec": [], "same_recipe_tokens_per_sec": []}
     for pair in pairs.values():
-        p, q = pair.get("project"), pair.get("reference")
-        for key, attr in (
-            ("seconds_to_target", "seconds_to_target"),
-            ("tokens_per_sec", "tokens_per_sec"),
+        q = pair.get("reference")
+        for key, side, attr in (
+            ("seconds_to_target", "project", "seconds_to_target"),
+            ("tokens_per_sec", "project", "tokens_per_sec"),
+            ("same_recipe_tokens_per_sec", "project-same-recipe", "tokens_per_sec"),
         ):
+            p = pair.get(side)
             if p and q and getattr(p, attr) and getattr(q, attr):
                 ratios[key].append(round(getattr(p, attr) / getattr(q, attr), 3))
     out["project_over_reference"] = ratios
@@ -231,11 +240,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dense bfloat16 peak of the GPU (default 989: H100/H200 SXM)",
     )
     p.add_argument(
+        "--throughput-steps",
+        type=int,
+        default=400,
+        help="each warm round also trains the reference's recipe (--reference-preset) in the "
+        "project for this many steps without estimates, for tok/s alone (0: not)",
+    )
+    p.add_argument(
         "--smoke", action="store_true", help="check the plumbing on the CPU: tiny preset, target 10"
     )
     args = p.parse_args(argv)
     if args.rounds < 0:
         p.error(f"--rounds must be >= 0, got {args.rounds}")
+    if args.throughput_steps < 0:
+        p.error(f"--throughput-steps must be >= 0, got {args.throughput_steps}")
     if not Path(args.corpus).is_file():
         p.error(f"--corpus: no such file: {args.corpus}")
     small = args.smoke
@@ -277,19 +295,22 @@ def main(argv: list[str] | None = None) -> None:
         "TRITON_CACHE_DIR": str(caches / "triton"),
     }
     if caches.exists() and any(caches.iterdir()):
-        sys.exit(f"error: {caches} is not empty: a cold run needs empty caches (give a new --out)")
+        print(
+            f"error: {caches} is not empty: a cold run needs empty caches (give a new --out)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     cmds = commands(args)
     plan = [("project", "cold", 0), ("reference", "cold", 0)]
-    plan += [
-        (side, "warm", r) for r in range(1, args.rounds + 1) for side in ("project", "reference")
-    ]
+    sides = ("project", "reference") + (("project-same-recipe",) if args.throughput_steps else ())
+    plan += [(side, "warm", r) for r in range(1, args.rounds + 1) for side in sides]
     runs = []
     for side, cache, rnd in plan:
         run = Run(side, cache, rnd, log=str(out / f"{side}-{cache}-{rnd}.log"))
         measure(run, cmds[side], env, args, flops)
         runs.append(run)
         print(
-            f"{side:9} {cache} {rnd}: rc {run.rc}, {args.target} at step {run.step_at_target} "
+            f"{side:19} {cache} {rnd}: rc {run.rc}, {args.target} at step {run.step_at_target} "
             f"after {run.seconds_to_target} s from process start; {run.tokens_per_sec} tok/s, "
             f"MFU {run.mfu}",
             flush=True,

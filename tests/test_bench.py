@@ -71,6 +71,7 @@ def test_summary_pairs_each_warm_round_with_its_partner():
         _run("reference", "warm", 1, 24.0, 1.6e6),
         _run("project", "warm", 2, 11.0, 1.1e6),
         _run("reference", "warm", 2, None, 1.0e6),  # never reached the target
+        _run("project-same-recipe", "warm", 1, None, 1.4e6),  # tok/s only, no estimates
     ]
     s = gpu_race.summary(runs)
     assert s["project"]["cold_seconds_to_target"] == 140.0
@@ -79,6 +80,8 @@ def test_summary_pairs_each_warm_round_with_its_partner():
     ratios = s["project_over_reference"]
     assert sorted(ratios["seconds_to_target"]) == [0.5, round(140 / 36, 3)]
     assert sorted(ratios["tokens_per_sec"]) == [round(1 / 1.5, 3), 0.75, 1.1]
+    assert ratios["same_recipe_tokens_per_sec"] == [0.875]
+    assert s["project-same-recipe"]["tokens_per_sec"] == [1.4e6, 1.4e6]
 
 
 def test_race_arguments_are_checked_before_any_run(tmp_path, capsys):
