@@ -207,7 +207,9 @@ def mlx_sampling(cfg: GPTConfig, prompt: np.ndarray, n: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", default="quick")
     p.add_argument("--corpus", required=True, help="Tiny Shakespeare's input.txt")
