@@ -8,8 +8,10 @@ shape, the same batches and the same evaluation schedule as `mlx_model`.
 warm-up + cosine schedule, gradient clipping; batches from `mlx_model.data.train_batch`
 and loss estimates on `fixed_windows`, exactly the project's. Prints one JSON line:
 steady tokens/s and ms/step (evaluation excluded), the estimated model FLOP utilisation,
-and the wall time from the first step to the first estimate at or below `--target`.
-`bench/train_preset.py` prints the same fields for the project's side.
+and the wall time from the first step to the first estimate at or below `--target`; each
+estimate is also printed as it is made (`step N train X val Y`, as `bench/train_preset.py`
+prints them), which `bench/gpu_race.py` times from process start. `--device cpu
+--no-compile` runs it without a GPU, to check the plumbing on a tiny preset.
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ def lr_at(tc, step: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description="The PyTorch reference: nanoGPT's recipe on a GPU.")
     p.add_argument("--preset", default="nanogpt-char")
     p.add_argument("--corpus", required=True)
     p.add_argument("--target", type=float, default=1.47)
     p.add_argument("--max-iters", type=int, default=None)
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (a plumbing check)")
+    p.add_argument("--no-compile", action="store_true", help="eager mode, no torch.compile")
     args = p.parse_args()
     preset = get_preset(args.preset)
     text = Path(args.corpus).read_text()
@@ -60,7 +64,8 @@ def main() -> None:
     train_ids, val_ids = split_tokens(vocab.encode(text), 0.1)
     cfg, tc = preset.model.replace(vocab_size=vocab.size), preset.train
     max_iters = args.max_iters or tc.max_iters
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
     torch.manual_seed(tc.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     model = torch_model(cfg).to(dev)
@@ -72,18 +77,16 @@ def main() -> None:
         {"params": other, "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), fused=True)
-    compiled = torch.compile(model)
+    compiled = model if args.no_compile else torch.compile(model)
 
     def loss_of(x, y):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
             logits, _ = compiled(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
     def to_device(x, y):
-        return (
-            torch.from_numpy(a.astype(np.int64)).pin_memory().to(dev, non_blocking=True)
-            for a in (x, y)
-        )
+        pinned = (torch.from_numpy(a.astype(np.int64)) for a in (x, y))
+        return (t.pin_memory().to(dev, non_blocking=True) if cuda else t for t in pinned)
 
     n_eval = tc.eval_batches * tc.batch_size
     windows = {
@@ -102,12 +105,13 @@ def main() -> None:
         return (total / tc.eval_batches).item()
 
     history, reached, eval_seconds = [], None, 0.0
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     steady_start = None
     for step in range(max_iters):
         if step == 20:  # after compilation
-            torch.cuda.synchronize()
+            sync()
             steady_start, eval_at_start = time.perf_counter(), eval_seconds
         for group in opt.param_groups:
             group["lr"] = lr_at(tc, step)
@@ -130,25 +134,30 @@ def main() -> None:
                 }
             )
             eval_seconds += time.perf_counter() - e0
+            print(f"step {done} train {train_est:.4f} val {val:.4f}", flush=True)
             if reached is None and val <= args.target:
                 reached = history[-1]
                 break
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t0
     steps = done - 20
-    train_seconds = (time.perf_counter() - steady_start) - (eval_seconds - eval_at_start)
-    tps = steps * tc.batch_size * cfg.block_size / train_seconds
+    tps = None  # a run that ends before step 20 has no steady part
+    if steady_start is not None and steps > 0:
+        train_seconds = (time.perf_counter() - steady_start) - (eval_seconds - eval_at_start)
+        tps = steps * tc.batch_size * cfg.block_size / train_seconds
     print(
         json.dumps(
             {
                 "side": "pytorch",
                 "torch": torch.__version__,
-                "gpu": torch.cuda.get_device_name(),
+                "gpu": torch.cuda.get_device_name() if cuda else "cpu",
                 "preset": args.preset,
                 "steps": done,
-                "tokens_per_sec": round(tps),
-                "ms_per_step": round(1000 * train_seconds / steps, 2),
-                "mfu": round(tps * flops_per_token(cfg, n_params) / H100_BF16_FLOPS, 3),
+                "tokens_per_sec": round(tps) if tps else None,
+                "ms_per_step": round(1000 * train_seconds / steps, 2) if tps else None,
+                "mfu": round(tps * flops_per_token(cfg, n_params) / H100_BF16_FLOPS, 3)
+                if tps
+                else None,
                 "target": args.target,
                 "first_at_target": reached,
                 "wall_seconds": round(wall, 1),

@@ -1,9 +1,10 @@
 # ruff: noqa: I001
-"""Side by side on this machine: the project's MLX model against a PyTorch reference.
+"""CPU: how fast does this project train and sample here, against PyTorch on the same model?
 
-    pip install -e '.[bench]'     # torch==2.13.0 (CPU build, from the local file here)
-    python bench/torch_vs_mlx.py --preset seed --steps 20 --tokens 300 --rounds 3
+    pip install -e '.[cpu,bench]'     # torch==2.13.0 (CPU build)
+    python bench/torch_vs_mlx.py --corpus input.txt --steps 20 --tokens 1000 --rounds 5
 
+The default preset is `quick`, the default job's (its model and batch are `seed`'s).
 One process run: the same GPT-2 shape (from the preset), the same random windows of the
 real corpus, the same batch, AdamW with the same settings, dropout as configured. Prints
 training tokens/s for each and the MLX/PyTorch ratio, then KV-cache sampling tokens/s for
@@ -205,12 +206,13 @@ def mlx_sampling(cfg: GPTConfig, prompt: np.ndarray, n: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="seed")
-    p.add_argument(
-        "--corpus",
-        default=str(Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"),
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--corpus", required=True, help="Tiny Shakespeare's input.txt")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tokens", type=int, default=300)

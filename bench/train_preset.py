@@ -46,12 +46,15 @@ def flops_per_token(cfg) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(
+        description="One preset trained with mlx_model alone (no Prefect), on any device: "
+        "its losses, tokens/s, ms/step and the first estimate at or below --target."
+    )
     p.add_argument("--preset", default="seed")
-    p.add_argument("--corpus", required=True)
+    p.add_argument("--corpus", required=True, help="Tiny Shakespeare's input.txt")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
-    p.add_argument("--stop-after", type=int, default=None)
-    p.add_argument("--out", default=None)
+    p.add_argument("--stop-after", type=int, default=None, help="end at this step")
+    p.add_argument("--out", default=None, help="checkpoint folder (default: a temp dir)")
     p.add_argument("--processes", type=int, default=1, help="data-parallel ranks (mlx.launch)")
     p.add_argument(
         "--target", type=float, default=1.47, help="report the first estimate at or below"

@@ -126,38 +126,35 @@ class GPT(nn.Module):
         With a cache (`make_cache`), `idx` continues the sequence it holds, and the
         cache is updated in place.
         """
-        x = self._blocks(idx, cache, dtype)
-        if cache is None:
-            return ops.in_lanes(self._logits, x, self.training)
-        return self._logits(x)  # (B, T, vocab)
+        x = self.embed(idx, cache, dtype)
+        caches = cache if cache is not None else [None] * len(self.h)
+        for block, layer_cache in zip(self.h, caches, strict=True):
+            x = block(x, layer_cache)
+        return self.head(x)  # (B, T, vocab)
 
     def loss(self, idx: mx.array, targets: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
         """Next-token cross-entropy (B, T) of `targets` (B, T) after token ids `idx` (B, T),
-        computed in `dtype`; the head and the loss run in the blocks' CPU lanes."""
+        computed in `dtype`."""
+        return ops.cross_entropy(self(idx, dtype=dtype), targets, self.training)
 
-        def head_loss(x: mx.array, t: mx.array) -> mx.array:
-            return ops.cross_entropy(self._logits(x), t, self.training)
-
-        return ops.in_lanes(head_loss, self._blocks(idx, None, dtype), self.training, targets)
-
-    def _blocks(self, idx: mx.array, cache: list[KVCache] | None, dtype: mx.Dtype) -> mx.array:
-        """The embeddings through every block: (B, T) ids -> (B, T, C) in `dtype`."""
-        B, T = idx.shape
+    def embed(
+        self, idx: mx.array, cache: list[KVCache] | None = None, dtype: mx.Dtype = mx.float32
+    ) -> mx.array:
+        """Token plus position embeddings with dropout: (B, T) ids -> (B, T, C) in `dtype`;
+        positions continue the cache's sequence where one is given."""
+        T = idx.shape[1]
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             x = ops.embed(idx, self.wte.weight, self.wpe.weight, self.training)
         else:
             x = self.wte(idx) + self.wpe(cache[0].positions(T))
-        x = x.astype(dtype)  # (B, T, C)
-        x = ops.dropout(x, self.config.dropout, self.training)
-        if cache is None:  # whole sequences: the batch may run over CPU lanes
-            for block in self.h:
-                x = ops.in_lanes(block, x, self.training)
-        else:
-            for block, layer_cache in zip(self.h, cache, strict=True):
-                x = block(x, layer_cache)
-        return x
+        return ops.dropout(x.astype(dtype), self.config.dropout, self.training)  # (B, T, C)
+
+    def head(self, x: mx.array) -> mx.array:
+        """Final layer norm and LM head: (B, T, C) -> float32 logits (B, T, vocab)."""
+        w = self.wte.weight if self.config.tie_weights else self.lm_head.weight
+        return (self.ln_f(x) @ w.astype(x.dtype).T).astype(mx.float32)
 
     def decode(self, tokens: mx.array, cache: list[KVCache]) -> mx.array:
         """Logits (B, vocab) of one new token per sequence (tokens (B,)) continuing the
@@ -184,11 +181,6 @@ class GPT(nn.Module):
                       block.mlp.c_fc, block.mlp.c_proj):  # fmt: skip
                 out += [m.weight, b(m)]
         return out
-
-    def _logits(self, x: mx.array) -> mx.array:
-        """Final layer norm and LM head: (B, T, C) -> float32 logits (B, T, vocab)."""
-        head = self.wte.weight if self.config.tie_weights else self.lm_head.weight
-        return (self.ln_f(x) @ head.astype(x.dtype).T).astype(mx.float32)
 
     def make_cache(self, batch: int) -> list[KVCache]:
         """An empty KV cache for `batch` sequences, one `KVCache` per layer."""

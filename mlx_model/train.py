@@ -35,7 +35,7 @@ from .checkpoint import (
 )
 from .config import GPTConfig, TrainConfig
 from .data import file_sha256, fixed_windows, get_batch, train_batch
-from .model import GPT, loss_fn
+from .model import GPT
 from .runtime import kernel_cache
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -159,11 +159,11 @@ def make_step(
     Over a group of several processes, each passes its share of the batch and gradients
     are averaged across the group (batched all-reduces, sent in the compute dtype unless
     `grad_exchange` is float32). The returned loss is this
-    process's: reducing it in every step cost 4 ms a step on H100s (`bench/dp_step.py`),
+    process's: reducing it in every step cost 4 ms a step on H100s (docs/BENCHMARKS.md),
     so the loop reduces the losses once per log interval instead.
     """
     state = [model.state, optimizer.state, mx.random.state]
-    value_and_grad = nn.value_and_grad(model, partial(loss_fn, dtype=dtype))
+    value_and_grad = nn.value_and_grad(model, partial(_mean_loss, dtype=dtype))
     world = group.size() if group is not None else 1
     exchange = dtype if tc.grad_exchange == "compute" else mx.float32
 
@@ -183,7 +183,7 @@ def average_gradients(grads: dict, group, dtype: mx.Dtype = mx.float32) -> dict:
     """`nn.average_gradients` (batched all-reduces over the group) with the arrays sent in
     `dtype`; the averages come back in each gradient's own dtype. On two H100s, bfloat16
     halves the bytes and took the exchange from 0.57 ms a step to 0.05 ms
-    (`bench/dp_step.py`)."""
+    (docs/BENCHMARKS.md)."""
     if all(g.dtype == dtype for _, g in tree_flatten(grads)):
         return nn.average_gradients(grads, group=group)
     sent = tree_map(lambda g: g.astype(dtype), grads)
@@ -192,11 +192,15 @@ def average_gradients(grads: dict, group, dtype: mx.Dtype = mx.float32) -> dict:
     )
 
 
+def _mean_loss(model: GPT, x: mx.array, y: mx.array, dtype: mx.Dtype) -> mx.array:
+    return ops.loss(model, x, y, dtype).mean()  # the batch in the ops backend's CPU lanes
+
+
 def make_loss_sum(model: GPT, dtype=mx.float32, compiled: bool = True):
     """The compiled `(x, y) -> summed next-token loss`, for evaluation (call in eval mode)."""
 
     def loss_sum(x: mx.array, y: mx.array) -> mx.array:
-        return model.loss(x, y, dtype).sum()
+        return ops.loss(model, x, y, dtype).sum()
 
     return mx.compile(loss_sum, inputs=model.state) if compiled else loss_sum
 

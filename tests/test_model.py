@@ -256,27 +256,29 @@ def test_attention_dropout_path_matches_fused_path_without_dropout():
 
 
 @pytest.mark.parametrize("batch", [2, 3, 5])
-def test_lanes_give_the_same_logits_and_gradients(batch):
-    """The batch split over CPU streams (lanes) computes what one stream computes."""
+def test_lanes_give_the_same_losses_and_gradients(batch):
+    """The batch split over CPU streams (lanes, `ops.loss`, what the training and
+    evaluation steps call) computes what the model's own forward computes in one stream."""
     from mlx.utils import tree_flatten
 
     mx.random.seed(3)
     model = GPT(CFG)
     idx = mx.array(np.random.default_rng(1).integers(0, 11, (batch, 12)), dtype=mx.int32)
     y = mx.array(np.random.default_rng(2).integers(0, 11, (batch, 12)), dtype=mx.int32)
-    results = []
+    plain = model.loss(idx, y)
+    _, plain_grads = nn.value_and_grad(model, loss_fn)(model, idx, y)
+    plain_grads = dict(tree_flatten(plain_grads))
     for lanes in (1, 2, 3):
         with ops.use(lanes=lanes):
             assert ops.backend(mx.float32, True).lanes == lanes
-            logits = model(idx)
-            loss, grads = nn.value_and_grad(model, loss_fn)(model, idx, y)
-            results.append((logits, loss, dict(tree_flatten(grads))))
-    one = results[0]
-    for logits, loss, grads in results[1:]:
-        assert mx.allclose(logits, one[0], atol=1e-5).item()
-        assert abs(loss.item() - one[1].item()) < 1e-5
-        for name, g in grads.items():
-            assert mx.allclose(g, one[2][name], atol=1e-5).item(), name
+            per_position = ops.loss(model, idx, y)
+            _, grads = nn.value_and_grad(model, lambda m, x, t: ops.loss(m, x, t).mean())(
+                model, idx, y
+            )
+        assert per_position.shape == (batch, 12)
+        assert mx.allclose(per_position, plain, atol=1e-5).item(), lanes
+        for name, g in tree_flatten(grads):
+            assert mx.allclose(g, plain_grads[name], atol=1e-5).item(), (lanes, name)
 
 
 def test_lanes_default_to_usable_cores_and_can_be_set(monkeypatch):
@@ -294,8 +296,9 @@ def test_lanes_default_to_usable_cores_and_can_be_set(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "native"])
 def test_loss_is_the_cross_entropy_of_the_logits_on_every_backend(backend):
-    """GPT.loss (head and loss inside the lanes) equals MLX's cross-entropy of the model's
-    logits, per position, and its gradients equal those of that formulation."""
+    """The loss as the training step computes it (`ops.loss`: the head and the loss inside
+    the lanes) equals MLX's cross-entropy of the model's logits, per position, and its
+    gradients equal those of that formulation."""
     from mlx.utils import tree_flatten
 
     mx.random.seed(4)
@@ -307,11 +310,12 @@ def test_loss_is_the_cross_entropy_of_the_logits_on_every_backend(backend):
         return nn.losses.cross_entropy(m(x), t, reduction="mean")
 
     with ops.use(backend, lanes=2):
-        per_position = model.loss(idx, y)
+        per_position = ops.loss(model, idx, y)
         assert per_position.shape == (3, 12)
         ref = nn.losses.cross_entropy(model(idx), y, reduction="none")
         assert mx.allclose(per_position, ref, atol=1e-5).item()
-        _, grads = nn.value_and_grad(model, loss_fn)(model, idx, y)
+        assert mx.allclose(model.loss(idx, y), ref, atol=1e-5).item()
+        _, grads = nn.value_and_grad(model, lambda m, x, t: ops.loss(m, x, t).mean())(model, idx, y)
         _, ref_grads = nn.value_and_grad(model, plain)(model, idx, y)
     ref_grads = dict(tree_flatten(ref_grads))
     for name, g in tree_flatten(grads):

@@ -1,9 +1,11 @@
 """The operations the GPT is written in, and the one place their implementation is chosen.
 
 `mlx_model.model` calls `embed`, `layer_norm`, `gelu`, `dropout`, `causal_attention`
-(over the fused q/k/v projection), `cross_entropy`, `in_lanes` (a batch split over CPU
-streams) and, for one generation step, `decode` (the whole model in one kernel, where a backend
-has one). Each call goes to a backend chosen once per (device, dtype, training):
+(over the fused q/k/v projection), `cross_entropy` and, for one generation step, `decode`
+(the whole model in one kernel, where a backend has one). The training and evaluation
+steps call `loss`: the model's loss with the batch split over the backend's CPU streams
+("lanes"; one on a GPU). Each call goes to a backend chosen once per (device, dtype,
+training):
 
 - `reference` (`ops/reference.py`): MLX's own operations; every device and dtype.
 - `cpu` (`ops/cpu.py`): MLX's CPU in float32: multiply-add forms of exp, GELU, softmax
@@ -131,6 +133,24 @@ def decode(
     return backend(weights[0].dtype, False).decode(tokens, caches, weights, n_head, eps)
 
 
+def loss(model, idx: mx.array, targets: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """`model.loss(idx, targets, dtype)` for a `mlx_model.model.GPT`, the next-token
+    cross-entropy (B, T) float32 of targets (B, T) after ids (B, T), with the batch split
+    over the backend's CPU lanes: the embeddings over the whole batch, then each block,
+    and the head with the loss, each in lanes and joined after it (see `split_batch`).
+    The same function as `model.loss` within float32 rounding; on one lane (a GPU, or
+    `SHAKESPEARE_GPT_CPU_LANES=1`) the same computation."""
+    training = model.training
+    x = model.embed(idx, dtype=dtype)  # (B, T, C)
+    for block in model.h:
+        x = in_lanes(block, x, training)
+
+    def head_loss(x: mx.array, t: mx.array) -> mx.array:
+        return cross_entropy(model.head(x), t, training)
+
+    return in_lanes(head_loss, x, training, targets)
+
+
 def in_lanes(fn: Callable[..., Any], x: mx.array, training: bool, *more: mx.array) -> Any:
     """fn(x, *more), with the batch (axis 0 of each) split over the backend's CPU lanes,
     run at once."""
@@ -146,7 +166,7 @@ def split_batch(fn: Callable[..., Any], lanes: int, *xs: mx.array) -> Any:
     """fn(*xs), with the batch (axis 0) split over `lanes` CPU streams that run at once.
 
     The outputs (any tree of arrays) are joined along axis 0; fn must treat batch rows
-    independently. The model joins lanes after every block, which keeps the lanes'
+    independently. `loss` joins lanes after every block, which keeps the lanes'
     work side by side in MLX's queue: MLX lets only a bounded number of tasks run
     ahead, so two whole models in two streams would mostly run one after the other.
     """

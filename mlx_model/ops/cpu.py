@@ -41,7 +41,7 @@ def _estrin(x: mx.array, coeffs: tuple[float, ...]) -> mx.array:
     """sum(c_i x^i) by Estrin's scheme: the same multiply-adds as Horner's in a graph of
     depth log2(n) instead of n. MLX's compiler splits deep chains of element-wise ops into
     several slower kernels; a degree-7 Horner chain after the range reduction ran slower
-    than this (`bench/cpu_ops.py`)."""
+    than this (docs/BENCHMARKS.md)."""
     terms: list = list(coeffs)
     power = x
     while len(terms) > 1:

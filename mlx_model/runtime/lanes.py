@@ -1,7 +1,7 @@
 """CPU lanes: a batch split over one MLX stream per core.
 
 MLX's CPU backend runs a stream's work on one thread, so one stream uses one core.
-Splitting the batch over one stream per core ("lanes", `mlx_model.ops.in_lanes`) is
+Splitting the batch over one stream per core ("lanes", `mlx_model.ops.loss`) is
 what puts every core of a small machine to work. The lane count is an execution
 setting, like a thread count; results are reproducible for a given count. This module
 imports no MLX: the BLAS preload asks it for the count before MLX is loaded.

@@ -1,0 +1,334 @@
+"""GPU: how long from a cold start, and from a warm one, to validation loss 1.47, this
+project against the PyTorch reference; and each side's tok/s and MFU at nanogpt-char's shape.
+
+    python bench/gpu_race.py --corpus input.txt [--rounds 2] [--out race-logs]
+
+One call, one GPU; each run is a fresh process, timed by this script from the moment it
+starts the process (imports, model build and compilation included) to the moment the run
+prints its first loss estimate at or below `--target`. The project's side is
+`bench/train_preset.py --preset nanogpt-char-fast`; the reference is `bench/torch_gpu.py
+--preset nanogpt-char` (nanoGPT's recipe in PyTorch: `torch.compile`, bfloat16 autocast,
+fused AdamW), on the same batches, the same model shape and the same estimate schedule.
+
+Cold means empty compiler caches: MLX's kernel cache (`MLX_PTX_CACHE_DIR`) and
+`torch.compile`'s (`TORCHINDUCTOR_CACHE_DIR`, `TRITON_CACHE_DIR`) point to new folders
+under `--out`. Warm rounds reuse those folders. Order: project cold, reference cold, then
+`--rounds` rounds of project warm, reference warm (alternating, so a slow spell of the
+machine falls on both sides).
+
+tok/s: the project's is the median of its log intervals (50 steps) that hold no estimate
+and are not its first; the reference's is its own steady figure (steps 20 to the end,
+estimates excluded). Each warm round also trains the reference's own recipe (nanogpt-char:
+AdamW) in the project for `--throughput-steps` steps without estimates
+("project-same-recipe"), so that the step is compared on the same arithmetic too.
+MFU: tok/s times nanoGPT's FLOPs per token (6N + 12 L C T), over the GPU's dense bfloat16
+peak (`--peak-tflops`, 989 for an H100 or H200 SXM).
+
+Prints a line per run, then one JSON line with every run and the summary. Each run's
+output is kept in `--out` as `<side>-<cache>-<round>.log`.
+
+`--smoke` checks the plumbing on a machine without a GPU: both sides on the CPU, the
+`tiny` preset, target 10 (the first estimate), the reference without `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ESTIMATE = re.compile(r"^step (\d+) train ([0-9.]+) val ([0-9.]+)")
+LOG = re.compile(r"^log (\d+) ([0-9.]+) s ([0-9.]+) tok/s")
+
+
+@dataclass
+class Run:
+    side: str  # "project" or "reference"
+    cache: str  # "cold" or "warm"
+    round: int
+    rc: int | None = None
+    seconds_to_target: float | None = None  # from process start
+    step_at_target: int | None = None
+    val_at_target: float | None = None
+    tokens_per_sec: float | None = None
+    mfu: float | None = None
+    log: str = ""
+    result: dict = field(default_factory=dict)  # the run's own JSON line
+
+
+def first_at_target(
+    lines: list[tuple[float, str]], target: float
+) -> tuple[float, int, float] | None:
+    """(seconds, step, val) of the first estimate line `step N train X val Y` with Y <= target,
+    from lines timestamped in seconds since the process started; None if there is none."""
+    for seconds, line in lines:
+        m = ESTIMATE.match(line)
+        if m and float(m.group(3)) <= target:
+            return seconds, int(m.group(1)), float(m.group(3))
+    return None
+
+
+def steady_tokens_per_sec(lines: list[str]) -> float | None:
+    """Median tok/s of `log STEP SECONDS s TOK tok/s` intervals, leaving out the first
+    (compilation) and any that follows an estimate line (the estimate's time falls in it)."""
+    rates, after_estimate, first = [], False, True
+    for line in lines:
+        if ESTIMATE.match(line):
+            after_estimate = True
+            continue
+        m = LOG.match(line)
+        if not m:
+            continue
+        if not first and not after_estimate:
+            rates.append(float(m.group(3)))
+        first, after_estimate = False, False
+    return statistics.median(rates) if rates else None
+
+
+def last_json(lines: list[str]) -> dict:
+    """The last line that parses as a JSON object (each bench prints its result so)."""
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return {}
+
+
+def flops_per_token(n_layer: int, n_emb: int, block_size: int, vocab_size: int) -> float:
+    """nanoGPT's estimate (its `estimate_mfu`): 6N for N parameters without the position
+    embedding, plus 12 L C T for the attention scores and values."""
+    n = vocab_size * n_emb + n_layer * (12 * n_emb * n_emb + 13 * n_emb) + 2 * n_emb
+    return 6 * n + 12 * n_layer * n_emb * block_size
+
+
+def timed_lines(cmd: list[str], env: dict, timeout: float, log: Path) -> tuple[int | None, list]:
+    """Run cmd, timestamping each line of its output (stdout and stderr together) in seconds
+    since the process was started; the lines also go to `log`. rc None: killed at `timeout`."""
+    lines = []
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        killed = threading.Event()
+        watchdog = threading.Timer(timeout, lambda: (killed.set(), proc.kill()))
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                t = time.perf_counter() - t0
+                out.write(f"[{t:8.2f}] {line}")
+                lines.append((t, line.rstrip("\n")))
+            rc = proc.wait()
+        finally:
+            watchdog.cancel()
+    return (None if killed.is_set() else rc), lines
+
+
+def measure(run: Run, cmd: list[str], env: dict, args, flops: float) -> Run:
+    rc, lines = timed_lines(cmd, env, args.timeout, Path(run.log))
+    text = [line for _, line in lines]
+    run.rc = rc
+    run.result = last_json(text)
+    hit = first_at_target(lines, args.target)
+    if hit:
+        run.seconds_to_target, run.step_at_target, run.val_at_target = round(hit[0], 1), *hit[1:]
+    if run.side.startswith("project"):
+        run.tokens_per_sec = steady_tokens_per_sec(text)
+    else:
+        run.tokens_per_sec = run.result.get("tokens_per_sec")
+    if run.tokens_per_sec:
+        run.tokens_per_sec = round(run.tokens_per_sec)
+        run.mfu = round(run.tokens_per_sec * flops / (args.peak_tflops * 1e12), 4)
+    return run
+
+
+def commands(args) -> dict[str, list[str]]:
+    py = sys.executable
+    common = ["--corpus", args.corpus, "--target", str(args.target)]
+    project = [py, str(HERE / "train_preset.py"), "--preset", args.preset, "--every-log"]
+    project += common + [a for s in args.set for a in ("--set", s)]
+    reference = [py, str(HERE / "torch_gpu.py"), "--preset", args.reference_preset] + common
+    if args.smoke:
+        reference += ["--device", "cpu", "--no-compile"]
+    # the reference's own recipe (AdamW) in the project, no estimates: tok/s alone
+    same_recipe = [py, str(HERE / "train_preset.py"), "--preset", args.reference_preset]
+    same_recipe += ["--corpus", args.corpus, "--every-log", "--set", "eval_interval=1000"]
+    same_recipe += ["--stop-after", str(args.throughput_steps)]
+    return {"project": project, "reference": reference, "project-same-recipe": same_recipe}
+
+
+def summary(runs: list[Run]) -> dict:
+    """Per side: cold seconds to target, warm range, tok/s and MFU ranges; and the
+    project/reference ratios of the warm rounds, each round against its own partner."""
+
+    def span(values):
+        values = [v for v in values if v is not None]
+        return [min(values), max(values)] if values else None
+
+    out: dict = {}
+    for side in ("project", "reference", "project-same-recipe"):
+        mine = [r for r in runs if r.side == side]
+        out[side] = {
+            "cold_seconds_to_target": next(
+                (r.seconds_to_target for r in mine if r.cache == "cold"), None
+            ),
+            "warm_seconds_to_target": span(r.seconds_to_target for r in mine if r.cache == "warm"),
+            "steps_to_target": span(r.step_at_target for r in mine),
+            "tokens_per_sec": span(r.tokens_per_sec for r in mine),
+            "mfu": span(r.mfu for r in mine),
+        }
+    pairs = {}
+    for r in runs:
+        pairs.setdefault((r.cache, r.round), {})[r.side] = r
+    ratios = {"seconds_to_target": [], "tokens_per_sec": [], "same_recipe_tokens_per_sec": []}
+    for pair in pairs.values():
+        q = pair.get("reference")
+        for key, side, attr in (
+            ("seconds_to_target", "project", "seconds_to_target"),
+            ("tokens_per_sec", "project", "tokens_per_sec"),
+            ("same_recipe_tokens_per_sec", "project-same-recipe", "tokens_per_sec"),
+        ):
+            p = pair.get(side)
+            if p and q and getattr(p, attr) and getattr(q, attr):
+                ratios[key].append(round(getattr(p, attr) / getattr(q, attr), 3))
+    out["project_over_reference"] = ratios
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--corpus", required=True, help="Tiny Shakespeare's input.txt")
+    p.add_argument(
+        "--out", default=None, help="folder for the logs and caches (default: a new temp dir)"
+    )
+    p.add_argument("--rounds", type=int, default=2, help="warm rounds per side (default 2)")
+    p.add_argument(
+        "--target", type=float, default=None, help="validation loss to reach (default 1.47)"
+    )
+    p.add_argument(
+        "--preset", default=None, help="the project's preset (default nanogpt-char-fast)"
+    )
+    p.add_argument(
+        "--reference-preset", default=None, help="the reference's (default nanogpt-char)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of the project's preset",
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per run (default 600)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="dense bfloat16 peak of the GPU (default 989: H100/H200 SXM)",
+    )
+    p.add_argument(
+        "--throughput-steps",
+        type=int,
+        default=400,
+        help="each warm round also trains the reference's recipe (--reference-preset) in the "
+        "project for this many steps without estimates, for tok/s alone (0: not)",
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="check the plumbing on the CPU: tiny preset, target 10"
+    )
+    args = p.parse_args(argv)
+    if args.rounds < 0:
+        p.error(f"--rounds must be >= 0, got {args.rounds}")
+    if args.throughput_steps < 0:
+        p.error(f"--throughput-steps must be >= 0, got {args.throughput_steps}")
+    if not Path(args.corpus).is_file():
+        p.error(f"--corpus: no such file: {args.corpus}")
+    small = args.smoke
+    args.target = args.target if args.target is not None else (10.0 if small else 1.47)
+    args.preset = args.preset or ("tiny" if small else "nanogpt-char-fast")
+    args.reference_preset = args.reference_preset or ("tiny" if small else "nanogpt-char")
+    return args
+
+
+def shape(preset: str) -> tuple[int, int, int]:
+    """(n_layer, n_emb, block_size) of a preset, read in a child process so that this
+    script imports neither MLX nor PyTorch."""
+    code = (
+        "import sys, json; sys.path.insert(0, sys.argv[1]); "
+        "from mlx_model.config import get_preset; m = get_preset(sys.argv[2]).model; "
+        "print(json.dumps([m.n_layer, m.n_emb, m.block_size]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(HERE.parent), preset],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out or tempfile.mkdtemp(prefix="gpu-race-"))
+    out.mkdir(parents=True, exist_ok=True)
+    n_layer, n_emb, block = shape(args.preset)
+    vocab = len(set(Path(args.corpus).read_text()))  # the character vocabulary, 65
+    flops = flops_per_token(n_layer, n_emb, block, vocab)
+    caches = out / "caches"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env |= {
+        "MLX_PTX_CACHE_DIR": str(caches / "mlx"),
+        "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
+        "TRITON_CACHE_DIR": str(caches / "triton"),
+    }
+    if caches.exists() and any(caches.iterdir()):
+        print(
+            f"error: {caches} is not empty: a cold run needs empty caches (give a new --out)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    cmds = commands(args)
+    plan = [("project", "cold", 0), ("reference", "cold", 0)]
+    sides = ("project", "reference") + (("project-same-recipe",) if args.throughput_steps else ())
+    plan += [(side, "warm", r) for r in range(1, args.rounds + 1) for side in sides]
+    runs = []
+    for side, cache, rnd in plan:
+        run = Run(side, cache, rnd, log=str(out / f"{side}-{cache}-{rnd}.log"))
+        measure(run, cmds[side], env, args, flops)
+        runs.append(run)
+        print(
+            f"{side:19} {cache} {rnd}: rc {run.rc}, {args.target} at step {run.step_at_target} "
+            f"after {run.seconds_to_target} s from process start; {run.tokens_per_sec} tok/s, "
+            f"MFU {run.mfu}",
+            flush=True,
+        )
+    report = {
+        "target": args.target,
+        "preset": args.preset,
+        "reference_preset": args.reference_preset,
+        "peak_tflops": args.peak_tflops,
+        "flops_per_token": flops,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "summary": summary(runs),
+        "runs": [asdict(r) for r in runs],
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The GPU benches' own logic, checked on the CPU: finding the first estimate at or below
+the target in a timestamped log, the steady throughput, the ratios, the arguments."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import gpu_race  # noqa: E402
+import gpu_scaling  # noqa: E402
+
+# what bench/train_preset.py --every-log prints, timestamped as gpu_race.timed_lines does
+PROJECT = [
+    (3.0, "log 50 1.900 s 90000 tok/s"),
+    (4.0, "log 100 2.400 s 1200000 tok/s"),
+    (4.3, "step 100 train 2.0012 val 2.0345 1200000 tok/s"),
+    (5.0, "log 150 3.100 s 1000000 tok/s"),  # holds the estimate's time: left out
+    (5.6, "log 200 3.700 s 1300000 tok/s"),
+    (5.9, "step 200 train 1.4512 val 1.4700 1300000 tok/s"),
+    (6.5, "step 300 train 1.4012 val 1.4600 1300000 tok/s"),
+    (7.0, '{"steps": 300, "best_est_val_loss": 1.46}'),
+]
+
+
+def test_first_estimate_at_or_below_the_target_is_found_with_its_time():
+    assert gpu_race.first_at_target(PROJECT, 1.47) == (5.9, 200, 1.47)
+    assert gpu_race.first_at_target(PROJECT, 2.1) == (4.3, 100, 2.0345)
+    assert gpu_race.first_at_target(PROJECT, 1.40) is None
+    # the reference's estimate lines have no tok/s after them
+    assert gpu_race.first_at_target([(9.5, "step 1400 train 1.39 val 1.469")], 1.47) == (
+        9.5,
+        1400,
+        1.469,
+    )
+
+
+def test_steady_throughput_leaves_out_the_first_interval_and_those_with_an_estimate():
+    lines = [line for _, line in PROJECT]
+    assert gpu_race.steady_tokens_per_sec(lines) == pytest.approx((1_200_000 + 1_300_000) / 2)
+    assert gpu_race.steady_tokens_per_sec(lines[:1]) is None
+    assert gpu_race.last_json(lines) == {"steps": 300, "best_est_val_loss": 1.46}
+    assert gpu_race.last_json(["no json here"]) == {}
+
+
+def test_flops_per_token_counts_the_models_parameters_without_wpe():
+    from mlx.utils import tree_flatten
+
+    from mlx_model.config import get_preset
+    from mlx_model.model import GPT
+
+    cfg = get_preset("nanogpt-char").model.replace(vocab_size=65)
+    params = GPT(cfg).parameters()
+    n = sum(v.size for name, v in tree_flatten(params) if name != "wpe.weight")
+    want = 6 * n + 12 * cfg.n_layer * cfg.n_emb * cfg.block_size  # nanoGPT's estimate_mfu
+    assert gpu_race.flops_per_token(cfg.n_layer, cfg.n_emb, cfg.block_size, 65) == want
+
+
+def _run(side, cache, rnd, seconds, tps):
+    return gpu_race.Run(side, cache, rnd, seconds_to_target=seconds, tokens_per_sec=tps)
+
+
+def test_summary_pairs_each_warm_round_with_its_partner():
+    runs = [
+        _run("project", "cold", 0, 140.0, 1.0e6),
+        _run("reference", "cold", 0, 36.0, 1.5e6),
+        _run("project", "warm", 1, 12.0, 1.2e6),
+        _run("reference", "warm", 1, 24.0, 1.6e6),
+        _run("project", "warm", 2, 11.0, 1.1e6),
+        _run("reference", "warm", 2, None, 1.0e6),  # never reached the target
+        _run("project-same-recipe", "warm", 1, None, 1.4e6),  # tok/s only, no estimates
+    ]
+    s = gpu_race.summary(runs)
+    assert s["project"]["cold_seconds_to_target"] == 140.0
+    assert s["project"]["warm_seconds_to_target"] == [11.0, 12.0]
+    assert s["reference"]["warm_seconds_to_target"] == [24.0, 24.0]
+    ratios = s["project_over_reference"]
+    assert sorted(ratios["seconds_to_target"]) == [0.5, round(140 / 36, 3)]
+    assert sorted(ratios["tokens_per_sec"]) == [round(1 / 1.5, 3), 0.75, 1.1]
+    assert ratios["same_recipe_tokens_per_sec"] == [0.875]
+    assert s["project-same-recipe"]["tokens_per_sec"] == [1.4e6, 1.4e6]
+
+
+def test_race_arguments_are_checked_before_any_run(tmp_path, capsys):
+    corpus = tmp_path / "input.txt"
+    corpus.write_text("hello")
+    with pytest.raises(SystemExit) as err:
+        gpu_race.parse_args(["--corpus", str(tmp_path / "missing.txt")])
+    assert err.value.code == 2
+    assert "--corpus: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_race.parse_args(["--corpus", str(corpus), "--rounds", "-1"])
+    assert "--rounds must be >= 0, got -1" in capsys.readouterr().err
+    args = gpu_race.parse_args(["--corpus", str(corpus)])
+    assert (args.preset, args.reference_preset, args.target) == (
+        "nanogpt-char-fast",
+        "nanogpt-char",
+        1.47,
+    )
+    smoke = gpu_race.parse_args(["--corpus", str(corpus), "--smoke"])
+    assert (smoke.preset, smoke.target) == ("tiny", 10.0)
+    assert gpu_race.commands(smoke)["reference"][-3:] == ["--device", "cpu", "--no-compile"]
+
+
+def test_scaling_speedups_are_over_the_same_rounds_one_gpu_run(tmp_path, capsys):
+    runs = [
+        {"gpus": 1, "round": 1, "tokens_per_sec": 0.5e6},  # the compiling round: left out
+        {"gpus": 2, "round": 1, "tokens_per_sec": 0.4e6},
+        {"gpus": 1, "round": 2, "tokens_per_sec": 1.0e6},
+        {"gpus": 2, "round": 2, "tokens_per_sec": 1.8e6},
+        {"gpus": 1, "round": 3, "tokens_per_sec": 1.2e6},
+        {"gpus": 2, "round": 3, "tokens_per_sec": None},  # a failed run
+    ]
+    assert gpu_scaling.speedups(runs) == {2: [1.8]}
+    corpus = tmp_path / "input.txt"
+    corpus.write_text("hello")
+    with pytest.raises(SystemExit):
+        gpu_scaling.parse_args(["--corpus", str(corpus), "--gpus", "1,two"])
+    assert "--gpus must be whole numbers separated by commas, got '1,two'" in (
+        capsys.readouterr().err
+    )
