@@ -15,12 +15,21 @@ from mlx_model.config import GPTConfig, ParallelConfig, TrainConfig
 from mlx_model.data import Vocab, read_tokens
 from mlx_model.distributed import backend, rank_lanes, train_distributed
 from mlx_model.files import write_text_atomic
-from mlx_model.train import BEST, LATEST, train
+from mlx_model.train import BEST, LATEST, TrainingDiverged, TrainingInterrupted, train
 
 from .logs import stage_logger
 from .prepare import TRAIN, VAL, VOCAB
 from .progress import training_reporter
 from .store import ArtifactStore, StageOutput, code_version, finished
+
+__all__ = [
+    "METRICS",
+    "WEIGHTS",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "best_model",
+    "train_model",
+]
 
 METRICS = "metrics.json"
 WEIGHTS = f"{BEST}/{checkpoint.WEIGHTS}"  # the best model, which later stages load
@@ -52,7 +61,7 @@ def train_model(
         "val": tokens.digest(VAL),
         "vocab": vocab.digest(VOCAB),
         "model": cfg.to_dict(),
-        "training": training.to_dict(),
+        "training": training.key_dict(),  # not the fields that change no number
         "code": code_version(__name__),
         "ops": signature,
     }
