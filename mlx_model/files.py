@@ -25,7 +25,7 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        if err.filename is None:  # a failed write() names no file: name the one meant
+        if err.filename in (None, str(tmp)):  # a failed write() names no file: name the one meant
             err.filename = str(path)
         raise
     finally:

@@ -40,6 +40,31 @@ def best_model(trained: StageOutput) -> Path:
     return Path(trained.path) / BEST
 
 
+def train_key(
+    tokens: StageOutput,
+    vocab: StageOutput,
+    cfg: GPTConfig,
+    training: TrainConfig,
+    parallel: ParallelConfig,
+    signature: dict,
+) -> dict:
+    """What the train stage's cache key covers: its inputs' digests, the model and the
+    training settings that change a number (`TrainConfig.key_dict`), its code, the ops
+    backend (`signature`) and, over several processes, their layout."""
+    key = {
+        "train": tokens.digest(TRAIN),
+        "val": tokens.digest(VAL),
+        "vocab": vocab.digest(VOCAB),
+        "model": cfg.to_dict(),
+        "training": training.key_dict(),
+        "code": code_version(__name__),
+        "ops": signature,
+    }
+    if parallel.distributed:  # the reduction order over the group changes the numbers
+        key["parallel"] = {"world_size": parallel.world_size, "backend": backend(parallel)}
+    return key
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_model(
     store: ArtifactStore,
@@ -56,17 +81,7 @@ def train_model(
     cfg = model.replace(vocab_size=v.size)
     with ops.use(lanes=rank_lanes(parallel)):
         signature = ops.signature(training.compute_dtype)
-    key = {
-        "train": tokens.digest(TRAIN),
-        "val": tokens.digest(VAL),
-        "vocab": vocab.digest(VOCAB),
-        "model": cfg.to_dict(),
-        "training": training.key_dict(),  # not the fields that change no number
-        "code": code_version(__name__),
-        "ops": signature,
-    }
-    if parallel.distributed:  # the reduction order over the group changes the numbers
-        key["parallel"] = {"world_size": parallel.world_size, "backend": backend(parallel)}
+    key = train_key(tokens, vocab, cfg, training, parallel, signature)
     runtime = {**signature, "dtype": training.compute_dtype}
     runtime["processes"] = parallel.world_size
 
