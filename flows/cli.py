@@ -1,7 +1,9 @@
 """`shakespeare-gpt`: run the pipeline, one stage of it, sample, serve on a schedule, export.
 
 Exit codes: 0 done, 2 bad input (one line, `error: ...`), 3 the Prefect API stopped
-answering, 1 anything else (with its traceback).
+answering, 130 (143) stopped by Ctrl-C (SIGTERM) with a resumable checkpoint, 1 a run that
+failed: one line for a loss that diverged or an operating-system refusal (a full disk),
+a traceback for anything else.
 """
 
 from __future__ import annotations
