@@ -92,9 +92,11 @@ def trials(
         if not any(isinstance(v, dict) for v in grid[name]):
             grid_field(name)
     combos = list(itertools.product(*(grid[n] for n in names)))
+    if not isinstance(seed, int) or isinstance(seed, bool):  # a sweep file's "seed": "1"
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     if samples is not None:
-        if samples < 1:
-            raise ValueError(f"samples must be a positive integer, got {samples}")
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ValueError(f"samples must be a positive integer, got {samples!r}")
         combos = random.Random(seed).sample(combos, min(samples, len(combos)))
     out = []
     for combo in combos:

@@ -347,3 +347,15 @@ def test_sigterm_twice_stops_like_ctrl_c(tmp_path, corpus_path, corpus_sha):
     assert "Traceback" not in err and seconds < 60, err[-3000:]
     assert re.fullmatch(r"interrupted at step \d+; rerun the same command to resume",
                         err.strip().splitlines()[-1]), err[-3000:]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "value"), [("samples", "3"), ("seed", 1.5)])
+def test_a_sweep_file_with_a_mistyped_count_is_refused_before_work(key, value, tmp_path, capsys):
+    spec = tmp_path / "sweep.json"
+    spec.write_text(json.dumps({"grid": {"learning_rate": [1e-3, 3e-3]}, key: value}))
+    code = main(
+        ["sweep", "--file", str(spec), "--preset", "tiny", "--artifacts", str(tmp_path / "a")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and f"{key} must be" in err and repr(value) in err, err
+    assert not (tmp_path / "a").exists()
