@@ -15,13 +15,15 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import traceback  # noqa: E402
 import urllib.request  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -439,6 +441,19 @@ def _terminate(number: int, frame: Any) -> None:
     raise Terminated()
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `Terminated` while the command runs (in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV) == "1"
@@ -452,14 +467,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         quiet_prefect_console()
     use_own_session_server()  # Ctrl-C stops the CLI, not the server it still has to talk to
-    signal.signal(signal.SIGTERM, _terminate)
     try:
-        return execute(args, params)
+        with sigterm_as_interrupt():
+            return execute(args, params)
     except (KeyboardInterrupt, TerminationSignal) as err:
-        # what is left (stopping the temporary server) takes at most seconds: a signal
-        # now would only turn it into a traceback
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if threading.current_thread() is threading.main_thread():
+            # what is left (stopping the temporary server at exit) takes seconds: a
+            # signal now would only turn it into a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if debug:
             traceback.print_exc()
         line, code = interrupted(err)
