@@ -34,11 +34,11 @@ def save_model(directory: Path, model: GPT, weights: dict[str, np.ndarray] | Non
     directory = Path(directory)
     weights = weights if weights is not None else snapshot(model)["weights"]
     with atomic_path(directory / WEIGHTS) as tmp:
-        _save_file(weights, tmp, metadata={"format": "mlx"})
+        save_arrays(weights, tmp, metadata={"format": "mlx"})
     write_text_atomic(directory / CONFIG, json.dumps(model.config.to_dict(), indent=2))
 
 
-def _save_file(arrays: dict[str, np.ndarray], path: Path, **kwargs: Any) -> None:
+def save_arrays(arrays: dict[str, np.ndarray], path: Path, **kwargs: Any) -> None:
     """safetensors' `save_file`, its I/O failures raised as the OSError they are (a full
     disk is ENOSPC naming `path`, not a SafetensorError)."""
     try:
@@ -107,7 +107,7 @@ def save_train_state(
     save_model(directory, model, taken["weights"])
     opt_state = taken["opt_state"]
     with atomic_path(directory / OPTIMIZER) as tmp:
-        _save_file(opt_state, tmp)
+        save_arrays(opt_state, tmp)
     files = {name: file_sha256(directory / name) for name in (WEIGHTS, CONFIG, OPTIMIZER)}
     write_text_atomic(directory / STATE, json.dumps({**state, "files": files}, indent=2))
 

@@ -57,9 +57,8 @@ class Serializable:
     def key_dict(self) -> dict[str, Any]:
         """`to_dict` without the fields declared `changes_numbers=False` (see `option`):
         what a cache key or a resumed checkpoint must agree on."""
-        fixed = {
-            f.name for f in dataclasses.fields(self) if f.metadata.get("changes_numbers", True)
-        }  # type: ignore[arg-type]
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        fixed = {f.name for f in fields if f.metadata.get("changes_numbers", True)}
         return {k: v for k, v in self.to_dict().items() if k in fixed}
 
     @classmethod

@@ -16,8 +16,10 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
+from .checkpoint import save_arrays
 from .config import GPTConfig
 from .files import atomic_path, write_text_atomic
 from .model import GPT
@@ -101,8 +103,9 @@ def export_hf(model: GPT, out_dir: Path, vocab_json: Path | None = None) -> Path
         raise ValueError("cannot export as Hugging Face GPT-2: " + "; ".join(blockers))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / HF_WEIGHTS) as tmp:
-        mx.save_safetensors(str(tmp), hf_state_dict(model), metadata={"format": "pt"})
+    weights = {k: np.array(v) for k, v in hf_state_dict(model).items()}  # float32
+    with atomic_path(out_dir / HF_WEIGHTS) as tmp:  # a full disk: an OSError naming the file
+        save_arrays(weights, tmp, metadata={"format": "pt"})
     write_text_atomic(out_dir / HF_CONFIG, json.dumps(hf_config(model.config), indent=2))
     if vocab_json is not None:
         shutil.copyfile(vocab_json, out_dir / "vocab.json")

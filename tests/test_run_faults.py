@@ -359,3 +359,15 @@ def test_a_sweep_file_with_a_mistyped_count_is_refused_before_work(key, value, t
     err = capsys.readouterr().err
     assert code == 2 and f"{key} must be" in err and repr(value) in err, err
     assert not (tmp_path / "a").exists()
+
+
+def test_an_export_refused_by_the_os_is_an_oserror_naming_the_file(tmp_path, file_size_limit):
+    from mlx_model.export import export_hf
+    from mlx_model.model import GPT
+
+    file_size_limit(1000)  # MLX's own writer said only "[write] Unable to write N bytes"
+    with pytest.raises(OSError) as info:
+        export_hf(GPT(CFG), tmp_path)
+    assert info.value.errno == errno.EFBIG and info.value.filename == str(
+        tmp_path / "model.safetensors"
+    )
