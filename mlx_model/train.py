@@ -446,6 +446,11 @@ def train(
     this with the same arguments: each computes its share of every batch, rank 0
     alone writes files and reports. Returns the best validation loss, its step and
     the history.
+
+    Raises `TrainingDiverged` when a loss is NaN or infinite (checked where the host
+    reads it: every `log_interval` steps and at each estimate), naming the first such
+    step; `TrainingInterrupted` after SIGINT or SIGTERM (single process, main thread),
+    once the checkpoint of the last finished step is written.
     """
     out_dir = Path(out_dir)
     dtype = DTYPES[tc.compute_dtype]
