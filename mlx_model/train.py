@@ -390,6 +390,10 @@ def _restore(cfg: GPTConfig, tc: TrainConfig, out_dir: Path, world: int):
     model, optimizer = _fresh(cfg, tc)
     try:
         state = load_train_state(out_dir / LATEST, model, optimizer)
+        if state is None and any((out_dir / LATEST).glob("*")):
+            raise CorruptCheckpointError(
+                f"{out_dir / LATEST} has no {STATE}: its process was stopped while writing it"
+            )
         best = _resumable_best(out_dir, state) if state is not None else None
         if state is not None and best is None:
             raise CorruptCheckpointError(

@@ -371,3 +371,11 @@ def test_an_export_refused_by_the_os_is_an_oserror_naming_the_file(tmp_path, fil
     assert info.value.errno == errno.EFBIG and info.value.filename == str(
         tmp_path / "model.safetensors"
     )
+
+
+def test_a_checkpoint_cut_short_by_a_kill_says_so_before_training_restarts(tmp_path):
+    tc = TINY.train.replace(max_iters=40, eval_interval=5, checkpoint_interval=20)
+    train(CFG, tc, ids(), ids(), tmp_path, stop_after=20)
+    (tmp_path / LATEST / "state.json").unlink()  # written last: killed before it
+    with pytest.warns(UserWarning, match=r"not resuming: .*latest has no state.json"):
+        assert train(CFG, tc, ids(), ids(), tmp_path).resumed_from is None
