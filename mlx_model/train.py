@@ -568,8 +568,8 @@ def train(
         files.close()
     interrupted = interrupted or stop_requested()  # a signal that came after the last step
     if interrupted:  # the checkpoint of `done` is on disk
-        # kept where a caller finds it after a second signal, raised while the first
-        # unwinds, replaced it
+        # also kept on the class: a second signal while this unwinds raises a new
+        # exception, which no longer carries the step
         TrainingInterrupted.last = TrainingInterrupted(done, interrupted)
         raise TrainingInterrupted.last
     final = done if stopped else end
