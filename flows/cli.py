@@ -1,7 +1,9 @@
 """`shakespeare-gpt`: run the pipeline, one stage of it, sample, serve on a schedule, export.
 
 Exit codes: 0 done, 2 bad input (one line, `error: ...`), 3 the Prefect API stopped
-answering, 1 anything else (with its traceback).
+answering, 130 (143) stopped by Ctrl-C (SIGTERM) with a resumable checkpoint, 1 a run that
+failed: one line for a loss that diverged or an operating-system refusal (a full disk),
+a traceback for anything else.
 """
 
 from __future__ import annotations
@@ -13,15 +15,19 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import traceback  # noqa: E402
 import urllib.request  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+from prefect.exceptions import TerminationSignal  # noqa: E402
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL  # noqa: E402
 
 from tasks.config import (  # noqa: E402
@@ -36,10 +42,18 @@ from tasks.config import (  # noqa: E402
 from tasks.download import TransientDownloadError, UnreachableError  # noqa: E402
 from tasks.preflight import check_export_target, check_run  # noqa: E402
 from tasks.store import default_root  # noqa: E402
-from tasks.sweep import BEST_OF, best_trial, leaderboard_rows, parse_grid, trials  # noqa: E402
+from tasks.sweep import (  # noqa: E402
+    BEST_OF,
+    best_trial,
+    check_cluster,
+    leaderboard_rows,
+    parse_grid,
+    trials,
+)
 
 from .pipeline import STAGES, check_stage, export_pipeline, fresh_stages, pipeline  # noqa: E402
 from .sweep import dask_runner, sweep_pipeline  # noqa: E402
+from .temporary_server import use_own_session_server  # noqa: E402
 
 DEPLOYMENT = "scheduled"
 DEBUG_ENV = "SHAKESPEARE_GPT_DEBUG"
@@ -288,8 +302,11 @@ def checked(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "sweep":
         trials(params["preset"], params["overrides"], params["grid"], params["samples"],
                params["seed"])  # fmt: skip
+        check_cluster(args.dask_address, args.workers)
         check_run(config, args.artifacts)
         return params
+    if args.command == "serve":
+        check_serve(args)
     if args.model and args.command != "api":  # api also takes a run name (flows.api checks)
         best_trial(Path(args.artifacts) if args.artifacts else default_root(), args.model)
     until = {"run": None, "stage": getattr(args, "name", None), "sample": "sample"}.get(
@@ -302,6 +319,28 @@ def checked(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "export":
         check_export_target(args.out)
     return params
+
+
+def check_serve(args: argparse.Namespace) -> None:
+    """Raise ValueError unless `serve` can work: scheduled runs need a Prefect server that
+    outlives the command (a temporary one cannot schedule them: serve polled, ran nothing
+    and said nothing), one that answers, and a valid cron expression."""
+    api = PREFECT_API_URL.value()
+    start = (
+        "start one with `prefect server start --host 127.0.0.1` and set "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api"
+    )
+    if not api:
+        raise ValueError(f"serve needs a Prefect server to schedule runs on: {start}")
+    if not api_answers(api):
+        raise ValueError(f"the Prefect API at {api} (PREFECT_API_URL) is not answering: {start}")
+    if args.cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=args.cron)
+        except ValueError:
+            raise ValueError(f"--cron {args.cron!r} is not a cron expression") from None
 
 
 def serve(args: argparse.Namespace, params: dict[str, Any]) -> int:
@@ -383,6 +422,60 @@ def explain(err: BaseException, args: argparse.Namespace) -> str | None:
     return None
 
 
+def failure_line(err: BaseException) -> str | None:
+    """The one line for a run that failed for a reason the user can act on (a loss that
+    diverged, a full disk), or None."""
+    from tasks.errors import describe_os_error
+    from tasks.train import TrainingDiverged
+
+    if isinstance(err, TrainingDiverged):
+        return str(err)
+    return describe_os_error(err) if isinstance(err, OSError) else None
+
+
+def interrupted(err: BaseException) -> tuple[str, int]:
+    """The line and exit code (128 + the signal's number) for a run stopped by Ctrl-C or
+    SIGTERM; the step comes from the training loop's `TrainingInterrupted`, found among
+    the exceptions chained to this one (a second Ctrl-C during shutdown raises anew)."""
+    from tasks.train import TrainingInterrupted
+
+    step, number = None, getattr(err, "signal", None) or signal.SIGINT
+    seen: BaseException | None = err
+    while seen is not None and step is None:
+        step = getattr(seen, "step", None)
+        number = getattr(seen, "signal_number", None) or number
+        seen = seen.__context__
+    if step is None and TrainingInterrupted.last is not None:
+        step = TrainingInterrupted.last.step  # a second signal cut the chain
+    at = f" at step {step}" if step is not None else ""
+    return f"interrupted{at}; rerun the same command to resume", 128 + int(number)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, met like Ctrl-C: the run stops, Prefect's temporary server is stopped at
+    exit, one line is printed. (Prefect's own SIGTERM bridge, during a flow run, hands
+    the signal back to the handler it found: this one.)"""
+
+    signal_number = signal.SIGTERM
+
+
+def _terminate(number: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises `Terminated` while the command runs (in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV) == "1"
@@ -395,8 +488,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.verbose:
         quiet_prefect_console()
+    use_own_session_server()  # Ctrl-C stops the CLI, not the server it still has to talk to
     try:
-        return execute(args, params)
+        with sigterm_as_interrupt():
+            return execute(args, params)
+    except (KeyboardInterrupt, TerminationSignal) as err:
+        if threading.current_thread() is threading.main_thread():
+            # what is left (stopping the temporary server at exit) takes seconds: a
+            # signal now would only turn it into a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if debug:
+            traceback.print_exc()
+        line, code = interrupted(err)
+        print(line, file=sys.stderr)
+        return code
     except Exception as err:
         api = PREFECT_API_URL.value()
         if api and not api_answers(api):
@@ -409,6 +515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 3
+        if (line := failure_line(err)) is not None and not debug:
+            print(f"error: {line}", file=sys.stderr)
+            return 1
         message = explain(err, args)
         if message is None or debug:
             raise

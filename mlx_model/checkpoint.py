@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from .config import GPTConfig
@@ -21,6 +24,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
+BEST_RECORD = "best.json"  # beside a best model: {"step", "val_loss", "sha256"} of its estimate
 
 
 def save_model(directory: Path, model: GPT, weights: dict[str, np.ndarray] | None = None) -> None:
@@ -30,8 +34,20 @@ def save_model(directory: Path, model: GPT, weights: dict[str, np.ndarray] | Non
     directory = Path(directory)
     weights = weights if weights is not None else snapshot(model)["weights"]
     with atomic_path(directory / WEIGHTS) as tmp:
-        save_file(weights, str(tmp), metadata={"format": "mlx"})
+        save_arrays(weights, tmp, metadata={"format": "mlx"})
     write_text_atomic(directory / CONFIG, json.dumps(model.config.to_dict(), indent=2))
+
+
+def save_arrays(arrays: dict[str, np.ndarray], path: Path, **kwargs: Any) -> None:
+    """safetensors' `save_file`, its I/O failures raised as the OSError they are (a full
+    disk is ENOSPC naming `path`, not a SafetensorError)."""
+    try:
+        save_file(arrays, str(path), **kwargs)
+    except SafetensorError as err:
+        if match := re.search(r"\(os error (\d+)\)", str(err)):
+            code = int(match.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from err
+        raise
 
 
 def load_model(directory: Path) -> GPT:
@@ -91,7 +107,7 @@ def save_train_state(
     save_model(directory, model, taken["weights"])
     opt_state = taken["opt_state"]
     with atomic_path(directory / OPTIMIZER) as tmp:
-        save_file(opt_state, str(tmp))
+        save_arrays(opt_state, tmp)
     files = {name: file_sha256(directory / name) for name in (WEIGHTS, CONFIG, OPTIMIZER)}
     write_text_atomic(directory / STATE, json.dumps({**state, "files": files}, indent=2))
 

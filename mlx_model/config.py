@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,25 @@ def _check_positive(obj: Any, names: tuple[str, ...]) -> None:
             raise ValueError(
                 f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}"
             )
+
+
+def _check_finite(obj: Any) -> None:
+    """Refuse a float field that is NaN or infinite: `inf > 0` passes every range check
+    below, and a learning rate of inf turns every loss into NaN."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(
+                f"{type(obj).__name__}.{f.name} must be a finite number, got {value!r}"
+            )
+
+
+def _check_range(obj: Any, name: str, low: float, high: float | None = None) -> None:
+    """`low <= value` (and `value < high` when given)."""
+    value = getattr(obj, name)
+    if not (low <= value and (high is None or value < high)):
+        interval = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{type(obj).__name__}.{name} must be {interval}, got {value!r}")
 
 
 def _check_fraction(obj: Any, name: str, low_open: bool = False) -> None:
@@ -33,6 +53,13 @@ class Serializable:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def key_dict(self) -> dict[str, Any]:
+        """`to_dict` without the fields declared `changes_numbers=False` (see `option`):
+        what a cache key or a resumed checkpoint must agree on."""
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        fixed = {f.name for f in fields if f.metadata.get("changes_numbers", True)}
+        return {k: v for k, v in self.to_dict().items() if k in fixed}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -50,9 +77,13 @@ class Serializable:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with its help text (shown by the command line)."""
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, changes_numbers: bool = True) -> Any:
+    """A dataclass field with its help text (shown by the command line).
+
+    `changes_numbers=False` declares that no weight, loss or sampled token depends on
+    the field (how often progress is reported, say): it is left out of `key_dict`, so
+    changing it reuses a cached stage and resumes an interrupted one."""
+    return field(default=default, metadata={"help": help, "changes_numbers": changes_numbers})
 
 
 def help_text(cls: type, name: str) -> str:
@@ -79,6 +110,7 @@ class GPTConfig(Serializable):
     tie_weights: bool = option(True, "share the token embedding with the LM head, as GPT-2")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check_positive(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_emb"))
         if self.n_emb % self.n_head:
             raise ValueError(
@@ -116,8 +148,13 @@ class TrainConfig(Serializable):
     patience: int = option(
         0, "stop after this many evaluations in a row without a new best validation loss (0: never)"
     )
-    checkpoint_interval: int = option(250, "write the latest checkpoint every this many steps")
-    log_interval: int = option(50, "report progress every this many steps")
+    # when latest/ is written: resuming continues exactly as an uninterrupted run (the
+    # losses and the best weights are identical, tests/test_faults.py), so no number depends on it
+    checkpoint_interval: int = option(
+        250, "write the latest checkpoint every this many steps", changes_numbers=False
+    )
+    # when the host reads the mean training loss (and checks it is finite): a read, not a step
+    log_interval: int = option(50, "report progress every this many steps", changes_numbers=False)
     seed: int = option(1337, "seeds initialisation, batch sampling and dropout")
     compute_dtype: str = option(
         "float32", "dtype of the forward/backward pass (float32, bfloat16, float16)"
@@ -129,6 +166,7 @@ class TrainConfig(Serializable):
     )
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check_positive(
             self,
             ("batch_size", "max_iters", "eval_interval", "eval_batches", "checkpoint_interval"),
@@ -146,6 +184,10 @@ class TrainConfig(Serializable):
             )
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"TrainConfig.optimizer must be adamw or muon, got {self.optimizer!r}")
+        _check_range(self, "weight_decay", 0.0)
+        _check_range(self, "beta1", 0.0, 1.0)
+        _check_range(self, "beta2", 0.0, 1.0)
+        _check_range(self, "grad_clip", 0.0)
         if not self.muon_learning_rate > 0:
             raise ValueError(
                 f"TrainConfig.muon_learning_rate must be > 0, got {self.muon_learning_rate!r}"
@@ -221,6 +263,7 @@ class DataConfig(Serializable):
     val_fraction: float = option(0.1, "share of the corpus (its end) held out for validation")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check_fraction(self, "val_fraction", low_open=True)
 
 
@@ -237,6 +280,7 @@ class SampleConfig(Serializable):
     stop: str | None = option(None, "end the sample before this string")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check_positive(self, ("max_tokens",))
         if not self.temperature >= 0:
             raise ValueError(f"SampleConfig.temperature must be >= 0, got {self.temperature!r}")

@@ -28,6 +28,7 @@ from .runtime.lanes import cpu_lanes
 
 PROGRESS = "@@progress "
 RESULT = "@@result "
+DIVERGED = "@@diverged "  # rank 0's TrainingDiverged, as JSON of its arguments
 SPEC = "launch.json"
 _LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
 _RANK_FAILED = re.compile(r"Node with rank (\d+) (exited with code (-?\d+)|was killed)")
@@ -81,7 +82,7 @@ def train_distributed(
 ):
     """Train over `parallel.world_size` processes; return rank 0's `TrainResult`.
     `stop_after` ends the run at that step, as `mlx_model.train.train`'s does."""
-    from .train import Progress, TrainResult
+    from .train import Progress, TrainingDiverged, TrainResult
 
     out_dir = Path(out_dir)
     spec = out_dir / SPEC
@@ -109,14 +110,18 @@ def train_distributed(
     errors: list[str] = []
     reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
     reader.start()
-    result = None
+    result = diverged = None
     for line in proc.stdout:
         if line.startswith(PROGRESS) and callback:
             callback(Progress(**json.loads(line[len(PROGRESS) :])))
         elif line.startswith(RESULT):
             result = TrainResult(**json.loads(line[len(RESULT) :]))
+        elif line.startswith(DIVERGED):
+            diverged = TrainingDiverged(*json.loads(line[len(DIVERGED) :]))
     proc.wait()
     reader.join()
+    if result is None and diverged is not None:
+        raise diverged
     if result is None:
         raise RankFailedError(_failure(errors, parallel, out_dir, proc.returncode))
     return result
@@ -152,7 +157,7 @@ def main(spec_path: str) -> None:
     import mlx.core as mx
 
     from .data import read_tokens
-    from .train import train
+    from .train import TrainingDiverged, train
 
     spec = json.loads(Path(spec_path).read_text())
     train_ids, _ = read_tokens(Path(spec["train"]))
@@ -162,15 +167,20 @@ def main(spec_path: str) -> None:
     def emit(progress) -> None:
         print(PROGRESS + json.dumps(dataclasses.asdict(progress)), flush=True)
 
-    result = train(
-        GPTConfig.from_dict(spec["model"]),
-        TrainConfig.from_dict(spec["training"]),
-        train_ids,
-        val_ids,
-        Path(spec["out_dir"]),
-        callback=emit,
-        stop_after=spec["stop_after"],
-    )
+    try:
+        result = train(
+            GPTConfig.from_dict(spec["model"]),
+            TrainConfig.from_dict(spec["training"]),
+            train_ids,
+            val_ids,
+            Path(spec["out_dir"]),
+            callback=emit,
+            stop_after=spec["stop_after"],
+        )
+    except TrainingDiverged as err:  # every rank sees the same reduced loss
+        if rank == 0:
+            print(DIVERGED + json.dumps(err.args), flush=True)
+        raise SystemExit(1) from None
     if rank == 0:
         print(RESULT + json.dumps(dataclasses.asdict(result)), flush=True)
 

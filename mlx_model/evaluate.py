@@ -37,9 +37,15 @@ def evaluate(model: GPT, ids: np.ndarray, batch_size: int = 64) -> dict[str, flo
         total = total + loss_sum(mx.array(x_np[None]), mx.array(y_np[None]))
     count = sum(len(w[1]) for w in windows)
     loss = total.item() / count
-    return {
-        "val_loss": loss,
-        "perplexity": math.exp(loss),
-        "bits_per_char": loss / math.log(2),
-        "tokens": count,
-    }
+    return {**loss_figures(loss), "tokens": count}
+
+
+def loss_figures(loss: float) -> dict[str, float]:
+    """A mean next-token loss (nats) with its perplexity, exp(loss), and bits per
+    character, loss / ln 2 (one token is one character). A loss past ~709.8 has a
+    perplexity beyond float64 (inf, where `math.exp` raises OverflowError); NaN stays NaN."""
+    try:
+        perplexity = math.exp(loss)
+    except OverflowError:
+        perplexity = math.inf
+    return {"val_loss": loss, "perplexity": perplexity, "bits_per_char": loss / math.log(2)}

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from mlx.utils import tree_flatten
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from .checkpoint import save_arrays
 from .config import GPTConfig, SampleConfig
 from .data import Vocab
 from .files import atomic_path, write_text_atomic
@@ -277,8 +279,9 @@ def export_hf(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    with atomic_path(out_dir / HF_WEIGHTS) as tmp:
-        mx.save_safetensors(str(tmp), hf_state_dict(model), metadata={"format": "pt"})
+    weights = {k: np.array(v) for k, v in hf_state_dict(model).items()}  # float32
+    with atomic_path(out_dir / HF_WEIGHTS) as tmp:  # a full disk: an OSError naming the file
+        save_arrays(weights, tmp, metadata={"format": "pt"})
     write_json_atomic(out_dir / HF_CONFIG, hf_config(cfg))
     if vocab is None:
         return out_dir

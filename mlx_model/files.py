@@ -24,6 +24,10 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename in (None, str(tmp)):  # a failed write() names no file: name the one meant
+            err.filename = str(path)
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

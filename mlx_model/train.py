@@ -7,11 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
+import threading
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,6 +28,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import ops, warmup
 from .checkpoint import (
+    BEST_RECORD,
     STATE,
     WEIGHTS,
     CorruptCheckpointError,
@@ -35,6 +39,7 @@ from .checkpoint import (
 )
 from .config import GPTConfig, TrainConfig
 from .data import file_sha256, fixed_windows, get_batch, train_batch
+from .files import write_text_atomic
 from .model import GPT
 from .runtime import kernel_cache
 
@@ -43,6 +48,62 @@ DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # resumable state of the last checkpoint
 BEST = "best"
 LATEST = "latest"
+
+
+class TrainingDiverged(ArithmeticError):
+    """The loss became NaN or infinite at `step`: the weights are lost from there on.
+    Nothing is marked finished; `best/` holds only finite, better-than-before models."""
+
+    def __init__(self, step: int, loss: float, learning_rate: float):
+        super().__init__(step, loss, learning_rate)  # args: what pickling rebuilds it from
+        self.step, self.loss, self.learning_rate = step, loss, learning_rate
+
+    def __str__(self) -> str:
+        return (
+            f"training diverged at step {self.step}: loss {self.loss}; try a lower "
+            f"learning_rate (it is {self.learning_rate:g}), more warmup_iters, or grad_clip > 0"
+        )
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training between two steps; the resumable checkpoint in
+    `latest/` holds `step` (rerunning the same command resumes from it)."""
+
+    last: TrainingInterrupted | None = None  # this process's latest, once raised
+
+    def __init__(self, step: int, signal_number: int):
+        super().__init__(step, signal_number)
+        self.step, self.signal_number = step, signal_number
+
+    def __str__(self) -> str:
+        return f"interrupted by {signal.Signals(self.signal_number).name} at step {self.step}"
+
+
+@contextmanager
+def deferred_stop_signals(enabled: bool = True) -> Iterator[Callable[[], int | None]]:
+    """While active, SIGINT and SIGTERM only record their number, which the yielded
+    function returns (None until one came): the loop stops between two steps, where
+    model, optimizer and step agree, instead of wherever Python raised, and writes its
+    checkpoint (a second signal meanwhile is noted too, not let loose half-way through
+    it). The handlers that were there before come back when the loop ends. Off the
+    main thread (no handler can be set there), or not `enabled`, it records nothing."""
+    received: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+    def note(number: int, frame: Any) -> None:
+        received.append(number)  # a second one, while the checkpoint is written, too
+
+    previous = {n: signal.signal(n, note) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: received[0] if received else None
+    finally:
+        restore()
 
 
 class AdamWMatrices(optim.AdamW):
@@ -349,6 +410,8 @@ class CheckpointWriter:
 def _write_best(out_dir: Path, model: GPT, taken: dict, best: dict[str, Any]) -> None:
     save_model(out_dir / BEST, model, taken["weights"])
     best["sha256"] = file_sha256(out_dir / BEST / WEIGHTS)
+    # the best's own record: a best written after the latest checkpoint is still valid
+    write_text_atomic(out_dir / BEST / BEST_RECORD, json.dumps(best))
 
 
 def weights_digest(weights: dict[str, np.ndarray]) -> str:
@@ -370,16 +433,21 @@ def check_same_weights(weights: dict[str, np.ndarray], group) -> None:
         raise RuntimeError(f"the weights of rank(s) {differ} differ from rank 0's")
 
 
-def _best_checkpoint_intact(out_dir: Path) -> bool:
-    """Resuming needs the best checkpoint the latest one refers to, unchanged."""
-    state_path = out_dir / LATEST / STATE
-    if not state_path.exists():
-        return False
-    best = json.loads(state_path.read_text())["best"]
-    if best["step"] < 0:
-        return True
+def _resumable_best(out_dir: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The best-so-far to resume with: the one `latest/` names if `best/` still holds it,
+    or the one `best/` records if it was written after `latest/` (an estimate between two
+    checkpoints found a better model; resuming replays that estimate). None if `best/`
+    holds neither."""
+    best = state["best"]
     weights = out_dir / BEST / WEIGHTS
-    return weights.exists() and file_sha256(weights) == best["sha256"]
+    digest = file_sha256(weights) if weights.exists() else None
+    try:
+        newer = json.loads((out_dir / BEST / BEST_RECORD).read_text())
+    except (OSError, ValueError):
+        newer = {}
+    if newer.get("step", -1) > state["step"] and newer.get("sha256") == digest:
+        return newer
+    return best if best["step"] < 0 or best.get("sha256") == digest else None
 
 
 def _fresh(cfg: GPTConfig, tc: TrainConfig) -> tuple[GPT, optim.Optimizer]:
@@ -394,15 +462,26 @@ def _fresh(cfg: GPTConfig, tc: TrainConfig) -> tuple[GPT, optim.Optimizer]:
 def _restore(cfg: GPTConfig, tc: TrainConfig, out_dir: Path, world: int):
     """Model, optimizer and the saved loop state (None for a fresh start)."""
     model, optimizer = _fresh(cfg, tc)
-    if not _best_checkpoint_intact(out_dir):
-        return model, optimizer, None
     try:
         state = load_train_state(out_dir / LATEST, model, optimizer)
+        if state is None and any((out_dir / LATEST).glob("*")):
+            raise CorruptCheckpointError(
+                f"{out_dir / LATEST} has no {STATE}: its process was stopped while writing it"
+            )
+        best = _resumable_best(out_dir, state) if state is not None else None
+        if state is not None and best is None:
+            raise CorruptCheckpointError(
+                f"{out_dir / BEST} does not hold the best model of step {state['best']['step']} "
+                f"that {out_dir / LATEST / STATE} names, nor a later one"
+            )
     except (CorruptCheckpointError, FileNotFoundError) as err:
         warnings.warn(f"not resuming: {err}; training from step 0", stacklevel=3)
         model, optimizer = _fresh(cfg, tc)  # start exactly as a fresh run would
         return model, optimizer, None
-    if state is not None and state.get("train_config") != tc.to_dict():
+    if state is not None:
+        state["best"] = best
+    saved = state.get("train_config", {}) if state is not None else None
+    if saved is not None and {k: saved.get(k) for k in tc.key_dict()} != tc.key_dict():
         raise ValueError(f"{out_dir / LATEST} was written with a different training config")
     if state is not None and state.get("world_size", 1) != world:
         raise ValueError(
@@ -410,6 +489,16 @@ def _restore(cfg: GPTConfig, tc: TrainConfig, out_dir: Path, world: int):
             f"not {world}: resume with the same layout"
         )
     return model, optimizer, state
+
+
+def _first_non_finite(losses: list[mx.array], done: int, mean: float) -> tuple[int, float]:
+    """The step and loss of the first non-finite loss among the log interval's `losses`
+    (the last of which is step `done`); (done, mean) if this process's are all finite."""
+    values = np.array(mx.stack(losses).astype(mx.float32))
+    bad = np.flatnonzero(~np.isfinite(values))
+    if not len(bad):
+        return done, mean
+    return done - len(values) + int(bad[0]) + 1, float(values[bad[0]])
 
 
 def _patience_spent(tc: TrainConfig, history: list[dict[str, Any]], best_step: int) -> bool:
@@ -438,6 +527,11 @@ def train(
     this with the same arguments: each computes its share of every batch, rank 0
     alone writes files and reports. Returns the best validation loss, its step and
     the history.
+
+    Raises `TrainingDiverged` when a loss is NaN or infinite (checked where the host
+    reads it: every `log_interval` steps and at each estimate), naming the first such
+    step; `TrainingInterrupted` after SIGINT or SIGTERM (single process, main thread),
+    once the checkpoint of the last finished step is written.
     """
     out_dir = Path(out_dir)
     dtype = DTYPES[tc.compute_dtype]
@@ -471,6 +565,9 @@ def train(
     done = start
     model.train()
     files = CheckpointWriter()  # rank 0 writes; checkpoints are on disk when this returns
+    # several processes must stop at one step: under mlx.launch a signal ends them all
+    stop_signals = deferred_stop_signals(enabled=world == 1)
+    stop_requested, interrupted = stop_signals.__enter__(), None
     try:
         for step in range(start, end if not stopped else start):
             x, y = train_batch(train_ids, cfg.block_size, tc.batch_size, tc.seed, step)
@@ -485,6 +582,10 @@ def train(
                 if world > 1:
                     mean = mx.distributed.all_sum(mean, group=group) / world
                 mean_loss = mean.item()  # the only host sync between estimates
+                if not math.isfinite(mean_loss):
+                    raise TrainingDiverged(
+                        *_first_non_finite(losses, done, mean_loss), tc.learning_rate
+                    )
                 losses.clear()
                 now = time.perf_counter()
                 tps = tokens_per_step * (done - step_last) / max(now - t_last, 1e-9)
@@ -504,6 +605,9 @@ def train(
                         group if world > 1 else None,
                     )  # fmt: skip
                 model.train()
+                for split in ("train", "val"):
+                    if not math.isfinite(record[f"{split}_loss"]):
+                        raise TrainingDiverged(done, record[f"{split}_loss"], tc.learning_rate)
                 steps.after_estimate()
                 record["elapsed"] = time.perf_counter() - t0  # since this process started training
                 history.append(record)
@@ -520,7 +624,8 @@ def train(
                         tps, time.perf_counter() - t0, kind="eval",
                     )
                 )  # fmt: skip
-            if done % tc.checkpoint_interval == 0 or done == end or stopped:
+            interrupted = stop_requested()
+            if done % tc.checkpoint_interval == 0 or done == end or stopped or interrupted:
                 c0 = time.perf_counter()
                 taken = snapshot(model, optimizer if writer else None)  # one host copy
                 if world > 1:
@@ -534,11 +639,18 @@ def train(
                     )
                 spent["checkpoints"] += time.perf_counter() - c0
                 t_last += time.perf_counter() - c0
-            if stopped:
+            if stopped or interrupted:
                 break
     finally:
+        stop_signals.__exit__(None, None, None)
         steps.close()
         files.close()
+    interrupted = interrupted or stop_requested()  # a signal that came after the last step
+    if interrupted:  # the checkpoint of `done` is on disk
+        # also kept on the class: a second signal while this unwinds raises a new
+        # exception, which no longer carries the step
+        TrainingInterrupted.last = TrainingInterrupted(done, interrupted)
+        raise TrainingInterrupted.last
     final = done if stopped else end
     spent["total"] = time.perf_counter() - t0
     result = TrainResult(

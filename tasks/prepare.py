@@ -18,18 +18,25 @@ TRAIN = "train.arrow"
 VAL = "val.arrow"
 
 
-def read_corpus(path: Path) -> str:
-    """The corpus as text; raises naming the file if it is empty or not UTF-8 text."""
+def read_corpus(path: Path, name: str | None = None) -> str:
+    """The corpus as text; raises naming it (`name`, what the user gave as the source, or
+    else `path`) if it is empty or not UTF-8 text."""
     raw = Path(path).read_bytes()
+    name = name or str(path)
     if not raw.strip():
-        raise ValueError(f"corpus {path} is empty")
+        raise ValueError(f"corpus {name} is empty")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"corpus {path} is not UTF-8 text: {err}") from None
+        raise ValueError(f"corpus {name} is not UTF-8 text: {err}") from None
     if "\x00" in text:
-        raise ValueError(f"corpus {path} is not text: it contains NUL bytes")
+        raise ValueError(f"corpus {name} is not text: it contains NUL bytes")
     return text
+
+
+def _read(corpus: StageOutput) -> str:
+    """The download stage's corpus, errors naming the source it came from (not the store's copy)."""
+    return read_corpus(corpus.file(CORPUS), corpus.info.get("source"))
 
 
 @task(name="vocab", cache_policy=NO_CACHE)
@@ -38,7 +45,7 @@ def build_vocab(store: ArtifactStore, corpus: StageOutput, force: bool = False) 
     key = {"corpus": corpus.digest(CORPUS), "code": code_version(__name__)}
 
     def compute(directory: Path) -> dict:
-        vocab = Vocab.from_text(read_corpus(corpus.file(CORPUS)))
+        vocab = Vocab.from_text(_read(corpus))
         vocab.save(directory / VOCAB)
         return {"size": vocab.size}
 
@@ -72,7 +79,7 @@ def tokenize(
 
     def compute(directory: Path) -> dict:
         v = Vocab.load(vocab.file(VOCAB))
-        ids = v.encode(read_corpus(corpus.file(CORPUS)))
+        ids = v.encode(_read(corpus))
         train_ids, val_ids = split_tokens(ids, data.val_fraction)
         for name, split in ((TRAIN, train_ids), (VAL, val_ids)):
             meta = {

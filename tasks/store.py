@@ -222,7 +222,7 @@ class ArtifactStore:
         key = digest_json({"stage": stage, **key_inputs})
         if not force and (hit := self.lookup(stage, key)):
             return hit
-        with self.lock(stage, key):
+        with self.lock(stage, key), _naming_stage(stage):
             if not force and (hit := self.lookup(stage, key)):
                 return hit  # another run finished it while we waited
             directory = self.stage_dir(stage, key)
@@ -245,6 +245,18 @@ class ArtifactStore:
             }
             write_text_atomic(directory / META, json.dumps(meta, indent=2, default=str))
         return StageOutput(stage, key, str(directory), files, False, info, self.run_name)
+
+
+@contextlib.contextmanager
+def _naming_stage(stage: str) -> Iterator[None]:
+    """An OSError (a full disk, a read-only folder) leaves carrying the stage it stopped,
+    as `err.stage`, for the one line that explains it (`tasks.errors`)."""
+    try:
+        yield
+    except OSError as err:
+        if getattr(err, "stage", None) is None:
+            err.stage = stage
+        raise
 
 
 def finished(output: StageOutput) -> StageOutput | State:

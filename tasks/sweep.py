@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import random
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,11 @@ def trials(
         if not any(isinstance(v, dict) for v in grid[name]):
             grid_field(name)
     combos = list(itertools.product(*(grid[n] for n in names)))
+    if not isinstance(seed, int) or isinstance(seed, bool):  # a sweep file's "seed": "1"
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     if samples is not None:
-        if samples < 1:
-            raise ValueError(f"samples must be a positive integer, got {samples}")
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ValueError(f"samples must be a positive integer, got {samples!r}")
         combos = random.Random(seed).sample(combos, min(samples, len(combos)))
     out = []
     for combo in combos:
@@ -234,11 +237,43 @@ def promoted_model(store: ArtifactStore, reference: str) -> StageOutput:
     return best_trial(store.root, reference)
 
 
+DASK_SCHEMES = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
+
+
+def check_cluster(address: str | None, workers: int | None) -> None:
+    """Raise ValueError naming a bad cluster option: a worker count below 1 (a local
+    cluster of -1 workers never starts, and the sweep waited for it forever), workers
+    asked of a cluster that already exists, or an address Dask cannot dial."""
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if address is None:
+        return
+    if workers is not None:
+        raise ValueError(
+            "workers sizes a local cluster; an existing one (dask_address) has its own"
+        )
+    parts = urllib.parse.urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if (
+        parts.scheme not in DASK_SCHEMES
+        or not parts.hostname
+        or (port is None and parts.scheme != "inproc")
+    ):
+        raise ValueError(
+            f"dask_address must be SCHEME://HOST:PORT with SCHEME one of "
+            f"{', '.join(DASK_SCHEMES)}, got {address!r}"
+        )
+
+
 def local_cluster(workers: int | None = None) -> dict[str, Any]:
     """Keyword arguments for a local Dask cluster that trains trials side by side: one
     worker process per usable core (or `workers`), each running MLX on its share of the
     cores (lanes; `--workers 1` runs one trial at a time on all of them, and
     SHAKESPEARE_GPT_CPU_LANES, if set, wins) with one BLAS thread per lane."""
+    check_cluster(None, workers)
     cores = usable_cores()
     n = workers or cores
     lanes = os.environ.get(LANES_ENV) or str(max(1, cores // n))

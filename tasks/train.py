@@ -16,12 +16,21 @@ from mlx_model.data import Vocab, read_tokens
 from mlx_model.distributed import backend, rank_lanes, train_distributed
 from mlx_model.files import write_text_atomic
 from mlx_model.runtime import kernel_cache
-from mlx_model.train import BEST, LATEST, train
+from mlx_model.train import BEST, LATEST, TrainingDiverged, TrainingInterrupted, train
 
 from .logs import stage_logger
 from .prepare import TRAIN, VAL, VOCAB
 from .progress import training_reporter
 from .store import ArtifactStore, StageOutput, code_version, finished
+
+__all__ = [
+    "METRICS",
+    "WEIGHTS",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "best_model",
+    "train_model",
+]
 
 METRICS = "metrics.json"
 WEIGHTS = f"{BEST}/{checkpoint.WEIGHTS}"  # the best model, which later stages load
@@ -30,6 +39,31 @@ WEIGHTS = f"{BEST}/{checkpoint.WEIGHTS}"  # the best model, which later stages l
 def best_model(trained: StageOutput) -> Path:
     """The folder of the best model a train stage wrote (for `load_model`)."""
     return Path(trained.path) / BEST
+
+
+def train_key(
+    tokens: StageOutput,
+    vocab: StageOutput,
+    cfg: GPTConfig,
+    training: TrainConfig,
+    parallel: ParallelConfig,
+    signature: dict,
+) -> dict:
+    """What the train stage's cache key covers: its inputs' digests, the model and the
+    training settings that change a number (`TrainConfig.key_dict`), its code, the ops
+    backend (`signature`) and, over several processes, their layout."""
+    key = {
+        "train": tokens.digest(TRAIN),
+        "val": tokens.digest(VAL),
+        "vocab": vocab.digest(VOCAB),
+        "model": cfg.to_dict(),
+        "training": training.key_dict(),
+        "code": code_version(__name__),
+        "ops": signature,
+    }
+    if parallel.distributed:  # the reduction order over the group changes the numbers
+        key["parallel"] = {"world_size": parallel.world_size, "backend": backend(parallel)}
+    return key
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -48,17 +82,7 @@ def train_model(
     cfg = model.replace(vocab_size=v.size)
     with ops.use(lanes=rank_lanes(parallel)):
         signature = ops.signature(training.compute_dtype)
-    key = {
-        "train": tokens.digest(TRAIN),
-        "val": tokens.digest(VAL),
-        "vocab": vocab.digest(VOCAB),
-        "model": cfg.to_dict(),
-        "training": training.to_dict(),
-        "code": code_version(__name__),
-        "ops": signature,
-    }
-    if parallel.distributed:  # the reduction order over the group changes the numbers
-        key["parallel"] = {"world_size": parallel.world_size, "backend": backend(parallel)}
+    key = train_key(tokens, vocab, cfg, training, parallel, signature)
     runtime = {**signature, "dtype": training.compute_dtype}
     runtime["processes"] = parallel.world_size
     if kernels := kernel_cache.active():

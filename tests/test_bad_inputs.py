@@ -87,6 +87,8 @@ def cli_args(command: str, params: dict) -> list[str]:
     base += ["--source", source["source"], "--sha256", source["sha256"]]
     if "--source" in argv:  # the row's source, with its own digest
         base = base[:6] + ["--sha256", source["sha256"]]
+    if argv[0] == "sweep":  # no sampling options: a sweep does not sample
+        base = [a for i, a in enumerate(base) if "--max-tokens" not in base[max(i - 1, 0) : i + 1]]
     return [
         *argv[:1],
         *([argv[1]] if argv[0] == "stage" else []),

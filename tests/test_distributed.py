@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -153,3 +154,16 @@ def test_the_launch_line_uses_mlx_launch(tmp_path):
     assert cmd[cmd.index("--backend") + 1] == "ring" and cmd[cmd.index("-n") + 1] == "2"
     assert cmd[-3:] == ["-m", "mlx_model.distributed", str(tmp_path / "launch.json")]
     assert np.isscalar(int(cmd[cmd.index("--starting-port") + 1]))
+
+
+def test_a_diverging_loss_over_two_ranks_is_the_same_error_as_in_one(token_files, tmp_path):
+    from mlx_model.train import TrainingDiverged
+
+    train_path, val_path, train_ids, val_ids = token_files
+    cfg, tc = TINY.model.replace(vocab_size=65), TINY.train.replace(learning_rate=1e4)
+    with pytest.raises(TrainingDiverged) as two:
+        train_distributed(
+            cfg, tc, ParallelConfig(processes=2), train_path, val_path, tmp_path / "2"
+        )
+    assert "training diverged at step" in str(two.value) and two.value.learning_rate == 1e4
+    assert not math.isfinite(two.value.loss)
