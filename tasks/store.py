@@ -27,14 +27,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-from prefect.client.schemas.objects import State
-from prefect.context import TaskRunContext
-from prefect.states import Completed
+from typing import TYPE_CHECKING, Any
 
 from mlx_model.data import file_sha256
 from mlx_model.files import write_text_atomic
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import State
 
 ENV_ROOT = "SHAKESPEARE_GPT_ARTIFACTS"
 DEFAULT_ROOT = "artifacts"
@@ -252,6 +251,11 @@ def finished(output: StageOutput) -> StageOutput | State:
     completed state named `Cached` whose message names the run that produced it and its
     folder, so the UI shows reused stages as such; the flow takes the output back with
     `output_of`."""
+    # Prefect is imported here, not above: the command line reads `default_root` and
+    # `digest_json` before it decides whether Prefect is needed at all
+    from prefect.context import TaskRunContext
+    from prefect.states import Completed
+
     if not output.cached or TaskRunContext.get() is None:
         return output
     message = f"reused from run {output.produced_by} ({output.path})"
@@ -260,4 +264,4 @@ def finished(output: StageOutput) -> StageOutput | State:
 
 def output_of(result: StageOutput | State) -> StageOutput:
     """The StageOutput a stage's task returned (see `finished`)."""
-    return result.result() if isinstance(result, State) else result
+    return result if isinstance(result, StageOutput) else result.result()

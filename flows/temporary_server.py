@@ -1,0 +1,121 @@
+"""The temporary Prefect server a command runs against when no Prefect API is configured.
+
+Prefect starts one itself on the first API call (`SubprocessASGIServer`), after the whole
+pipeline has been imported, and waits for it: on two cores the server's start (its own
+imports, the SQLite migrations check) and the command's imports then run one after the
+other. Started here instead, as soon as the command line is parsed, the server boots on
+one core while the command imports the pipeline on the other. It is the same server
+(`uvicorn` over `prefect.server.api.server:create_app`, the UI off, the same database),
+stopped when the command ends. A long-lived `prefect server start` with PREFECT_API_URL
+set skips all of this (docs/CLI.md).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ADDRESS_IN_USE = 3  # uvicorn's exit status when its port was taken meanwhile
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TemporaryServer:
+    """A Prefect API server in a child process on 127.0.0.1; `wait()` until it answers."""
+
+    def __init__(self, env: dict[str, str], startup_timeout: float):
+        self.env = env
+        self.timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        self._spawn()
+        atexit.register(self.stop)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _spawn(self) -> None:
+        import prefect
+
+        self.port = _free_port()
+        command = [
+            sys.executable, "-m", "uvicorn",
+            "--app-dir", str(Path(prefect.__file__).parent.parent),
+            "--factory", "prefect.server.api.server:create_app",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--log-level", "error", "--lifespan", "on",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait(self) -> None:
+        """Block until the server answers; raise RuntimeError with its stderr if it exits or
+        does not answer within the startup timeout (Prefect's own setting)."""
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code == ADDRESS_IN_USE:
+                self._spawn()
+            elif code is not None:
+                err = self.process.stderr.read().decode(errors="replace").strip()
+                raise RuntimeError(f"the temporary Prefect server exited with {code}: {err}")
+            elif self._answers():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the temporary Prefect server did not answer in {self.timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stderr.close()
+        self.process = None
+
+
+def start_if_needed() -> TemporaryServer | None:
+    """Start a temporary server when Prefect has no API URL and may start one (its
+    `server.ephemeral.enabled` setting), and point this process and its children at it;
+    None when an API is configured (or Prefect is to raise its own error)."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return None
+    env = {
+        **os.environ,
+        **settings.to_environment_variables(exclude_unset=True),
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+    }
+    server = TemporaryServer(env, settings.server.ephemeral.startup_timeout_seconds)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ["PREFECT_UI_URL"] = ""  # no links to a server that stops with the command
+    refresh_global_settings_context()
+    return server
