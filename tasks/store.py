@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlx_model.data import file_sha256
 from mlx_model.files import write_text_atomic
 
 if TYPE_CHECKING:
@@ -181,6 +180,8 @@ class ArtifactStore:
 
     def lookup(self, stage: str, key: str) -> StageOutput | None:
         """The finished output for (stage, key), or None if absent, incomplete or corrupted."""
+        from mlx_model.data import file_sha256  # NumPy and Arrow: not for the command line's checks
+
         directory = self.stage_dir(stage, key)
         meta_path = directory / META
         if not meta_path.exists():
@@ -232,6 +233,8 @@ class ArtifactStore:
             missing = [name for name in outputs if not (directory / name).exists()]
             if missing:
                 raise RuntimeError(f"stage {stage!r} did not write {missing}")
+            from mlx_model.data import file_sha256
+
             files = {name: file_sha256(directory / name) for name in outputs}
             info = {**info, "seconds": round(time.time() - started, 3)}
             meta = {
