@@ -282,8 +282,10 @@ def one_console() -> None:
 def quiet_prefect_console() -> None:
     """Keep Prefect's own lines (engine states, server start, tracebacks) off the terminal;
     the flow-run logs sent to the API, which the UI shows, are untouched."""
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.logging.handlers import PrefectConsoleHandler
 
+    ensure_logging_setup()
     loggers = [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
@@ -388,8 +390,12 @@ def execute(args: argparse.Namespace, params: dict[str, Any]) -> int:
     if args.command == "serve":
         return serve(args, params)
     if args.command == "sweep":
+        from tasks.progress import ENV as PROGRESS
+
         from .sweep import dask_runner, sweep_pipeline
 
+        # the trials' workers share the terminal: a bar each would draw over the others
+        os.environ.setdefault(PROGRESS, "0")
         runner = dask_runner(args.dask_address, args.workers)
         record = sweep_pipeline.with_options(task_runner=runner)(**params)
         report_sweep_result(record)
@@ -432,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.verbose and DASK_QUIETED:
         os.environ[DASK_LOGGING] = "info"
+    if not args.verbose:  # the sweep's local Dask workers quiet their console too
+        os.environ.setdefault("DASK_DISTRIBUTED__WORKER__PRELOAD", '["flows.quiet_worker"]')
     from .temporary_server import start_if_needed
 
     # it boots while the pipeline is imported; it stops at exit, after Prefect has sent

@@ -3,8 +3,9 @@
 Prefect starts one itself on the first API call (`SubprocessASGIServer`), after the whole
 pipeline has been imported, and waits for it: on two cores the server's start (its own
 imports, the SQLite migrations check) and the command's imports then run one after the
-other. Started here instead, as soon as the command line is parsed, the server boots on
-one core while the command imports the pipeline on the other. It is the same server
+other. Started here instead, as soon as the command line is checked (before Prefect itself
+is imported, unless PREFECT_API_URL names a server), the server boots on one core while
+the command imports Prefect and the pipeline on the other. It is the same server
 (`uvicorn` over `prefect.server.api.server:create_app`, the UI off, the same database),
 stopped when the command ends. A long-lived `prefect server start` with PREFECT_API_URL
 set skips all of this (docs/CLI.md).
@@ -13,6 +14,7 @@ set skips all of this (docs/CLI.md).
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import socket
 import subprocess
@@ -33,7 +35,7 @@ def _free_port() -> int:
 class TemporaryServer:
     """A Prefect API server in a child process on 127.0.0.1; `wait()` until it answers."""
 
-    def __init__(self, env: dict[str, str], startup_timeout: float):
+    def __init__(self, env: dict[str, str], startup_timeout: float = 20.0):
         self.env = env
         self.timeout = startup_timeout
         self.process: subprocess.Popen | None = None
@@ -46,12 +48,11 @@ class TemporaryServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def _spawn(self) -> None:
-        import prefect
-
+        prefect = importlib.util.find_spec("prefect").origin  # found, not imported
         self.port = _free_port()
         command = [
             sys.executable, "-m", "uvicorn",
-            "--app-dir", str(Path(prefect.__file__).parent.parent),
+            "--app-dir", str(Path(prefect).parent.parent),
             "--factory", "prefect.server.api.server:create_app",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--log-level", "error", "--lifespan", "on",
@@ -100,21 +101,25 @@ class TemporaryServer:
 def start_if_needed() -> TemporaryServer | None:
     """Start a temporary server when Prefect has no API URL and may start one (its
     `server.ephemeral.enabled` setting), and point this process and its children at it;
-    None when an API is configured (or Prefect is to raise its own error)."""
+    None when an API is configured (or Prefect is to raise its own error).
+
+    Without PREFECT_API_URL in the environment the server is started first and Prefect
+    imported while it boots; if Prefect's settings then name an API after all (a profile,
+    prefect.toml), it is stopped again.
+    """
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        ephemeral = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"}
+        server = TemporaryServer({**os.environ, **ephemeral, "PREFECT__SERVER_FINAL": "1"})
     from prefect.context import refresh_global_settings_context
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
+        if server:
+            server.stop()
         return None
-    env = {
-        **os.environ,
-        **settings.to_environment_variables(exclude_unset=True),
-        "PREFECT_UI_ENABLED": "0",
-        "PREFECT__SERVER_EPHEMERAL": "1",
-        "PREFECT__SERVER_FINAL": "1",
-    }
-    server = TemporaryServer(env, settings.server.ephemeral.startup_timeout_seconds)
+    server.timeout = settings.server.ephemeral.startup_timeout_seconds
     os.environ["PREFECT_API_URL"] = server.api_url
     os.environ["PREFECT_UI_URL"] = ""  # no links to a server that stops with the command
     refresh_global_settings_context()

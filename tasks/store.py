@@ -105,6 +105,7 @@ def _source_files(module: str) -> frozenset[Path]:
     return frozenset(files)
 
 
+@functools.cache  # every stage's key walks the same modules: each is parsed once
 def _imports(path: Path, package: str) -> list[str]:
     """The absolute names `path` imports (modules, or names that may be modules)."""
     names = []
