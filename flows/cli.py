@@ -29,7 +29,7 @@ from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-# Only light modules here: `--help` and a bad flag answer before Prefect, MLX and the
+# Only light modules here: `--help` and a bad flag answer before Prefect, NumPy and the
 # pipeline are imported (each command imports them in `execute`)
 from tasks.config import (  # noqa: E402
     DEFAULT_PRESET,

@@ -24,6 +24,12 @@ import urllib.request
 from pathlib import Path
 
 ADDRESS_IN_USE = 3  # uvicorn's exit status when its port was taken meanwhile
+# what Prefect starts its own temporary server with (`SubprocessASGIServer`): no UI
+EPHEMERAL = {
+    "PREFECT_UI_ENABLED": "0",
+    "PREFECT__SERVER_EPHEMERAL": "1",
+    "PREFECT__SERVER_FINAL": "1",
+}
 
 
 def _free_port() -> int:
@@ -103,14 +109,13 @@ def start_if_needed() -> TemporaryServer | None:
     `server.ephemeral.enabled` setting), and point this process and its children at it;
     None when an API is configured (or Prefect is to raise its own error).
 
-    Without PREFECT_API_URL in the environment the server is started first and Prefect
-    imported while it boots; if Prefect's settings then name an API after all (a profile,
-    prefect.toml), it is stopped again.
+    Without PREFECT_API_URL in the environment, and Prefect not imported yet, the server is
+    started first and Prefect imported while it boots; if Prefect's settings then name an
+    API after all (a profile, prefect.toml, a test harness), it is stopped again.
     """
     server = None
-    if not os.environ.get("PREFECT_API_URL"):
-        ephemeral = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1"}
-        server = TemporaryServer({**os.environ, **ephemeral, "PREFECT__SERVER_FINAL": "1"})
+    if not os.environ.get("PREFECT_API_URL") and "prefect" not in sys.modules:
+        server = TemporaryServer({**os.environ, **EPHEMERAL})
     from prefect.context import refresh_global_settings_context
     from prefect.settings import get_current_settings
 
@@ -119,6 +124,9 @@ def start_if_needed() -> TemporaryServer | None:
         if server:
             server.stop()
         return None
+    if server is None:
+        env = {**os.environ, **settings.to_environment_variables(exclude_unset=True)}
+        server = TemporaryServer({**env, **EPHEMERAL})
     server.timeout = settings.server.ephemeral.startup_timeout_seconds
     os.environ["PREFECT_API_URL"] = server.api_url
     os.environ["PREFECT_UI_URL"] = ""  # no links to a server that stops with the command
