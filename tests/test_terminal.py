@@ -118,6 +118,28 @@ def test_pipe_gives_plain_lines(tmp_path, corpus_path, corpus_sha):
     assert "----- sample -----" in proc.stdout and "cached: " in proc.stdout
     for noise in NOISE:
         assert noise not in proc.stdout + proc.stderr, noise
+    # the same rerun (every stage reused) with --verbose shows Prefect's engine lines
+    verbose = subprocess.run(
+        [sys.executable, *run_args(tmp_path, corpus_path, corpus_sha), "--verbose"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "Finished in state Cached" in verbose.stderr
+
+
+@pytest.mark.slow
+def test_sweep_keeps_dask_and_engine_lines_off(tmp_path, corpus_path, corpus_sha):
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows", "sweep", "--preset", "tiny", "--max-iters", "10",
+         "--grid", "learning_rate=0.003", "--workers", "1", "--artifacts", str(tmp_path / "a"),
+         "--source", str(corpus_path), "--sha256", corpus_sha],
+        env=child_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "----- leaderboard -----" in proc.stdout
+    assert "Task run 'train-" in proc.stderr  # the trial's own lines, from its worker
+    for noise in NOISE:
+        assert noise not in proc.stdout + proc.stderr, noise
 
 
 def test_help_and_a_bad_flag_load_no_heavy_module():
