@@ -13,6 +13,13 @@ import os
 # The temporary Prefect server the CLI starts must not try to send telemetry from an
 # offline machine (it logs an error when it cannot); a user's own setting wins.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Nor Prefect's client: it prints a three-line telemetry notice on a terminal's first run
+os.environ.setdefault("DO_NOT_TRACK", "1")
+# Dask's workers log at INFO on their own stderr (the terminal) unless told otherwise;
+# `--verbose` sets it back (see `main`)
+DASK_LOGGING = "DASK_LOGGING__DISTRIBUTED"
+DASK_QUIETED = DASK_LOGGING not in os.environ
+os.environ.setdefault(DASK_LOGGING, "warning")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -27,9 +34,8 @@ from collections.abc import Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from prefect.exceptions import TerminationSignal  # noqa: E402
-from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL  # noqa: E402
-
+# Only light modules here: `--help` and a bad flag answer before Prefect, NumPy and the
+# pipeline are imported (each command imports them in `execute`)
 from tasks.config import (  # noqa: E402
     DEFAULT_PRESET,
     PRESETS,
@@ -39,21 +45,10 @@ from tasks.config import (  # noqa: E402
     help_text,
     parse_value,
 )
-from tasks.download import TransientDownloadError, UnreachableError  # noqa: E402
 from tasks.preflight import check_export_target, check_run  # noqa: E402
 from tasks.store import default_root  # noqa: E402
-from tasks.sweep import (  # noqa: E402
-    BEST_OF,
-    best_trial,
-    check_cluster,
-    leaderboard_rows,
-    parse_grid,
-    trials,
-)
 
-from .pipeline import STAGES, check_stage, export_pipeline, fresh_stages, pipeline  # noqa: E402
-from .sweep import dask_runner, sweep_pipeline  # noqa: E402
-from .temporary_server import use_own_session_server  # noqa: E402
+from .stages import STAGES, check_stage, fresh_stages  # noqa: E402
 
 DEPLOYMENT = "scheduled"
 DEBUG_ENV = "SHAKESPEARE_GPT_DEBUG"
@@ -243,6 +238,8 @@ def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def sweep_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The sweep flow's parameters: the definition file, then the flags over it."""
+    from tasks.sweep import parse_grid
+
     spec: dict[str, Any] = {}
     if args.file:
         try:
@@ -283,11 +280,33 @@ class _ProjectLinesOnly(logging.Filter):
         return record.pathname.startswith(PROJECT_DIRS)
 
 
+def one_console() -> None:
+    """On a terminal, Prefect's console handlers print through the live display's Console
+    (`tasks.progress.LogHandler`): one writer on the screen, log lines above the bars."""
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from tasks.progress import LogHandler, bars_enabled
+
+    ensure_logging_setup()
+    if not bars_enabled():
+        return
+    for logger in [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]:
+        handlers = getattr(logger, "handlers", [])
+        for i, handler in enumerate(handlers):
+            if type(handler) is PrefectConsoleHandler:
+                handlers[i] = LogHandler(level=handler.level)
+                for f in handler.filters:
+                    handlers[i].addFilter(f)
+
+
 def quiet_prefect_console() -> None:
     """Keep Prefect's own lines (engine states, server start, tracebacks) off the terminal;
     the flow-run logs sent to the API, which the UI shows, are untouched."""
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.logging.handlers import PrefectConsoleHandler
 
+    ensure_logging_setup()
     loggers = [logging.getLogger(), *map(logging.getLogger, logging.root.manager.loggerDict)]
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
@@ -299,6 +318,8 @@ def checked(args: argparse.Namespace) -> dict[str, Any]:
     """The flow's parameters, everything that can be checked from them checked."""
     params = flow_parameters(args)
     config = RunConfig.resolve(params["preset"], params["overrides"])
+    if args.command == "sweep" or args.model:
+        from tasks.sweep import best_trial, check_cluster, trials
     if args.command == "sweep":
         trials(params["preset"], params["overrides"], params["grid"], params["samples"],
                params["seed"])  # fmt: skip
@@ -325,6 +346,8 @@ def check_serve(args: argparse.Namespace) -> None:
     """Raise ValueError unless `serve` can work: scheduled runs need a Prefect server that
     outlives the command (a temporary one cannot schedule them: serve polled, ran nothing
     and said nothing), one that answers, and a valid cron expression."""
+    from prefect.settings import PREFECT_API_URL
+
     api = PREFECT_API_URL.value()
     start = (
         "start one with `prefect server start --host 127.0.0.1` and set "
@@ -345,6 +368,8 @@ def check_serve(args: argparse.Namespace) -> None:
 
 def serve(args: argparse.Namespace, params: dict[str, Any]) -> int:
     # scheduled runs start in their own process: pin the artifact root to an absolute path
+    from .pipeline import pipeline
+
     root = args.artifacts or os.environ.get("SHAKESPEARE_GPT_ARTIFACTS") or "artifacts"
     params["artifacts"] = str(Path(root).resolve())
     pipeline.serve(
@@ -357,26 +382,41 @@ def serve(args: argparse.Namespace, params: dict[str, Any]) -> int:
     return 0
 
 
+def say(text: str, path: bool = False) -> None:
+    """Print a line to stdout; on a terminal wrapped between words (a `path` is never cut,
+    so that it can be copied whole)."""
+    if not sys.stdout.isatty():
+        print(text)
+        return
+    from rich.console import Console
+
+    Console(highlight=False).print(text, markup=False, soft_wrap=path)
+
+
 def report(summary: dict[str, Any]) -> None:
     if summary["sample"] is not None and summary["cached"]["sample"]:
         print(f"----- sample -----\n{summary['sample']}")  # a cache hit: nothing was streamed
     if summary["eval"] is not None:
         e = summary["eval"]
         print("----- validation -----")
-        print(
+        say(
             f"val_loss {e['val_loss']:.4f}  perplexity {e['perplexity']:.3f}  "
             f"bits/char {e['bits_per_char']:.4f}  ({e['tokens']} tokens)"
         )
     for stage, run in summary["reused"].items():
-        print(f"reused {stage} from run {run}")
-    print(f"cached: {json.dumps(summary['cached'])}")
-    print(f"manifest: {summary['manifest']}")
+        say(f"reused {stage} from run {run}")
+    say(f"cached: {json.dumps(summary['cached'])}")
+    say(f"manifest: {summary['manifest']}", path=True)
+    from prefect.settings import PREFECT_UI_URL
+
     ui = PREFECT_UI_URL.value()
     if ui:
-        print(f"flow run: {ui}/runs/flow-run/{summary['flow_run_id']}")
+        say(f"flow run: {ui}/runs/flow-run/{summary['flow_run_id']}", path=True)
 
 
 def report_sweep_result(record: dict[str, Any]) -> None:
+    from tasks.sweep import BEST_OF, leaderboard_rows
+
     rows = leaderboard_rows(record["trials"])
     print("----- leaderboard -----")
     for r in rows:
@@ -384,6 +424,14 @@ def report_sweep_result(record: dict[str, Any]) -> None:
         print(f"{r['rank'] or '-':>3}  {loss}  {r['trial']}  {r['status']}")
     if record["best"]:
         print(f"best: {record['best']}  (use --model {BEST_OF}{record['name']})")
+
+
+def import_flows(command: str) -> None:
+    """Import the flow `command` runs (Prefect, MLX, the tasks: most of a run's start)."""
+    if command == "sweep":
+        from . import sweep  # noqa: F401
+    else:
+        from . import pipeline  # noqa: F401
 
 
 def execute(args: argparse.Namespace, params: dict[str, Any]) -> int:
@@ -395,10 +443,18 @@ def execute(args: argparse.Namespace, params: dict[str, Any]) -> int:
         given = {k.removeprefix("serve."): v for k, v in vars(args).items() if k[:6] == "serve."}
         return api(params, {k: v for k, v in given.items() if v is not None}, args.verbose)
     if args.command == "sweep":
+        from tasks.progress import ENV as PROGRESS
+
+        from .sweep import dask_runner, sweep_pipeline
+
+        # the trials' workers share the terminal: a bar each would draw over the others
+        os.environ.setdefault(PROGRESS, "0")
         runner = dask_runner(args.dask_address, args.workers)
         record = sweep_pipeline.with_options(task_runner=runner)(**params)
         report_sweep_result(record)
         return 0
+    from .pipeline import export_pipeline, pipeline
+
     if args.command == "export":
         out = export_pipeline(
             out=args.out,
@@ -413,6 +469,8 @@ def execute(args: argparse.Namespace, params: dict[str, Any]) -> int:
 
 def explain(err: BaseException, args: argparse.Namespace) -> str | None:
     """The one line for an expected error, or None for a bug (which keeps its traceback)."""
+    from tasks.download import TransientDownloadError, UnreachableError
+
     if isinstance(err, TransientDownloadError | UnreachableError):
         return f"{err}\nhint: no network? pass a local copy with --source PATH (or file:///PATH)"
     if isinstance(
@@ -486,11 +544,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.verbose and DASK_QUIETED:
+        os.environ[DASK_LOGGING] = "info"
+    if not args.verbose:  # the sweep's local Dask workers quiet their console too
+        os.environ.setdefault("DASK_DISTRIBUTED__WORKER__PRELOAD", '["flows.quiet_worker"]')
+    from .temporary_server import start_if_needed
+
+    # it boots while the pipeline is imported; it stops at exit, after Prefect has sent
+    # the run's last log lines (their atexit handlers run before its own, registered first)
+    server = start_if_needed()
+    one_console()
     if not args.verbose:
         quiet_prefect_console()
-    use_own_session_server()  # Ctrl-C stops the CLI, not the server it still has to talk to
+    from prefect.exceptions import TerminationSignal
+
     try:
         with sigterm_as_interrupt():
+            if server:
+                import_flows(args.command)  # on this core while the server boots on the other
+                server.wait()
             return execute(args, params)
     except (KeyboardInterrupt, TerminationSignal) as err:
         if threading.current_thread() is threading.main_thread():
@@ -504,14 +576,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line, file=sys.stderr)
         return code
     except Exception as err:
+        from prefect.settings import PREFECT_API_URL
+
         api = PREFECT_API_URL.value()
         if api and not api_answers(api):
             root = args.artifacts or os.environ.get("SHAKESPEARE_GPT_ARTIFACTS") or "artifacts"
+            which = (
+                "the temporary Prefect server this command started"
+                if server
+                else f"the Prefect API at {api}"
+            )
+            again = (
+                "rerun the same command"
+                if server
+                else ("rerun the same command when the server is back (or unset PREFECT_API_URL)")
+            )
             print(
-                f"error: the Prefect API at {api} is not answering ({type(err).__name__}: {err}).\n"
+                f"error: {which} is not answering ({type(err).__name__}: {err}).\n"
                 f"Stages that finished are kept under {Path(root).resolve()} and are verified by "
-                "digest before reuse; rerun the same command when the server is back (or unset "
-                "PREFECT_API_URL) to continue from them.",
+                f"digest before reuse; {again} to continue from them.",
                 file=sys.stderr,
             )
             return 3

@@ -22,28 +22,9 @@ from tasks.store import ArtifactStore, StageOutput, output_of
 from tasks.sweep import promoted_model
 from tasks.train import train_model
 
-STAGES = ("download", "vocab", "tokenize", "train", "evaluate", "sample")
+from .stages import STAGES, check_stage, fresh_stages
 
-
-def check_stage(name: str, what: str = "stage") -> str:
-    if name not in STAGES:
-        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(STAGES)}")
-    return name
-
-
-def fresh_stages(until: str | None, from_stage: str | None, force: list[str]) -> set[str]:
-    """The stages to recompute even when cached: `force` ('all' for every one) plus
-    `from_stage` and every stage after it. Raises naming an unknown stage."""
-    for name in [n for n in (until, from_stage) if n] + [f for f in force if f != "all"]:
-        check_stage(name)
-    last = STAGES.index(until) if until else len(STAGES) - 1
-    chosen = set(STAGES) if "all" in force else set(force)
-    if from_stage:
-        first = STAGES.index(from_stage)
-        if first > last:
-            raise ValueError(f"from_stage {from_stage!r} comes after until {until!r}")
-        chosen |= set(STAGES[first : last + 1])
-    return chosen
+__all__ = ["STAGES", "check_stage", "export_pipeline", "fresh_stages", "pipeline", "run_name"]
 
 
 def run_name(parameters: dict[str, Any]) -> str:

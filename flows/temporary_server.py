@@ -1,75 +1,164 @@
-"""Prefect's temporary server, started in a session of its own.
+"""The temporary Prefect server a command runs against when no Prefect API is configured.
 
-With no PREFECT_API_URL, Prefect starts a temporary API server as a child process
-(`prefect.server.api.server.SubprocessASGIServer`, `uvicorn` on 127.0.0.1). Started as
-Prefect starts it, the child is in the terminal's process group: Ctrl-C (SIGINT to the
-whole group) stopped it together with the CLI, and the CLI's engine then retried the
+Prefect starts one itself on the first API call (`SubprocessASGIServer`), after the whole
+pipeline has been imported, and waits for it: on two cores the server's start (its own
+imports, the SQLite migrations check) and the command's imports then run one after the
+other. Started here instead, as soon as the command line is checked (before Prefect itself
+is imported, unless PREFECT_API_URL names a server), the server boots on one core while
+the command imports Prefect and the pipeline on the other. It is the same server
+(`uvicorn` over `prefect.server.api.server:create_app`, the UI off, the same database),
+stopped when the command ends. A long-lived `prefect server start` with PREFECT_API_URL
+set skips all of this (docs/CLI.md).
+
+The server runs in a session of its own: in the terminal's process group, Ctrl-C (SIGINT
+to the whole group) stopped it together with the command, whose engine then retried the
 dead API for minutes ("Error logging to API", httpx.ConnectError) before it could exit.
-In a session of its own the child gets no signal from the terminal; Prefect still stops
-it when the CLI exits (`atexit`, SIGTERM to the child itself), and on Linux the kernel
-stops it if the CLI is killed outright (PR_SET_PDEATHSIG).
+It still stops when the command ends (`atexit`), and on Linux the kernel stops it if the
+command is killed outright (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
-import functools
+import importlib.util
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from typing import Any
+import time
+import urllib.request
+from pathlib import Path
 
-from prefect.server.api import server as prefect_server
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, ask for SIGTERM when the parent dies (out of
-    the parent's process group, a SIGKILLed CLI would otherwise leave it running)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+ADDRESS_IN_USE = 3  # uvicorn's exit status when its port was taken meanwhile
+# what Prefect starts its own temporary server with (`SubprocessASGIServer`): no UI
+EPHEMERAL = {
+    "PREFECT_UI_ENABLED": "0",
+    "PREFECT__SERVER_EPHEMERAL": "1",
+    "PREFECT__SERVER_FINAL": "1",
+}
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-class _NewSessionSubprocess:
-    """The `subprocess` module, but whose Popen starts a new session."""
-
-    def __init__(self, **popen: Any) -> None:
-        self.Popen = functools.partial(subprocess.Popen, start_new_session=True, **popen)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(subprocess, name)
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, ask for SIGTERM when the parent dies (out of
+    the parent's process group, a SIGKILLed command would otherwise leave it running)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def _popen_in_new_session() -> Iterator[None]:
-    saved = prefect_server.subprocess
-    # the parent-death signal is sent when the spawning *thread* ends: only the main
-    # thread's lasts as long as the process
-    linux_main = sys.platform == "linux" and threading.current_thread() is threading.main_thread()
-    popen = {"preexec_fn": _die_with_parent} if linux_main else {}
-    prefect_server.subprocess = _NewSessionSubprocess(**popen)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        prefect_server.subprocess = saved
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-class OwnSessionServer(prefect_server.SubprocessASGIServer):
-    """Prefect's temporary server, its process started in a new session."""
+class TemporaryServer:
+    """A Prefect API server in a child process on 127.0.0.1; `wait()` until it answers."""
 
-    def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-        with _popen_in_new_session():
-            return super()._run_uvicorn_command()
+    def __init__(self, env: dict[str, str], startup_timeout: float = 20.0):
+        self.env = env
+        self.timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        self._spawn()
+        atexit.register(self.stop)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _spawn(self) -> None:
+        prefect = importlib.util.find_spec("prefect").origin  # found, not imported
+        self.port = _free_port()
+        command = [
+            sys.executable, "-m", "uvicorn",
+            "--app-dir", str(Path(prefect).parent.parent),
+            "--factory", "prefect.server.api.server:create_app",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--log-level", "error", "--lifespan", "on",
+        ]  # fmt: skip
+        # the parent-death signal comes when the spawning *thread* ends: only the main
+        # thread's lasts as long as the process
+        linux_main = (
+            sys.platform == "linux" and threading.current_thread() is threading.main_thread()
+        )
+        self.process = subprocess.Popen(
+            command,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # no signal from the terminal (Ctrl-C)
+            preexec_fn=_die_with_parent if linux_main else None,
+        )
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait(self) -> None:
+        """Block until the server answers; raise RuntimeError with its stderr if it exits or
+        does not answer within the startup timeout (Prefect's own setting)."""
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code == ADDRESS_IN_USE:
+                self._spawn()
+            elif code is not None:
+                err = self.process.stderr.read().decode(errors="replace").strip()
+                raise RuntimeError(f"the temporary Prefect server exited with {code}: {err}")
+            elif self._answers():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the temporary Prefect server did not answer in {self.timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stderr.close()
+        self.process = None
 
 
-def use_own_session_server() -> None:
-    """Make the temporary server Prefect starts from now on (if it starts one: not with
-    PREFECT_API_URL set, nor under a test harness that registered its own) an
-    `OwnSessionServer`. Prefect keeps one instance per port, `None` for "any free port":
-    registering ours under `None` first is what `prefect_test_harness` does with its own."""
-    OwnSessionServer()  # SubprocessASGIServer.__new__ registers it under port None
+def start_if_needed() -> TemporaryServer | None:
+    """Start a temporary server when Prefect has no API URL and may start one (its
+    `server.ephemeral.enabled` setting), and point this process and its children at it;
+    None when an API is configured (or Prefect is to raise its own error).
+
+    Without PREFECT_API_URL in the environment, and Prefect not imported yet, the server is
+    started first and Prefect imported while it boots; if Prefect's settings then name an
+    API after all (a profile, prefect.toml, a test harness), it is stopped again.
+    """
+    server = None
+    if not os.environ.get("PREFECT_API_URL") and "prefect" not in sys.modules:
+        server = TemporaryServer({**os.environ, **EPHEMERAL})
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        if server:
+            server.stop()
+        return None
+    if server is None:
+        env = {**os.environ, **settings.to_environment_variables(exclude_unset=True)}
+        server = TemporaryServer({**env, **EPHEMERAL})
+    server.timeout = settings.server.ephemeral.startup_timeout_seconds
+    os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ["PREFECT_UI_URL"] = ""  # no links to a server that stops with the command
+    refresh_global_settings_context()
+    return server

@@ -1,6 +1,6 @@
 """A run's configuration: a preset plus overrides, resolved into the dataclasses the tasks take.
 
-Every default lives on a dataclass field (`mlx_model.config`, `tasks.download.SourceConfig`);
+Every default lives on a dataclass field (`mlx_model.config`, `tasks.source.SourceConfig`);
 the command line and the flow pass only what was given, as overrides by section.
 """
 
@@ -25,8 +25,7 @@ from mlx_model.config import (
     help_text,
 )
 
-from .download import SourceConfig
-from .store import digest_json
+from .source import SourceConfig
 
 SECTIONS: dict[str, type] = {
     "source": SourceConfig,
@@ -90,6 +89,8 @@ class RunConfig:
     @property
     def name(self) -> str:
         """'<preset>-<8 hex digits of the configuration digest>': what ran, at a glance."""
+        from .store import digest_json  # the store imports NumPy: not needed for `--help`
+
         return f"{self.preset}-{digest_json(self.to_dict())[:8]}"
 
 

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import socket
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mlx_model.config import Serializable, option
 from mlx_model.files import atomic_path
 
 from .progress import terminal_bar
+from .source import CANONICAL_URL, TINY_SHAKESPEARE_SHA256, SourceConfig  # noqa: F401
 from .store import ArtifactStore, StageOutput, code_version, finished
 
-CANONICAL_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
-TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 CORPUS = "input.txt"
 CHUNK = 1 << 16
 
@@ -39,34 +33,6 @@ class UnreachableError(OSError):
 
 class TransientDownloadError(OSError):
     """A network failure worth retrying (refused, reset, 5xx, truncated body)."""
-
-
-@dataclass(frozen=True)
-class SourceConfig(Serializable):
-    """Where the corpus comes from and what it must be."""
-
-    source: str = option(CANONICAL_URL, "corpus URL (http, https, file) or local path")
-    sha256: str = option(TINY_SHAKESPEARE_SHA256, "expected SHA-256 of the corpus")
-    max_bytes: int = option(64 * 1024 * 1024, "refuse a larger download (bytes)")
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
-            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
-        if not isinstance(self.max_bytes, int) or self.max_bytes <= 0:
-            raise ValueError(f"max_bytes must be a positive integer, got {self.max_bytes!r}")
-        scheme = urllib.parse.urlsplit(self.source).scheme.lower()
-        if len(scheme) > 1 and scheme not in ("http", "https", "file"):
-            raise ValueError(
-                f"unsupported source scheme {scheme!r} in {self.source!r}: use http, https or file"
-            )
-
-    @property
-    def local_path(self) -> Path | None:
-        """The file a file:// URL or a plain path names (None for http and https)."""
-        parts = urllib.parse.urlsplit(self.source)
-        if parts.scheme.lower() == "file":
-            return Path(urllib.request.url2pathname(parts.path))
-        return Path(self.source) if len(parts.scheme) <= 1 else None
 
 
 def _open(source: str, timeout: float):
@@ -135,6 +101,10 @@ def fetch(
     return size
 
 
+def _mb(done: int, total: int | None) -> str:
+    return f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+
+
 def _retry_transient(task, task_run, state) -> bool:
     return isinstance(state.data, TransientDownloadError | ConnectionError | TimeoutError)
 
@@ -152,7 +122,11 @@ def download_corpus(store: ArtifactStore, corpus: SourceConfig, force: bool = Fa
 
     def compute(directory: Path) -> dict:
         with terminal_bar("download", "download", None) as bar:
-            progress = (lambda done, total: bar(completed=done, total=total)) if bar else None
+            progress = (
+                (lambda done, total: bar(completed=done, total=total, figures=_mb(done, total)))
+                if bar
+                else None
+            )
             size = fetch(
                 corpus.source,
                 directory / CORPUS,

@@ -15,6 +15,7 @@ from mlx_model.evaluate import evaluate
 from mlx_model.files import write_text_atomic
 
 from .prepare import VAL
+from .progress import terminal_bar
 from .store import ArtifactStore, StageOutput, code_version, finished
 from .train import WEIGHTS, best_model
 
@@ -34,9 +35,12 @@ def evaluate_model(
     }
 
     def compute(directory: Path) -> dict:
-        gpt = load_model(best_model(model))
-        val_ids, _ = read_tokens(tokens.file(VAL))
-        result = evaluate(gpt, val_ids)
+        with terminal_bar("evaluate", "evaluate", None) as bar:
+            gpt = load_model(best_model(model))
+            val_ids, _ = read_tokens(tokens.file(VAL))
+            result = evaluate(gpt, val_ids)
+            if bar:
+                bar(figures=f"val_loss {result['val_loss']:.4f}  ({result['tokens']} tokens)")
         write_text_atomic(directory / RESULT, json.dumps(result, indent=2))
         return result
 

@@ -38,8 +38,16 @@ def check_writable_folder(path: Path, what: str) -> None:
         raise ValueError(f"{what} {str(path)!r} exists and is not a folder")
     missing = [p for p in [path.absolute(), *path.absolute().parents] if not p.exists()]
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=path))
+        for attempt in range(3):
+            path.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=path))
+                break
+            except FileNotFoundError:
+                # another run started at the same moment created the folder to probe it
+                # too, and removed it again: create it once more
+                if attempt == 2:
+                    raise
     except OSError as err:
         raise ValueError(f"{what} {str(path)!r} cannot be written: {err.strerror}") from None
     finally:

@@ -16,6 +16,7 @@ from mlx_model.files import write_text_atomic
 from mlx_model.generate import generate_text, stream_text
 
 from .prepare import VOCAB
+from .progress import terminal_bar
 from .store import ArtifactStore, StageOutput, code_version, finished
 from .train import WEIGHTS, best_model
 
@@ -31,12 +32,17 @@ def sample_text(model_dir: Path, vocab: Vocab, cfg: SampleConfig, stream: bool =
     if not stream:
         return generate_text(gpt, vocab, cfg)
     pieces = [cfg.prompt]
-    sys.stdout.write(f"----- sample -----\n{cfg.prompt}")
-    for piece in stream_text(gpt, vocab, cfg):
-        pieces.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    with terminal_bar("sample", "sample", cfg.max_tokens) as bar:
+        sys.stdout.write(f"----- sample -----\n{cfg.prompt}")
+        for piece in stream_text(gpt, vocab, cfg):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            if not bar:  # under the live bars stdout goes through them, a line at a time
+                sys.stdout.flush()
+            if bar:
+                chars = sum(map(len, pieces)) - len(cfg.prompt)  # one token per character
+                bar(completed=chars, figures=f"{chars}/{cfg.max_tokens} characters")
+        sys.stdout.write("\n")
     return "".join(pieces)
 
 

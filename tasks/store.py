@@ -27,14 +27,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prefect.client.schemas.objects import State
-from prefect.context import TaskRunContext
-from prefect.states import Completed
-
-from mlx_model.data import file_sha256
 from mlx_model.files import write_text_atomic
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import State
 
 ENV_ROOT = "SHAKESPEARE_GPT_ARTIFACTS"
 DEFAULT_ROOT = "artifacts"
@@ -107,6 +105,7 @@ def _source_files(module: str) -> frozenset[Path]:
     return frozenset(files)
 
 
+@functools.cache  # every stage's key walks the same modules: each is parsed once
 def _imports(path: Path, package: str) -> list[str]:
     """The absolute names `path` imports (modules, or names that may be modules)."""
     names = []
@@ -182,6 +181,8 @@ class ArtifactStore:
 
     def lookup(self, stage: str, key: str) -> StageOutput | None:
         """The finished output for (stage, key), or None if absent, incomplete or corrupted."""
+        from mlx_model.data import file_sha256  # NumPy and Arrow: not for the command line's checks
+
         directory = self.stage_dir(stage, key)
         meta_path = directory / META
         if not meta_path.exists():
@@ -233,6 +234,8 @@ class ArtifactStore:
             missing = [name for name in outputs if not (directory / name).exists()]
             if missing:
                 raise RuntimeError(f"stage {stage!r} did not write {missing}")
+            from mlx_model.data import file_sha256
+
             files = {name: file_sha256(directory / name) for name in outputs}
             info = {**info, "seconds": round(time.time() - started, 3)}
             meta = {
@@ -264,6 +267,11 @@ def finished(output: StageOutput) -> StageOutput | State:
     completed state named `Cached` whose message names the run that produced it and its
     folder, so the UI shows reused stages as such; the flow takes the output back with
     `output_of`."""
+    # Prefect is imported here, not above: the command line reads `default_root` and
+    # `digest_json` before it decides whether Prefect is needed at all
+    from prefect.context import TaskRunContext
+    from prefect.states import Completed
+
     if not output.cached or TaskRunContext.get() is None:
         return output
     message = f"reused from run {output.produced_by} ({output.path})"
@@ -272,4 +280,4 @@ def finished(output: StageOutput) -> StageOutput | State:
 
 def output_of(result: StageOutput | State) -> StageOutput:
     """The StageOutput a stage's task returned (see `finished`)."""
-    return result.result() if isinstance(result, State) else result
+    return result if isinstance(result, StageOutput) else result.result()

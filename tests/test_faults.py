@@ -272,3 +272,22 @@ def test_prefect_api_going_away_mid_run(tmp_path, corpus_path, corpus_sha, prefe
     assert cached["download"] and cached["vocab"] and cached["tokenize"]
     m = metrics(artifacts)
     assert cached["train"] or m["resumed_from"] is not None  # finished, or resumed: not redone
+
+
+def test_an_artifact_root_removed_by_a_concurrent_check_is_created_again(tmp_path, monkeypatch):
+    """Two runs started together both create a missing root to probe it, and each removes
+    what it created: the one whose folder vanished before its probe creates it again."""
+    from tasks import preflight
+
+    root = tmp_path / "shared"
+    real, calls = preflight.tempfile.mkdtemp, []
+
+    def other_run_removed_it(**kwargs):
+        calls.append(kwargs["dir"])
+        if len(calls) == 1:
+            root.rmdir()  # what the other run's cleanup does
+        return real(**kwargs)
+
+    monkeypatch.setattr(preflight.tempfile, "mkdtemp", other_run_removed_it)
+    preflight.check_writable_folder(root, "artifact root")
+    assert len(calls) == 2 and not root.exists()  # probed twice; cleaned up as before
