@@ -1,8 +1,10 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename."""
+"""Atomic file writes (write to a temporary name in the same folder, then rename), and an
+exclusive lock file."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import uuid
 from collections.abc import Iterator
@@ -36,3 +38,17 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
 def write_text_atomic(path: os.PathLike | str, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def locked(path: os.PathLike | str) -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on the file `path`, created with its folder
+    if missing; other processes that ask for it wait."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

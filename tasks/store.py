@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -29,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlx_model.files import write_text_atomic
+from mlx_model.files import locked, write_text_atomic
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import State
@@ -170,14 +169,8 @@ class ArtifactStore:
     @contextlib.contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
         """Hold an exclusive advisory lock on (stage, key) so two runs never compute it at once."""
-        lock_dir = self.root / ".locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / f"{stage}-{key[:16]}.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with locked(self.root / ".locks" / f"{stage}-{key[:16]}.lock"):
+            yield
 
     def lookup(self, stage: str, key: str) -> StageOutput | None:
         """The finished output for (stage, key), or None if absent, incomplete or corrupted."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..files import locked
 from .build import cache_dir
 
 ENV = "MLX_PTX_CACHE_DIR"
@@ -95,14 +95,8 @@ class KernelCache:
     @contextlib.contextmanager
     def lock(self, signature: dict[str, Any]) -> Iterator[None]:
         """Hold the shared cache's lock for `signature` (one warm-up compiles it at a time)."""
-        folder = self.shared / WARM
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{_digest(signature)}.lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with locked(self.shared / WARM / f"{_digest(signature)}.lock"):
+            yield
 
     def close(self) -> None:
         """Publish, then remove the private folder."""
