@@ -5,6 +5,7 @@ no number in the cache key, and an error naming the store's copy instead of the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -190,12 +191,19 @@ def test_os_errors_a_user_can_act_on_get_one_line_naming_stage_path_and_free_spa
 
 @pytest.fixture
 def file_size_limit():
-    """A real OS refusal without root: writes past RLIMIT_FSIZE fail with EFBIG."""
+    """A real OS refusal without root: writes past RLIMIT_FSIZE fail with EFBIG. The limit
+    holds only inside `with file_size_limit(n):`, since it binds every file the process
+    writes (pytest's own report, when its output goes to a file, too)."""
     old = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
-    def limit(n: int) -> None:
+    @contextlib.contextmanager
+    def limit(n: int):
         resource.setrlimit(resource.RLIMIT_FSIZE, (n, old[1]))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old)
 
     try:
         yield limit
@@ -211,14 +219,14 @@ def test_a_stage_that_cannot_write_is_one_line_and_the_rerun_reuses_what_finishe
             "--source", str(corpus_path), "--sha256", corpus_sha]  # fmt: skip
     assert main(["stage", "download", *args[2:]]) == 0
     capsys.readouterr()
-    file_size_limit(100_000)  # the corpus (1.1 MB) is stored; its tokens cannot be
-    assert main(args) == 1
+    with file_size_limit(100_000):  # the corpus (1.1 MB) is stored; its tokens cannot be
+        code = main(args)
+    assert code == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: stage 'tokenize' stopped: {tmp_path}/tokenize/")
     assert "File too large; raise the file size limit (ulimit -f)" in err
     assert not list(tmp_path.glob("tokenize/*/meta.json"))
-    file_size_limit(resource.RLIM_INFINITY)
     assert main(args) == 0
     assert '"download": true, "vocab": true, "tokenize": false' in capsys.readouterr().out
 
@@ -229,8 +237,7 @@ def test_a_safetensors_write_refused_by_the_os_is_an_oserror_naming_the_file(
     from mlx_model.checkpoint import save_model
     from mlx_model.model import GPT
 
-    file_size_limit(1000)
-    with pytest.raises(OSError) as info:
+    with file_size_limit(1000), pytest.raises(OSError) as info:
         save_model(tmp_path, GPT(CFG))
     assert info.value.errno == errno.EFBIG and info.value.filename == str(
         tmp_path / "model.safetensors"
@@ -365,8 +372,8 @@ def test_an_export_refused_by_the_os_is_an_oserror_naming_the_file(tmp_path, fil
     from mlx_model.export import export_hf
     from mlx_model.model import GPT
 
-    file_size_limit(1000)  # MLX's own writer said only "[write] Unable to write N bytes"
-    with pytest.raises(OSError) as info:
+    # MLX's own writer said only "[write] Unable to write N bytes"
+    with file_size_limit(1000), pytest.raises(OSError) as info:
         export_hf(GPT(CFG), tmp_path)
     assert info.value.errno == errno.EFBIG and info.value.filename == str(
         tmp_path / "model.safetensors"
