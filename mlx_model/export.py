@@ -40,6 +40,17 @@ TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 GENERATION_CONFIG = "generation_config.json"
 MODEL_CARD = "README.md"
+# everything `export_hf` writes (a folder holding other files of these names is refused)
+EXPORT_FILES = (HF_WEIGHTS, HF_CONFIG, TOKENIZER, TOKENIZER_CONFIG, GENERATION_CONFIG, MODEL_CARD)
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds an earlier export (its weights and a GPT-2 config.json)."""
+    try:
+        config = json.loads((folder / HF_CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / HF_WEIGHTS).is_file() and config.get("model_type") == "gpt2"
 
 
 def export_blockers(model: GPT) -> list[str]:

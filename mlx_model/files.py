@@ -10,6 +10,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+_UMASK = os.umask(0o022)  # read once, at import (reading it means setting it)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
@@ -25,6 +28,8 @@ def atomic_path(path: os.PathLike | str) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        # as a plain open() would make it: some writers (safetensors) create 0600 files
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except OSError as err:
         if err.filename in (None, str(tmp)):  # a failed write() names no file: name the one meant

@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .checkpoint import load_model
 from .config import SampleConfig, ServeConfig
@@ -262,13 +263,17 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     if err.get("type") == "json_invalid":
         param, message = None, f"the request body is not valid JSON: {err.get('msg')}"
     elif not loc:
-        param, message = None, "the request body must be a JSON object"
+        param, message = (
+            None,
+            ("the request body must be a JSON object, sent as Content-Type: application/json"),
+        )
     else:
         param = loc[0]
         where = param + "".join(f"[{p}]" for p in loc[1:] if p.isdigit())
         message = f"{where}: {err.get('msg')}"
         if err.get("type") == "extra_forbidden":
-            message = f"{param}: not a field of this API (unknown or unsupported)"
+            field = ".".join(p for p in loc if not p.isdigit())  # stream_options.foo
+            message = f"{field}: not a field of this API (unknown or unsupported)"
         elif err.get("type") == "literal_error":
             message = f"{param}: only {err.get('ctx', {}).get('expected')} is supported here"
         elif "input" in err and err["type"] != "missing":
@@ -286,6 +291,13 @@ def create_app(generator: Generator, model_id: str, defaults: SampleConfig, serv
     @app.exception_handler(RequestValidationError)
     async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """404 and 405 in OpenAI's error body too (`/v1/chat/completions` is not served)."""
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        body = error_body(message, "invalid_request_error")
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, exc: BadRequest) -> JSONResponse:

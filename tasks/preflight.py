@@ -27,8 +27,21 @@ def check_run(config: RunConfig, artifacts: str | None) -> None:
 
 
 def check_export_target(out: str) -> None:
-    """Raise ValueError if `out` cannot become the export folder."""
-    check_writable_folder(Path(out), "export target")
+    """Raise ValueError if `out` cannot become the export folder: not writable, or holding
+    files the export would overwrite (a README.md, a config.json) that are not an earlier
+    export's. Other files, hidden ones (a Hub clone's .git) and an earlier export are fine."""
+    path = Path(out)
+    check_writable_folder(path, "export target")
+    if not path.is_dir():
+        return
+    from mlx_model.export import EXPORT_FILES, is_export
+
+    clash = [name for name in EXPORT_FILES if (path / name).exists()]
+    if clash and not is_export(path):
+        raise ValueError(
+            f"export target {out!r} already holds {', '.join(clash)}, not from an earlier "
+            "export: the export would overwrite them; pass a new or empty folder"
+        )
 
 
 def check_writable_folder(path: Path, what: str) -> None:

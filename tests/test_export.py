@@ -4,6 +4,7 @@ ids) and runs the text-generation pipeline; the model card states the validation
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -137,3 +138,25 @@ def test_model_card_states_data_configuration_and_validation_loss(hub_export):
     assert config["model"]["block_size"] == 128 and config["training"]["max_iters"] == 30
     assert f"**{evaluation['val_loss']:.4f}** nats per character" in card.text
     assert "/" not in card.text.split("Data: Tiny Shakespeare (")[1].split(";")[0]  # no path
+
+
+def test_an_export_never_overwrites_files_that_are_not_an_earlier_export(tmp_path):
+    """Exporting into a project folder replaced its README.md with the model card."""
+    from tasks.preflight import check_export_target
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "README.md").write_text("# my project\n")
+    (folder / "notes.txt").write_text("mine\n")
+    with pytest.raises(ValueError, match="already holds README.md, not from an earlier export"):
+        check_export_target(str(folder))
+    (folder / "README.md").unlink()
+    check_export_target(str(folder))  # other files are left alone
+    export_hf(GPT(CONFIGS[0]), folder)
+    (folder / ".git").mkdir()  # a Hub clone
+    check_export_target(str(folder))  # an earlier export is updated in place
+    assert (folder / "notes.txt").read_text() == "mine\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):  # readable as any file the user writes
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
