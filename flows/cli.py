@@ -19,7 +19,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # `--verbose` sets it back (see `main`)
 DASK_LOGGING = "DASK_LOGGING__DISTRIBUTED"
 DASK_QUIETED = DASK_LOGGING not in os.environ
-os.environ.setdefault(DASK_LOGGING, "warning")
+os.environ.setdefault(DASK_LOGGING, "error")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -382,6 +382,21 @@ def serve(args: argparse.Namespace, params: dict[str, Any]) -> int:
     return 0
 
 
+def complain(text: str) -> None:
+    """Print an error to stderr; on a terminal each line wrapped between words (a word
+    longer than the line, a path, is kept whole)."""
+    if sys.stderr.isatty():
+        import shutil
+        import textwrap
+
+        width = shutil.get_terminal_size().columns
+        text = "\n".join(
+            textwrap.fill(line, width, break_long_words=False, break_on_hyphens=False) or line
+            for line in text.splitlines()
+        )
+    print(text, file=sys.stderr)
+
+
 def say(text: str, path: bool = False) -> None:
     """Print a line to stdout; on a terminal wrapped between words (a `path` is never cut,
     so that it can be copied whole)."""
@@ -542,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         if debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        complain(f"error: {err}")
         return 2
     if args.verbose and DASK_QUIETED:
         os.environ[DASK_LOGGING] = "info"
@@ -573,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         line, code = interrupted(err)
-        print(line, file=sys.stderr)
+        complain(line)
         return code
     except Exception as err:
         from prefect.settings import PREFECT_API_URL
@@ -599,12 +614,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 3
         if (line := failure_line(err)) is not None and not debug:
-            print(f"error: {line}", file=sys.stderr)
+            complain(f"error: {line}")
             return 1
         message = explain(err, args)
         if message is None or debug:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        complain(f"error: {message}")
         return 2
 
 

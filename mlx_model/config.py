@@ -172,6 +172,8 @@ class TrainConfig(Serializable):
             ("batch_size", "max_iters", "eval_interval", "eval_batches", "checkpoint_interval"),
         )
         _check_positive(self, ("log_interval",))
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.patience, int) or self.patience < 0:
             raise ValueError(f"TrainConfig.patience must be an integer >= 0, got {self.patience!r}")
         if self.warmup_iters < 0:

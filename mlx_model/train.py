@@ -54,14 +54,16 @@ class TrainingDiverged(ArithmeticError):
     """The loss became NaN or infinite at `step`: the weights are lost from there on.
     Nothing is marked finished; `best/` holds only finite, better-than-before models."""
 
-    def __init__(self, step: int, loss: float, learning_rate: float):
-        super().__init__(step, loss, learning_rate)  # args: what pickling rebuilds it from
+    def __init__(self, step: int, loss: float, learning_rate: float, grad_clip: float = 0.0):
+        super().__init__(step, loss, learning_rate, grad_clip)  # what pickling rebuilds it from
         self.step, self.loss, self.learning_rate = step, loss, learning_rate
+        self.grad_clip = grad_clip
 
     def __str__(self) -> str:
+        clip = "" if self.grad_clip > 0 else ", or grad_clip > 0"
         return (
             f"training diverged at step {self.step}: loss {self.loss}; try a lower "
-            f"learning_rate (it is {self.learning_rate:g}), more warmup_iters, or grad_clip > 0"
+            f"learning_rate (it is {self.learning_rate:g}), more warmup_iters{clip}"
         )
 
 
@@ -339,7 +341,9 @@ class Progress:
     lr: float = 0.0
     tokens_per_sec: float = 0.0
     elapsed: float = 0.0
-    kind: str = "log"  # "log" every log_interval, "eval" after an evaluation, "done" at the end
+    kind: str = "log"  # "log" every log_interval, "eval" after an evaluation, "done" at the
+    # end, "resume" once before the first step of a run that resumes from a checkpoint
+    start: int = 0  # the step this process started from (elapsed counts from there)
 
 
 @dataclass
@@ -563,6 +567,8 @@ def train(
     stopped = _patience_spent(tc, history, best["step"])
     spent = {"eval": 0.0, "checkpoints": 0.0}
     done = start
+    if state is not None:
+        report(Progress(start, tc.max_iters, kind="resume", start=start))
     model.train()
     files = CheckpointWriter()  # rank 0 writes; checkpoints are on disk when this returns
     # several processes must stop at one step: under mlx.launch a signal ends them all
@@ -584,7 +590,7 @@ def train(
                 mean_loss = mean.item()  # the only host sync between estimates
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(
-                        *_first_non_finite(losses, done, mean_loss), tc.learning_rate
+                        *_first_non_finite(losses, done, mean_loss), tc.learning_rate, tc.grad_clip
                     )
                 losses.clear()
                 now = time.perf_counter()
@@ -594,7 +600,9 @@ def train(
                 train_log.append(
                     {"step": done, "train_loss": mean_loss, "lr": lr, "tokens_per_sec": tps}
                 )
-                report(Progress(done, tc.max_iters, mean_loss, None, lr, tps, now - t0))
+                report(
+                    Progress(done, tc.max_iters, mean_loss, None, lr, tps, now - t0, start=start)
+                )
             if done % tc.eval_interval == 0 or done == tc.max_iters:
                 e0 = time.perf_counter()
                 model.eval()
@@ -607,7 +615,8 @@ def train(
                 model.train()
                 for split in ("train", "val"):
                     if not math.isfinite(record[f"{split}_loss"]):
-                        raise TrainingDiverged(done, record[f"{split}_loss"], tc.learning_rate)
+                        loss = record[f"{split}_loss"]
+                        raise TrainingDiverged(done, loss, tc.learning_rate, tc.grad_clip)
                 steps.after_estimate()
                 record["elapsed"] = time.perf_counter() - t0  # since this process started training
                 history.append(record)

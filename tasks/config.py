@@ -74,6 +74,11 @@ class RunConfig:
                 raise ValueError(
                     f"unknown configuration section {section!r}; choose one of {list(SECTIONS)}"
                 )
+            if section == "model" and "vocab_size" in changes:
+                raise ValueError(
+                    "model.vocab_size is set from the corpus's vocabulary; it cannot be "
+                    f"overridden (got {changes['vocab_size']!r})"
+                )
             fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
             unknown = sorted(set(changes) - fields)
             if unknown:

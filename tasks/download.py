@@ -96,6 +96,7 @@ def fetch(
         if h.hexdigest() != sha256:
             raise ChecksumError(
                 f"checksum mismatch for {source}: expected sha256 {sha256}, got {h.hexdigest()}"
+                " (a corpus of your own: pass --sha256 with the digest it got)"
             )
         out.flush()
     return size

@@ -23,6 +23,8 @@ def check_run(config: RunConfig, artifacts: str | None) -> None:
     local = config.source.local_path
     if local is not None and not local.is_file():
         raise ValueError(f"corpus source {config.source.source!r} is not a file")
+    if artifacts is not None and not artifacts.strip():  # Path("") is the current folder
+        raise ValueError(f"artifact root must name a folder, got {artifacts!r}")
     check_writable_folder(Path(artifacts) if artifacts else default_root(), "artifact root")
 
 
@@ -30,6 +32,8 @@ def check_export_target(out: str) -> None:
     """Raise ValueError if `out` cannot become the export folder: not writable, or holding
     files the export would overwrite (a README.md, a config.json) that are not an earlier
     export's. Other files, hidden ones (a Hub clone's .git) and an earlier export are fine."""
+    if not out.strip():
+        raise ValueError(f"export target must name a folder, got {out!r}")
     path = Path(out)
     check_writable_folder(path, "export target")
     if not path.is_dir():

@@ -163,8 +163,10 @@ def training_reporter(max_iters: int, description: str) -> Iterator[Any]:
                     p.lr,
                     p.tokens_per_sec,
                 )
-            elif p.kind == "log":
-                remaining = (p.max_iters - p.step) * (p.elapsed / max(p.step, 1))
+            elif p.kind == "resume":
+                logger.info("resuming from step %d (the latest checkpoint)", p.step)
+            elif p.kind == "log":  # elapsed counts from the step this process started at
+                remaining = (p.max_iters - p.step) * (p.elapsed / max(p.step - p.start, 1))
                 logger.info(
                     "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  ~%.0f s left",
                     p.step,

@@ -80,6 +80,11 @@ def train_model(
     parallel = parallel or ParallelConfig()
     v = Vocab.load(vocab.file(VOCAB))
     cfg = model.replace(vocab_size=v.size)
+    if ops.native_build_pending(training.compute_dtype):
+        stage_logger().info(
+            "building the native CPU kernels with the C++ compiler (once for this MLX "
+            "install; 10 to 30 s on 2 cores)"
+        )
     with ops.use(lanes=rank_lanes(parallel)):
         signature = ops.signature(training.compute_dtype)
     key = train_key(tokens, vocab, cfg, training, parallel, signature)

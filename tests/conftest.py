@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -123,3 +124,25 @@ def hub_export(tmp_path_factory, corpus_path, corpus_sha, prefect_harness) -> di
         "manifest": manifest,
         "args": args,
     }
+
+
+@pytest.fixture(autouse=True)
+def prefect_console_on_this_tests_stderr():
+    """Prefect's console handlers keep the stream that was sys.stderr when its logging was
+    set up (the CLI's `main` sets it up): under pytest, an earlier test's capture, closed
+    by now, so a later test's log line recursed in logging's error handler. Each test's
+    handlers write to that test's stderr."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [
+        logging.getLogger(),
+        *map(logging.getLogger, list(logging.root.manager.loggerDict)),
+    ]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.console.file = sys.stderr
+                if hasattr(handler, "stream"):
+                    handler.stream = sys.stderr
+    yield

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -386,3 +387,55 @@ def test_a_checkpoint_cut_short_by_a_kill_says_so_before_training_restarts(tmp_p
     (tmp_path / LATEST / "state.json").unlink()  # written last: killed before it
     with pytest.warns(UserWarning, match=r"not resuming: .*latest has no state.json"):
         assert train(CFG, tc, ids(), ids(), tmp_path).resumed_from is None
+
+
+def test_a_resumed_run_says_so_and_estimates_its_time_left_from_its_own_steps(tmp_path):
+    """After a resume the time left was the whole run's steps at the rate of the steps
+    since the resume (~4 s left for some 100 s of work), and nothing said it resumed."""
+    tc = TINY.train.replace(max_iters=40, eval_interval=10, checkpoint_interval=10, log_interval=5)
+    train(CFG, tc, ids(), ids(), tmp_path, stop_after=20)
+    seen = []
+    train(CFG, tc, ids(), ids(), tmp_path, callback=seen.append)
+    assert seen[0].kind == "resume" and seen[0].step == 20
+    logs = [p for p in seen if p.kind == "log"]
+    assert logs and all(p.start == 20 for p in logs)
+
+    from tasks.progress import training_reporter
+
+    lines = []
+    with training_reporter(40, "train") as report:
+        logger = logging.getLogger("shakespeare_gpt")
+        handler = logging.Handler()
+        handler.emit = lambda record: lines.append(record.getMessage())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            report(seen[0])
+            report(dataclasses.replace(logs[0], step=30, elapsed=10.0))  # 10 steps in 10 s
+        finally:
+            logger.removeHandler(handler)
+    assert lines[0] == "resuming from step 20 (the latest checkpoint)"
+    assert lines[1].endswith("~10 s left"), lines[1]  # 10 steps left at a step a second
+
+
+def test_the_divergence_hint_names_only_settings_that_would_change_something():
+    with_clip = str(TrainingDiverged(8, math.nan, 1e4, 1.0))
+    assert "learning_rate (it is 10000)" in with_clip and "grad_clip" not in with_clip
+    assert "or grad_clip > 0" in str(TrainingDiverged(8, math.nan, 1e4, 0.0))
+
+
+def test_a_first_build_of_the_native_kernels_is_announced(tmp_path):
+    """The first run sat silent for 25-30 s while the C++ kernels compiled."""
+    probe = (
+        "import mlx_model; from mlx_model import ops; print(ops.native_build_pending('float32'))"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("SHAKESPEARE_GPT_OPS", None)
+    fresh = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        assert fresh.stdout.strip() == "False"  # nothing will be built
+    else:
+        assert fresh.stdout.strip() == "True", fresh.stderr
+    env["SHAKESPEARE_GPT_OPS"] = "reference"
+    chosen = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert chosen.stdout.strip() == "False"

@@ -87,6 +87,18 @@ def _choose(cpu_float32: bool, training: bool, setting: str, lanes: int) -> Refe
     return native.Native(training, lanes, ext) if ext is not None else Cpu(training, lanes)
 
 
+def native_build_pending(dtype: str) -> bool:
+    """Whether choosing the backend for `dtype` here will first compile the native CPU
+    kernels (10 to 30 s on 2 cores, once per MLX install): worth a line before it starts."""
+    on_cpu = mx.default_device() == mx.cpu
+    return (
+        on_cpu
+        and dtype == "float32"
+        and _setting()[0] in ("auto", "native")
+        and (native.needs_build())
+    )
+
+
 def signature(dtype: str, training: bool = True) -> dict[str, Any]:
     """What decides the numbers a run computes: MLX's version, device, backend, lane count."""
     chosen = backend(getattr(mx, dtype), training)

@@ -31,6 +31,7 @@ import sys
 import sysconfig
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -80,6 +81,22 @@ def _load_once() -> ModuleType | None:
 
 def build() -> Path:
     """The cached extension library, compiled if missing; BuildError says why it cannot be."""
+    lib, compile_and_link = _planned()
+    return lib if lib.exists() else build_cached(lib, compile_and_link)
+
+
+def needs_build() -> bool:
+    """Whether `build()` would compile (the first use for this MLX install and compiler)."""
+    if not sys.platform.startswith("linux") or _load_once.cache_info().currsize:
+        return False
+    try:
+        return not _planned()[0].exists()
+    except BuildError:
+        return False
+
+
+def _planned() -> tuple[Path, Callable[[Path], Path]]:
+    """The cached library's path and the function that builds it into a folder."""
     try:
         import nanobind
     except ImportError as err:
@@ -128,8 +145,6 @@ def build() -> Path:
         ).encode()
     ).hexdigest()[:16]
     lib = cache_dir() / f"{MODULE}-{key}{suffix}"
-    if lib.exists():
-        return lib
 
     def compile_and_link(tmp: Path) -> Path:
         nb_obj, our_obj, out = tmp / "nb.o", tmp / "ours.o", tmp / "ext.so"
@@ -144,7 +159,7 @@ def build() -> Path:
         run_compilers([link], BUILD_TIMEOUT_S, BuildError)
         return out
 
-    return build_cached(lib, compile_and_link)
+    return lib, compile_and_link
 
 
 def _import(lib: Path) -> ModuleType:
