@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,19 +98,45 @@ def save_train_state(
     `taken` (a `snapshot`: no MLX call, any thread) if given, else from the model and
     optimiser as they are.
 
-    `state.json` is written last and records the other files' SHA-256; a checkpoint
-    without it is incomplete and ignored, one whose files differ from it is refused.
+    The checkpoint is written whole into `<directory>.new/` (`state.json` last, recording
+    the other files' SHA-256), then swapped in by two renames, so a process killed at any
+    moment leaves a complete checkpoint, the old one or the new one (`recover` finds it).
+    A checkpoint without `state.json` is incomplete and ignored, one whose files differ
+    from it is refused.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / STATE).unlink(missing_ok=True)
+    fresh, old = _sibling(directory, "new"), _sibling(directory, "old")
+    recover(directory)  # a swap an earlier kill cut short is finished first
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
     taken = taken or snapshot(model, optimizer)
-    save_model(directory, model, taken["weights"])
-    opt_state = taken["opt_state"]
-    with atomic_path(directory / OPTIMIZER) as tmp:
-        save_arrays(opt_state, tmp)
-    files = {name: file_sha256(directory / name) for name in (WEIGHTS, CONFIG, OPTIMIZER)}
-    write_text_atomic(directory / STATE, json.dumps({**state, "files": files}, indent=2))
+    save_model(fresh, model, taken["weights"])
+    with atomic_path(fresh / OPTIMIZER) as tmp:
+        save_arrays(taken["opt_state"], tmp)
+    files = {name: file_sha256(fresh / name) for name in (WEIGHTS, CONFIG, OPTIMIZER)}
+    write_text_atomic(fresh / STATE, json.dumps({**state, "files": files}, indent=2))
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(fresh, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sibling(directory: Path, tag: str) -> Path:
+    return directory.with_name(f"{directory.name}.{tag}")
+
+
+def recover(directory: Path) -> None:
+    """Finish a checkpoint swap a kill cut short: with `directory` gone, the complete one
+    of `<directory>.new` and `<directory>.old` (in that order) takes its place."""
+    directory = Path(directory)
+    if directory.exists():
+        return
+    for tag in ("new", "old"):
+        candidate = _sibling(directory, tag)
+        if (candidate / STATE).exists():
+            os.replace(candidate, directory)
+            return
 
 
 def load_train_state(
@@ -120,6 +147,7 @@ def load_train_state(
     Returns its state dict, or None when there is no complete checkpoint.
     """
     directory = Path(directory)
+    recover(directory)
     if not (directory / STATE).exists():
         return None
     try:

@@ -95,7 +95,8 @@ def train_model(
 
     def compute(directory: Path) -> dict:
         if force:
-            shutil.rmtree(directory / LATEST, ignore_errors=True)
+            for folder in (LATEST, f"{LATEST}.new", f"{LATEST}.old"):  # and a cut-short swap
+                shutil.rmtree(directory / folder, ignore_errors=True)
         stage_logger().info("training on %s", ", ".join(f"{k} {v}" for k, v in runtime.items()))
         train_path, val_path = tokens.file(TRAIN), tokens.file(VAL)
         with training_reporter(training.max_iters, f"training {directory.name}") as report:

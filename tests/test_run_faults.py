@@ -381,6 +381,21 @@ def test_an_export_refused_by_the_os_is_an_oserror_naming_the_file(tmp_path, fil
     )
 
 
+@pytest.mark.parametrize("left", ["new", "old"])
+def test_a_kill_at_any_moment_of_a_checkpoint_write_leaves_one_to_resume_from(tmp_path, left):
+    """A sweep worker SIGKILLed while writing latest/ lost it (state.json was removed
+    first): the rerun trained from step 0. Now a checkpoint is written into latest.new/
+    and swapped in by renames; a kill between them leaves latest.new/ or latest.old/."""
+    tc = TINY.train.replace(max_iters=40, eval_interval=5, checkpoint_interval=10)
+    whole = train(CFG, tc, ids(), ids(), tmp_path / "whole")
+    train(CFG, tc, ids(), ids(), tmp_path, stop_after=20)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(LATEST)) == [LATEST]
+    os.replace(tmp_path / LATEST, tmp_path / f"{LATEST}.{left}")  # killed between the renames
+    resumed = train(CFG, tc, ids(), ids(), tmp_path)
+    assert resumed.resumed_from == 20
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in whole.history]
+
+
 def test_a_checkpoint_cut_short_by_a_kill_says_so_before_training_restarts(tmp_path):
     tc = TINY.train.replace(max_iters=40, eval_interval=5, checkpoint_interval=20)
     train(CFG, tc, ids(), ids(), tmp_path, stop_after=20)
