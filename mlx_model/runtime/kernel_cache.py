@@ -63,10 +63,6 @@ class KernelCache:
         state = "cold: kernels compile at first use" if self.cold else "warm"
         return f"{self.shared} ({self.modules_at_start} modules, {state})"
 
-    def compiled_here(self) -> int:
-        """Modules this process compiled that the shared cache did not have."""
-        return sum(1 for rel in _modules(self.private) if not (self.shared / rel).exists())
-
     def refresh(self) -> int:
         """Copy in the modules other processes published since this one started; returns
         how many."""
