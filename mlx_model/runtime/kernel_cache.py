@@ -112,14 +112,15 @@ def _digest(signature: dict[str, Any]) -> str:
 def _modules(folder: Path) -> list[Path]:
     """Relative paths of the complete modules (`.ptx` files) under `folder`, staging and
     bookkeeping folders left out."""
-    if not folder.is_dir():
-        return []
     found = []
-    for path in folder.rglob("*" + MODULE_SUFFIX):
-        rel = path.relative_to(folder)
-        if rel.parts[0] in (STAGING, WARM) or rel.name.startswith(".tmp-"):
-            continue
-        found.append(rel)
+    # os.walk, not rglob: other processes' private folders under .staging come and go
+    # (rglob raised when one vanished mid-walk); they are pruned here, never entered
+    for top, dirs, files in os.walk(folder):
+        if Path(top) == folder:
+            dirs[:] = [d for d in dirs if d not in (STAGING, WARM)]
+        for name in files:
+            if name.endswith(MODULE_SUFFIX) and not name.startswith(".tmp-"):
+                found.append(Path(top, name).relative_to(folder))
     return found
 
 
