@@ -4,6 +4,7 @@ the target in a timestamped log, the steady throughput, the ratios, the argument
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,21 @@ def test_scaling_speedups_are_over_the_same_rounds_one_gpu_run(tmp_path, capsys)
     assert "--gpus must be whole numbers separated by commas, got '1,two'" in (
         capsys.readouterr().err
     )
+
+
+def test_the_race_waits_for_the_cold_runs_warm_up_before_warm_rounds(tmp_path):
+    """Warm rounds must find every kernel cached: the wait ends when the warm-up child
+    records a marker (lock files and temp files do not count), and is skipped where no
+    warm-up ran."""
+    cache = tmp_path / "mlx"
+    assert gpu_race.wait_for_warm_up(cache, timeout=5) is None  # no warm-up started
+    (cache / ".warmup").mkdir(parents=True)
+    (cache / ".warm").mkdir()
+    (cache / ".warm" / "abc.lock").write_text("")
+    (cache / ".warm" / ".tmp-1-abc").write_text("")
+    assert gpu_race.wait_for_warm_up(cache, timeout=1) is None  # not finished in time
+    timer = threading.Timer(1.0, lambda: (cache / ".warm" / "abc").write_text("{}"))
+    timer.start()
+    waited = gpu_race.wait_for_warm_up(cache, timeout=30)
+    timer.join()
+    assert waited is not None and 0.5 <= waited < 30
