@@ -305,22 +305,30 @@ class StepFunctions:
             compile_now = self.warmup.ready if self.warmup else None
         self._compile_now = compile_now
         self.compiled_from: int | None = None
+        self.layers_from: int | None = None  # uncompiled steps with MLX's layers compiled
+        step, loss_sum = (
+            make_step(model, optimizer, tc, dtype, group, compiled=False),
+            make_loss_sum(model, dtype, compiled=False),
+        )
         self._fns = {
             True: (make_step(model, optimizer, tc, dtype, group), make_loss_sum(model, dtype)),
-            False: (
-                make_step(model, optimizer, tc, dtype, group, compiled=False),
-                _without_compile(make_loss_sum(model, dtype, compiled=False)),
-            ),
+            False: (step, _without_compile(loss_sum)),
+            # until the warm-up child has cached the kernels of MLX's own compiled layers
+            "plain": (_without_compile(step), _without_compile(loss_sum)),
+            # after: the uncompiled step and estimate with those layers compiled (loaded)
+            "layers": (step, loss_sum),
         }
         self._recorded = False
 
     def at(self, step: int) -> tuple[Callable, Callable]:
         """(step function, loss-sum function) for training step `step` (0-based).
 
-        The functions MLX compiles inside its own layers (`nn.gelu_approx`) stay compiled
-        while the step is not: with `mx.disable_compile` the uncompiled phase reached its
-        first steps 4 to 5 s sooner on an H200 but ran 18% fewer tokens/s, and reached 1.47
-        no sooner (docs/runs/gpu11-cold-warmup*.log)."""
+        Uncompiled, the functions MLX compiles inside its own layers (`nn.gelu_approx`)
+        run compiled once a warm-up child has cached their kernels, and op by op before:
+        compiling them in the run held its first steps back 4 to 5 s on an H200, and op by
+        op they ran 18% fewer tokens/s (docs/runs/gpu11-cold-warmup*.log). Without a
+        warm-up child (`compile_now` given), the step compiles them in the run and the
+        estimate does not (its own GELU kernel cost about 8 s of a cold run's first one)."""
         if self.compiled_from is None and (self._compile_now is None or self._compile_now()):
             self.compiled_from = step
             if self.warmup is not None and self.warmup.failed:
@@ -328,7 +336,15 @@ class StepFunctions:
                     f"the kernel warm-up failed; compiling in the run: {self.warmup.failed}",
                     stacklevel=2,
                 )
-        return self._fns[self.compiled_from is not None]
+        if self.compiled_from is not None:
+            return self._fns[True]
+        if self.warmup is None:
+            return self._fns[False]
+        if self.warmup.eager_ready():
+            if self.layers_from is None:
+                self.layers_from = step
+            return self._fns["layers"]
+        return self._fns["plain"]
 
     def after_estimate(self) -> None:
         """At a sync point: share the kernels compiled so far, and once a compiled step
@@ -375,6 +391,8 @@ class TrainResult:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time: total, eval, checkpoints
     compiled_from: int | None = None  # the first compiled step (later than the first while
     # a cold GPU kernel cache was being filled by `mlx_model.warmup`)
+    layers_from: int | None = None  # before it, the first uncompiled step that ran MLX's own
+    # compiled layers (once the warm-up had cached their kernels); None: no warm-up ran
 
 
 # tokens per forward pass of a loss estimate on a GPU: a few large batches rather than
@@ -680,7 +698,7 @@ def train(
     spent["total"] = time.perf_counter() - t0
     result = TrainResult(
         best["val_loss"], best["step"], final, history, start or None, tps, train_log, stopped,
-        {k: round(v, 3) for k, v in spent.items()}, steps.compiled_from,
+        {k: round(v, 3) for k, v in spent.items()}, steps.compiled_from, steps.layers_from,
     )  # fmt: skip
     report(
         Progress(

@@ -180,6 +180,54 @@ def test_uncompiled_steps_then_compiled_ones_give_the_compiled_runs_losses(tmp_p
     np.testing.assert_allclose(_losses(eager), _losses(compiled), rtol=2e-5, atol=2e-5)
 
 
+class FakeWarmup:
+    """A warm-up child whose two stages end at given steps of the run (counted in calls:
+    the run asks once a step)."""
+
+    failed = None
+
+    def __init__(self, eager_at: int, done_at: int):
+        self.eager_at, self.done_at, self.calls = eager_at, done_at, {"eager": 0, "done": 0}
+
+    def _after(self, what: str, at: int) -> bool:
+        self.calls[what] += 1
+        return self.calls[what] > at
+
+    def eager_ready(self) -> bool:
+        return self._after("eager", self.eager_at)
+
+    def ready(self) -> bool:
+        return self._after("done", self.done_at)
+
+    def close(self) -> None:
+        pass
+
+
+def test_uncompiled_steps_run_plain_then_with_mlxs_layers_compiled_then_compiled(
+    tmp_path, monkeypatch
+):
+    """With a warm-up child: op by op with MLX's compilation off until its first stage is
+    cached (step 3 here), then with MLX's own compiled layers, then the compiled step
+    (step 7); the losses are the compiled run's within float rounding."""
+    from mlx_model import warmup
+    from mlx_model.train import train
+
+    cfg, tc = _tiny()
+    tc = tc.replace(log_interval=1)
+    ids, val = _ids(), _ids(1000)
+    compiled = train(cfg, tc, ids, val, tmp_path / "a", compile_now=lambda: True)
+    monkeypatch.setattr(warmup, "start", lambda *args: FakeWarmup(eager_at=3, done_at=7))
+    import mlx.core as mx
+
+    turned_off, real_off = [], mx.disable_compile
+    monkeypatch.setattr(mx, "disable_compile", lambda: (turned_off.append(1), real_off())[1])
+    staged = train(cfg, tc, ids, val, tmp_path / "b")
+    assert (staged.layers_from, staged.compiled_from) == (3, 7)
+    assert len(turned_off) == 3  # steps 0 to 2; the estimate at step 4 came after the stage
+    assert compiled.layers_from is None  # no warm-up: nothing to wait for
+    np.testing.assert_allclose(_losses(staged), _losses(compiled), rtol=2e-5, atol=2e-5)
+
+
 def test_a_run_resumed_after_the_switch_continues_exactly(tmp_path):
     from mlx_model.train import train
 
@@ -226,7 +274,7 @@ def test_a_cold_cache_starts_a_warm_up_child_and_the_next_run_finds_it_warm(
     assert started[0] is not None and started[0].proc.returncode == 0
     assert started[0].failed is None and first.compiled_from == 0
     sig = {**warmup.signature(cfg, tc, _ops_signature(tc)), "world_size": 1}
-    assert cache.is_warm(sig)
+    assert cache.is_warm(sig) and cache.is_warm(warmup.eager_signature(sig))  # both stages
     second = train(cfg, tc, _ids(), _ids(1000), fresh_cache / "b")
     assert started[1] is None and second.compiled_from == 0
     assert second.best_val_loss == pytest.approx(first.best_val_loss, rel=1e-4)
