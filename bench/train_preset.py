@@ -45,6 +45,24 @@ def flops_per_token(cfg) -> float:
     return 6 * n + 12 * c.n_layer * c.n_emb * c.block_size
 
 
+def apply_sets(cfg, tc, items: list[str]):
+    """(cfg, tc) with each FIELD=VALUE of `items` applied to whichever holds FIELD (VALUE
+    as JSON, else the bare word: a dtype, an optimizer name); an unknown field exits."""
+    for item in items:
+        name, _, raw = item.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:  # a bare word: a dtype, an optimizer name
+            value = raw
+        if name in cfg.to_dict():
+            cfg = cfg.replace(**{name: value})
+        elif name in tc.to_dict():
+            tc = tc.replace(**{name: value})
+        else:
+            raise SystemExit(f"unknown field {name!r}")
+    return cfg, tc
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description="One preset trained with mlx_model alone (no Prefect), on any device: "
@@ -68,19 +86,7 @@ def main() -> None:
     vocab = Vocab.from_text(text)
     train_ids, val_ids = split_tokens(vocab.encode(text), 0.1)
     cfg = preset.model.replace(vocab_size=vocab.size)
-    tc = preset.train
-    for item in args.set:
-        name, _, raw = item.partition("=")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:  # a bare word: a dtype, an optimizer name
-            value = raw
-        if name in cfg.to_dict():
-            cfg = cfg.replace(**{name: value})
-        elif name in tc.to_dict():
-            tc = tc.replace(**{name: value})
-        else:
-            raise SystemExit(f"unknown field {name!r}")
+    cfg, tc = apply_sets(cfg, preset.train, args.set)
     out = Path(args.out or tempfile.mkdtemp())
     mx.reset_peak_memory()
 

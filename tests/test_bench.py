@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import gpu_profile  # noqa: E402
 import gpu_race  # noqa: E402
 import gpu_scaling  # noqa: E402
 
@@ -141,3 +142,40 @@ def test_the_race_waits_for_the_cold_runs_warm_up_before_warm_rounds(tmp_path):
     waited = gpu_race.wait_for_warm_up(cache, timeout=30)
     timer.join()
     assert waited is not None and 0.5 <= waited < 30
+
+
+def test_the_profile_groups_kernels_and_counts_them_per_step():
+    """Kernel names as CUPTI reports MLX's and cuBLAS's kernels on an H200."""
+    names = {
+        "nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_NNT": "matmul",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float>": "matmul",
+        "mlx::core::cu::rbitsc(unsigned int const*, unsigned char*, dim3, bool)": "random bits",
+        "void mlx::core::cu::layer_norm_vjp<__nv_bfloat16, true, 64, 8>(...)": (
+            "normalisation and softmax"
+        ),
+        "void mlx::core::cu::col_reduce_looped<__nv_bfloat16, Sum, 1>(...)": "reduction",
+        "void mlx::core::cu::copy_g<__nv_bfloat16, __nv_bfloat16, int, 8>(...)": "copy",
+        "void mlx::core::cu::CV2ITanhADV2IBroadcastBEV2OAddCD_VC_V2_1015_contiguous<uint, 8>": (
+            "fused element-wise"
+        ),
+        "void mlx::core::cu::binary_vv<mlx::core::cu::Add, float>(...)": "element-wise",
+        "void mlx::core::cu::scatter<float, int, ScatterSum>(...)": "gather/scatter",
+        "Memset (Unknown)": "memset",
+        "some_kernel": "other",
+    }
+    for name, group in names.items():
+        assert gpu_profile.kernel_group(name) == group, name
+    rows = [("nvjet_a", 2000.0, 40), ("Memset (Unknown)", 100.0, 20), ("cudaLaunchKernel", 0, 99)]
+    kernels = gpu_profile.per_step(rows, steps=20)
+    assert [k["kernel"] for k in kernels] == ["nvjet_a", "Memset (Unknown)"]  # no host calls
+    assert kernels[0]["ms_per_step"] == pytest.approx(0.1)
+    assert kernels[0]["launches_per_step"] == 2
+    totals = gpu_profile.group_totals(kernels)
+    assert list(totals) == ["matmul", "memset"]
+    assert totals["memset"] == {"ms": pytest.approx(0.005), "launches": 1.0}
+
+
+def test_the_profile_times_the_tiny_preset_on_the_cpu():
+    report = gpu_profile.main(["--smoke", "--steps", "2", "--rounds", "2"])
+    assert report["preset"] == "tiny" and len(report["ms_per_step"]) == 2
+    assert all(ms > 0 for ms in report["ms_per_step"])
