@@ -112,10 +112,12 @@ def start(cfg: GPTConfig, tc: TrainConfig, sig: dict[str, Any]) -> Warmup | None
     cache = kernel_cache.active()
     if cache is None or os.environ.get(ENV) == "0" or cache.is_warm(sig):
         return None
-    job = json.dumps({"model": cfg.to_dict(), "training": tc.to_dict(), "signature": sig})
     logs = cache.shared / ".warmup"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{os.getpid()}-{os.urandom(4).hex()}.log"
+    job = json.dumps(
+        {"model": cfg.to_dict(), "training": tc.to_dict(), "signature": sig, "log": str(log)}
+    )
     here = str(Path(__file__).resolve().parents[1])  # the child imports this mlx_model
     env = {
         **os.environ,
@@ -178,6 +180,10 @@ def main() -> int:
             compile_kernels(cfg, tc)
             cache.publish()
             cache.mark_warm(sig)
+    # the log (this process's stderr) is read by the run only on a failure; a child that
+    # outlived its run would otherwise leave it behind
+    if "log" in job:
+        Path(job["log"]).unlink(missing_ok=True)
     return 0
 
 

@@ -313,4 +313,5 @@ def test_a_second_warm_up_of_the_same_configuration_waits_for_the_first(fresh_ca
         assert not second.ready()  # blocked on the lock
         cache.mark_warm(sig)
     second.proc.wait(timeout=60)
+    assert not second.log.exists()  # a child that succeeds removes its own log
     assert second.ready() and second.failed is None and second.proc.returncode == 0
