@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the trained model over HTTP: OpenAI's /v1/completions and a playground at /",
     )
     _common(api)
-    for name in ("host", "port", "max_queue", "max_tokens_limit"):
+    for name in ("host", "port", "max_queue", "max_tokens_limit", "max_request_bytes"):
         api.add_argument(
             "--" + name.replace("_", "-"),
             dest=f"serve.{name}",

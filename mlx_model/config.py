@@ -306,9 +306,10 @@ class ServeConfig(Serializable):
     port: int = option(8000, "TCP port")
     max_queue: int = option(16, "requests that may wait while one generates; more get 503")
     max_tokens_limit: int = option(4096, "largest max_tokens a request may ask for")
+    max_request_bytes: int = option(1_048_576, "largest request body, in bytes; more get 413")
 
     def __post_init__(self) -> None:
-        _check_positive(self, ("port", "max_queue", "max_tokens_limit"))
+        _check_positive(self, ("port", "max_queue", "max_tokens_limit", "max_request_bytes"))
         if self.port > 65535:
             raise ValueError(f"ServeConfig.port must be at most 65535, got {self.port!r}")
         if not self.host:

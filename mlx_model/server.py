@@ -138,6 +138,51 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class BodyLimit:
+    """ASGI middleware: a request whose body is over `limit` bytes gets 413, in OpenAI's
+    error body, before the application sees it: at once when its Content-Length says so,
+    else (a chunked body) as soon as the bytes received pass the limit. The body is read
+    here and handed on whole, so the limit also bounds what a request holds in memory."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send, f"is {int(length)} bytes")
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._refuse(send, f"passed {self.limit} bytes")
+        handed = False
+
+        async def replay():
+            nonlocal handed
+            if handed:  # later reads: a client leaving a streamed response
+                return await receive()
+            handed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send, size: str) -> None:
+        message = (
+            f"the request body {size}; this server takes at most {self.limit} (--max-request-bytes)"
+        )
+        payload = json.dumps(error_body(message, "invalid_request_error")).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     include_usage: bool = False
@@ -285,6 +330,7 @@ def create_app(generator: Generator, model_id: str, defaults: SampleConfig, serv
     """The FastAPI application. `defaults` fill what a request leaves out (its seed
     excepted: none given draws a fresh one, as OpenAI does)."""
     app = FastAPI(title="shakespeare-gpt", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=serve.max_request_bytes)
     created = int(time.time())
     playground = resources.files(__package__).joinpath("playground.html").read_text()
 

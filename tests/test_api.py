@@ -238,6 +238,7 @@ def test_the_servers_defaults_fill_what_a_request_leaves_out():
     [
         (["--port", "70000"], "ServeConfig.port must be at most 65535"),
         (["--max-queue", "0"], "ServeConfig.max_queue must be a positive integer"),
+        (["--max-request-bytes", "0"], "ServeConfig.max_request_bytes must be a positive integer"),
         (["--model", "no-such-run"], "no run named 'no-such-run'"),
         (["--max-tokens", "5000"], "max_tokens 5000 is over max_tokens_limit 4096"),
     ],
@@ -322,4 +323,42 @@ def test_unknown_routes_and_nested_fields_get_openais_error_body():
         assert (
             as_text.status_code == 400 and "application/json" in as_text.json()["error"]["message"]
         )
+    worker.close()
+
+
+def test_a_body_over_the_limit_gets_413_and_the_server_keeps_answering():
+    """Declared or chunked, a body over --max-request-bytes is refused before the server
+    holds it whole (none was before: a 1 GB prompt was read and encoded)."""
+    from starlette.testclient import TestClient
+
+    from mlx_model.server import Generator, Worker, create_app
+
+    vocab = Vocab("\n ABab")
+    model = GPT(GPTConfig(vocab_size=vocab.size, block_size=8, n_layer=1, n_head=1, n_emb=8))
+    mx.eval(model.parameters())
+    worker = Worker(max_queue=2)
+    serve = ServeConfig(max_request_bytes=200)
+    app = create_app(Generator(model, vocab, worker), "m", SampleConfig(), serve)
+    big = json.dumps({"prompt": "ab" * 200, "max_tokens": 2}).encode()
+    with TestClient(app) as http:
+        declared = http.post("/v1/completions", content=big)
+        assert declared.status_code == 413
+        error = declared.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        assert f"is {len(big)} bytes" in error["message"] and "at most 200" in error["message"]
+
+        def chunks():
+            for i in range(0, len(big), 50):
+                yield big[i : i + 50]
+
+        chunked = http.post("/v1/completions", content=chunks())  # no Content-Length
+        assert (
+            chunked.status_code == 413 and "passed 200 bytes" in chunked.json()["error"]["message"]
+        )
+        ok = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2})
+        assert ok.status_code == 200 and len(ok.json()["choices"][0]["text"]) == 2
+        streamed = http.post(
+            "/v1/completions", json={"prompt": "ab", "max_tokens": 3, "stream": True}
+        )
+        assert streamed.status_code == 200 and streamed.text.rstrip().endswith("[DONE]")
     worker.close()
