@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -275,6 +276,8 @@ def _without_compile(fn: Callable) -> Callable:
     estimate on an H200 (its training steps had compiled only their gradient's)."""
 
     def run(*args: Any) -> Any:
+        if os.environ.get("MLX_DISABLE_COMPILE", "0") not in ("", "0"):
+            return fn(*args)  # off already, and enable_compile would override the user's choice
         mx.disable_compile()
         try:
             return fn(*args)

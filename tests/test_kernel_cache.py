@@ -315,3 +315,19 @@ def test_a_second_warm_up_of_the_same_configuration_waits_for_the_first(fresh_ca
     second.proc.wait(timeout=60)
     assert not second.log.exists()  # a child that succeeds removes its own log
     assert second.ready() and second.failed is None and second.proc.returncode == 0
+
+
+def test_turning_compilation_off_for_a_call_keeps_the_users_setting(monkeypatch):
+    """MLX_DISABLE_COMPILE=1 stays in force: the helper that turns compilation off for
+    an uncompiled call must not turn it back on after."""
+    import mlx.core as mx
+
+    from mlx_model.train import _without_compile
+
+    calls = []
+    monkeypatch.setattr(mx, "disable_compile", lambda: calls.append("off"))
+    monkeypatch.setattr(mx, "enable_compile", lambda: calls.append("on"))
+    wrapped = _without_compile(lambda x: x + 1)
+    assert wrapped(1) == 2 and calls == ["off", "on"]
+    monkeypatch.setenv("MLX_DISABLE_COMPILE", "1")
+    assert wrapped(1) == 2 and calls == ["off", "on"]  # nothing turned on
