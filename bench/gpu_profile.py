@@ -102,26 +102,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.preset = args.preset or ("tiny" if args.smoke else "nanogpt-char-fast")
+    import mlx_model  # noqa: F401,I001  (before mlx.core: BLAS, the kernel cache)
+
+    import mlx.core as mx
+    from train_preset import apply_sets
+
+    from mlx_model import ops
+    from mlx_model.config import get_preset
+
+    if not args.smoke and not mx.cuda.is_available():
+        p.error("no GPU: MLX sees no CUDA device here (--smoke times the tiny preset on the CPU)")
+    if args.ops not in ops.CHOICES:
+        p.error(f"--ops {args.ops!r}: choose one of {', '.join(ops.CHOICES)}")
+    try:
+        preset = get_preset(args.preset)
+        args.model, args.train = apply_sets(
+            preset.model.replace(vocab_size=65), preset.train, args.set
+        )
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    import mlx_model  # noqa: F401,I001  (before mlx.core: BLAS, the kernel cache)
-
     import mlx.core as mx
     import numpy as np
 
     from mlx_model import ops
-    from mlx_model.config import get_preset
     from mlx_model.model import GPT
     from mlx_model.train import DTYPES, make_optimizer, make_step
-    from train_preset import apply_sets
 
     if args.smoke:
         mx.set_default_device(mx.cpu)
-    preset = get_preset(args.preset)
-    cfg, tc = apply_sets(preset.model.replace(vocab_size=65), preset.train, args.set)
+    cfg, tc = args.model, args.train
     rng = np.random.default_rng(0)
     windows = rng.integers(0, cfg.vocab_size, (4, tc.batch_size, cfg.block_size + 1))
     batches = [(mx.array(w[:, :-1]), mx.array(w[:, 1:])) for w in windows.astype(np.int32)]

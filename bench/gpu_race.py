@@ -234,7 +234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", default=None, help="folder for the logs and caches (default: a new temp dir)"
     )
-    p.add_argument("--rounds", type=int, default=2, help="warm rounds per side (default 2)")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="warm rounds per side (default 2; 0: cold runs only)"
+    )
     p.add_argument(
         "--target", type=float, default=None, help="validation loss to reach (default 1.47)"
     )
@@ -285,20 +287,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def shape(preset: str) -> tuple[int, int, int]:
-    """(n_layer, n_emb, block_size) of a preset, read in a child process so that this
-    script imports neither MLX nor PyTorch."""
+def shape(preset: str, sets: list[str] = ()) -> tuple[int, int, int]:
+    """(n_layer, n_emb, block_size) of a preset with the `--set` items applied, read in a
+    child process so that this script imports neither MLX nor PyTorch. Raises ValueError
+    with the child's one-line message for an unknown preset or a bad `--set`."""
     code = (
-        "import sys, json; sys.path.insert(0, sys.argv[1]); "
-        "from mlx_model.config import get_preset; m = get_preset(sys.argv[2]).model; "
+        "import sys, json; sys.path[:0] = sys.argv[1:3]; "
+        "from mlx_model.config import get_preset; from train_preset import apply_sets\n"
+        "try:\n"
+        "    p = get_preset(sys.argv[3]); m, _ = apply_sets(p.model, p.train, sys.argv[4:])\n"
+        "except ValueError as err:\n"
+        "    sys.exit(str(err))\n"
         "print(json.dumps([m.n_layer, m.n_emb, m.block_size]))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(HERE.parent), preset],
+        [sys.executable, "-c", code, str(HERE.parent), str(HERE), preset, *sets],
         capture_output=True,
         text=True,
-        check=True,
     )
+    if out.returncode != 0:
+        raise ValueError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else preset)
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -306,7 +314,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu-race-"))
     out.mkdir(parents=True, exist_ok=True)
-    n_layer, n_emb, block = shape(args.preset)
+    try:
+        n_layer, n_emb, block = shape(args.preset, args.set)
+        shape(args.reference_preset)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     vocab = len(set(Path(args.corpus).read_text()))  # the character vocabulary, 65
     flops = flops_per_token(n_layer, n_emb, block, vocab)
     caches = out / "caches"
@@ -332,17 +345,26 @@ def main(argv: list[str] | None = None) -> None:
         run = Run(side, cache, rnd, log=str(out / f"{side}-{cache}-{rnd}.log"))
         measure(run, cmds[side], env, args, flops)
         runs.append(run)
+        if run.step_at_target is None:
+            reached = f"no estimate at or below {args.target}"
+        else:
+            reached = (
+                f"first estimate at or below {args.target}: {run.val_at_target} at step "
+                f"{run.step_at_target}, {run.seconds_to_target} s from process start"
+            )
         print(
-            f"{side:19} {cache} {rnd}: rc {run.rc}, {args.target} at step {run.step_at_target} "
-            f"after {run.seconds_to_target} s from process start; {run.tokens_per_sec} tok/s, "
+            f"{side:19} {cache} {rnd}: rc {run.rc}, {reached}; {run.tokens_per_sec} tok/s, "
             f"MFU {run.mfu}",
             flush=True,
         )
-        if (side, cache) == ("project", "cold"):
+        if run.rc != 0:
+            print(f"  failed: see {run.log}", flush=True)
+        if (side, cache) == ("project", "cold") and (caches / "mlx" / ".warmup").is_dir():
             # warm means the cache holds every kernel: the cold run's warm-up child may
             # still be compiling (it outlives a short run); the next run waits for it here
             warm_up_wait = wait_for_warm_up(caches / "mlx", args.timeout)
-            print(f"project's kernel warm-up done {warm_up_wait} s after its cold run", flush=True)
+            done = "did not finish" if warm_up_wait is None else f"{warm_up_wait} s"
+            print(f"project's kernel warm-up after its cold run: {done}", flush=True)
     report = {
         "target": args.target,
         "preset": args.preset,
@@ -355,6 +377,10 @@ def main(argv: list[str] | None = None) -> None:
         "runs": [asdict(r) for r in runs],
     }
     print(json.dumps(report))
+    failed, err = [r.log for r in runs if r.rc != 0], sys.stderr
+    if failed:
+        print(f"error: {len(failed)} of {len(runs)} runs failed: {', '.join(failed)}", file=err)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -46,20 +46,37 @@ def flops_per_token(cfg) -> float:
 
 
 def apply_sets(cfg, tc, items: list[str]):
-    """(cfg, tc) with each FIELD=VALUE of `items` applied to whichever holds FIELD (VALUE
-    as JSON, else the bare word: a dtype, an optimizer name); an unknown field exits."""
+    """(cfg, tc) with each FIELD=VALUE of `items` applied to whichever holds FIELD, a bare
+    GPTConfig or TrainConfig field name (VALUE as JSON, else the bare word: a dtype, an
+    optimizer name). Raises ValueError naming the item: no `=`, an unknown field, a value
+    of the wrong type, or one the configuration refuses."""
     for item in items:
-        name, _, raw = item.partition("=")
+        name, eq, raw = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:  # a bare word: a dtype, an optimizer name
             value = raw
-        if name in cfg.to_dict():
-            cfg = cfg.replace(**{name: value})
-        elif name in tc.to_dict():
-            tc = tc.replace(**{name: value})
-        else:
-            raise SystemExit(f"unknown field {name!r}")
+        target = cfg if name in cfg.to_dict() else tc if name in tc.to_dict() else None
+        if target is None:
+            raise ValueError(
+                f"--set {item!r}: unknown field {name!r} (a bare field name of GPTConfig or "
+                "TrainConfig: dropout, learning_rate, ...)"
+            )
+        current = target.to_dict()[name]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(current, bool) or not isinstance(current, (int, float)):
+            fits = type(value) is type(current)
+        else:  # a float field takes an integer; an integer field only an integer
+            fits = number and (isinstance(current, float) or isinstance(value, int))
+        if not fits:
+            raise ValueError(f"--set {item!r}: {name} takes a {type(current).__name__}")
+        try:
+            target = target.replace(**{name: value})
+        except ValueError as err:
+            raise ValueError(f"--set {item!r}: {err}") from None
+        cfg, tc = (target, tc) if name in cfg.to_dict() else (cfg, target)
     return cfg, tc
 
 
@@ -81,12 +98,18 @@ def main() -> None:
         "--every-log", action="store_true", help="print each log interval: step, seconds, tok/s"
     )
     args = p.parse_args()
-    preset = get_preset(args.preset)
+    try:
+        preset = get_preset(args.preset)
+    except ValueError as err:
+        p.error(str(err))
     text = Path(args.corpus).read_text()
     vocab = Vocab.from_text(text)
     train_ids, val_ids = split_tokens(vocab.encode(text), 0.1)
     cfg = preset.model.replace(vocab_size=vocab.size)
-    cfg, tc = apply_sets(cfg, preset.train, args.set)
+    try:
+        cfg, tc = apply_sets(cfg, preset.train, args.set)
+    except ValueError as err:
+        p.error(str(err))
     out = Path(args.out or tempfile.mkdtemp())
     mx.reset_peak_memory()
 

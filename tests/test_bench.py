@@ -179,3 +179,39 @@ def test_the_profile_times_the_tiny_preset_on_the_cpu():
     report = gpu_profile.main(["--smoke", "--steps", "2", "--rounds", "2"])
     assert report["preset"] == "tiny" and len(report["ms_per_step"]) == 2
     assert all(ms > 0 for ms in report["ms_per_step"])
+
+
+def test_bench_settings_are_checked_before_any_run(tmp_path, capsys):
+    """A bad --set or preset ends the race in one line before it starts a run; the
+    settings are parsed as train_preset parses them (bare field names, typed values)."""
+    assert gpu_race.shape("tiny", ["n_layer=3"])[0] == 3
+    for sets, words in (
+        (["no_such=1"], "unknown field 'no_such'"),
+        (["learning_rate=abc"], "learning_rate takes a float"),
+        (["n_layer"], "expected FIELD=VALUE"),
+        (["n_layer=0"], "n_layer must be a positive integer, got 0"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            gpu_race.shape("tiny", sets)
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        gpu_race.shape("nope")
+    corpus = tmp_path / "input.txt"
+    corpus.write_text("abc\n" * 100)
+    with pytest.raises(SystemExit) as exit_:
+        gpu_race.main(
+            ["--corpus", str(corpus), "--smoke", "--out", str(tmp_path / "r"), "--set", "x=1"]
+        )
+    assert exit_.value.code == 2 and "unknown field 'x'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.log"))
+
+
+def test_a_race_whose_runs_fail_exits_non_zero(tmp_path, capsys):
+    corpus = tmp_path / "input.txt"
+    corpus.write_text("abc\n" * 100)
+    argv = ["--corpus", str(corpus), "--smoke", "--project-only", "--rounds", "0"]
+    argv += ["--throughput-steps", "0", "--timeout", "0.01", "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as exit_:
+        gpu_race.main(argv)
+    out = capsys.readouterr()
+    assert exit_.value.code == 1 and "1 of 1 runs failed" in out.err
+    assert "failed: see" in out.out
