@@ -89,7 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", default=None, help="default nanogpt-char-fast (--smoke: tiny)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field (a bare GPTConfig or TrainConfig name: dropout=0.1)",
+    )
     p.add_argument("--ops", default="auto", help="ops backend (mlx_model.ops), default auto")
     p.add_argument("--steps", type=int, default=100, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds")

@@ -87,7 +87,13 @@ def main() -> None:
     )
     p.add_argument("--preset", default="seed")
     p.add_argument("--corpus", required=True, help="Tiny Shakespeare's input.txt")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field (a bare GPTConfig or TrainConfig name: dropout=0.1)",
+    )
     p.add_argument("--stop-after", type=int, default=None, help="end at this step")
     p.add_argument("--out", default=None, help="checkpoint folder (default: a temp dir)")
     p.add_argument("--processes", type=int, default=1, help="data-parallel ranks (mlx.launch)")
