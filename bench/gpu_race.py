@@ -28,6 +28,11 @@ peak (`--peak-tflops`, 989 for an H100 or H200 SXM).
 Prints a line per run, then one JSON line with every run and the summary. Each run's
 output is kept in `--out` as `<side>-<cache>-<round>.log`.
 
+`--cli` times `shakespeare-gpt run --preset P` itself on the project's side (every stage,
+a temporary Prefect server unless `PREFECT_API_URL` names one, a new artifact folder per
+run so that nothing is cached but the kernels), as the issue's goal is worded; without it,
+the training alone (`bench/train_preset.py`).
+
 `--smoke` checks the plumbing on a machine without a GPU: both sides on the CPU, the
 `tiny` preset, target 10 (the first estimate), the reference without `torch.compile`.
 """
@@ -48,8 +53,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ESTIMATE = re.compile(r"^step (\d+) train ([0-9.]+) val ([0-9.]+)")
-LOG = re.compile(r"^log (\d+) ([0-9.]+) s ([0-9.]+) tok/s")
+# bench/train_preset.py --every-log prints `step N train X val Y ...` and `log N S s T tok/s`;
+# the CLI (`--cli`) logs `... step N/M  train X  val Y ...` and
+# `... step N/M  loss X  lr L  T tok/s`
+ESTIMATE = re.compile(r"(?:^|\s)step (\d+)(?:/\d+)? +train ([0-9.]+) +val ([0-9.]+)")
+LOG = re.compile(
+    r"^log (\d+) ([0-9.]+) s ([0-9.]+) tok/s|\sstep (\d+)/\d+ +loss .* ([0-9.]+) tok/s"
+)
 
 
 @dataclass
@@ -73,7 +83,7 @@ def first_at_target(
     """(seconds, step, val) of the first estimate line `step N train X val Y` with Y <= target,
     from lines timestamped in seconds since the process started; None if there is none."""
     for seconds, line in lines:
-        m = ESTIMATE.match(line)
+        m = ESTIMATE.search(line)
         if m and float(m.group(3)) <= target:
             return seconds, int(m.group(1)), float(m.group(3))
     return None
@@ -84,14 +94,14 @@ def steady_tokens_per_sec(lines: list[str]) -> float | None:
     (compilation) and any that follows an estimate line (the estimate's time falls in it)."""
     rates, after_estimate, first = [], False, True
     for line in lines:
-        if ESTIMATE.match(line):
+        if ESTIMATE.search(line):
             after_estimate = True
             continue
-        m = LOG.match(line)
+        m = LOG.search(line)
         if not m:
             continue
         if not first and not after_estimate:
-            rates.append(float(m.group(3)))
+            rates.append(float(m.group(3) or m.group(5)))
         first, after_estimate = False, False
     return statistics.median(rates) if rates else None
 
@@ -121,7 +131,13 @@ def timed_lines(cmd: list[str], env: dict, timeout: float, log: Path) -> tuple[i
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            cmd,
+            env=env,
+            cwd=HERE.parent,  # `python -m flows` from the checkout
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
         killed = threading.Event()
         watchdog = threading.Timer(timeout, lambda: (killed.set(), proc.kill()))
@@ -171,11 +187,24 @@ def wait_for_warm_up(mlx_cache: Path, timeout: float) -> float | None:
     return None
 
 
-def commands(args) -> dict[str, list[str]]:
+ARTIFACTS = "{artifacts}"  # in a --cli command: each run's own artifact folder
+
+
+def commands(args, sections: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Each side's command. With `--cli` the project's is `shakespeare-gpt run` (as
+    `python -m flows run`, from the checkout), its `--set` items in the CLI's
+    SECTION.FIELD form (`sections` maps each field to its section)."""
     py = sys.executable
     common = ["--corpus", args.corpus, "--target", str(args.target)]
-    project = [py, str(HERE / "train_preset.py"), "--preset", args.preset, "--every-log"]
-    project += common + [a for s in args.set for a in ("--set", s)]
+    if args.cli:
+        source = Path(args.corpus).resolve().as_uri()
+        project = [py, "-m", "flows", "run", "--preset", args.preset, "--source", source]
+        project += ["--artifacts", ARTIFACTS]
+        for item in args.set:
+            project += ["--set", f"{(sections or {})[item.partition('=')[0]]}.{item}"]
+    else:
+        project = [py, str(HERE / "train_preset.py"), "--preset", args.preset, "--every-log"]
+        project += common + [a for s in args.set for a in ("--set", s)]
     reference = [py, str(HERE / "torch_gpu.py"), "--preset", args.reference_preset] + common
     if args.smoke:
         reference += ["--device", "cpu", "--no-compile"]
@@ -271,6 +300,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--project-only", action="store_true", help="time the project alone, no reference runs"
     )
     p.add_argument(
+        "--cli",
+        action="store_true",
+        help="the project's side runs `shakespeare-gpt run` (Prefect, every stage) instead of "
+        "bench/train_preset.py (training alone)",
+    )
+    p.add_argument(
         "--smoke", action="store_true", help="check the plumbing on the CPU: tiny preset, target 10"
     )
     args = p.parse_args(argv)
@@ -288,9 +323,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def shape(preset: str, sets: list[str] = ()) -> tuple[int, int, int]:
-    """(n_layer, n_emb, block_size) of a preset with the `--set` items applied, read in a
-    child process so that this script imports neither MLX nor PyTorch. Raises ValueError
-    with the child's one-line message for an unknown preset or a bad `--set`."""
+    """(n_layer, n_emb, block_size) of a preset with the `--set` items applied."""
+    return tuple(preset_info(preset, sets)["shape"])
+
+
+def preset_info(preset: str, sets: list[str] = ()) -> dict:
+    """{"shape": [n_layer, n_emb, block_size], "sections": {field: "model" or "training"}}
+    of a preset with the `--set` items applied, read in a child process so that this
+    script imports neither MLX nor PyTorch. Raises ValueError with the child's one-line
+    message for an unknown preset or a bad `--set`."""
     code = (
         "import sys, json; sys.path[:0] = sys.argv[1:3]; "
         "from mlx_model.config import get_preset; from train_preset import apply_sets\n"
@@ -298,7 +339,9 @@ def shape(preset: str, sets: list[str] = ()) -> tuple[int, int, int]:
         "    p = get_preset(sys.argv[3]); m, _ = apply_sets(p.model, p.train, sys.argv[4:])\n"
         "except ValueError as err:\n"
         "    sys.exit(str(err))\n"
-        "print(json.dumps([m.n_layer, m.n_emb, m.block_size]))"
+        "names = [item.partition('=')[0] for item in sys.argv[4:]]\n"
+        "sections = {n: 'model' if n in m.to_dict() else 'training' for n in names}\n"
+        "print(json.dumps({'shape': [m.n_layer, m.n_emb, m.block_size], 'sections': sections}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(HERE.parent), str(HERE), preset, *sets],
@@ -307,7 +350,7 @@ def shape(preset: str, sets: list[str] = ()) -> tuple[int, int, int]:
     )
     if out.returncode != 0:
         raise ValueError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else preset)
-    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu-race-"))
     out.mkdir(parents=True, exist_ok=True)
     try:
-        n_layer, n_emb, block = shape(args.preset, args.set)
+        info = preset_info(args.preset, args.set)
+        n_layer, n_emb, block = info["shape"]
         shape(args.reference_preset)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -335,7 +379,9 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    cmds = commands(args)
+    cmds = commands(args, info["sections"])
+    if args.cli:  # plain log lines, no progress bar
+        env["SHAKESPEARE_GPT_PROGRESS"] = "0"
     reference = () if args.project_only else ("reference",)
     plan = [("project", "cold", 0)] + [(side, "cold", 0) for side in reference]
     sides = ("project", *reference) + (("project-same-recipe",) if args.throughput_steps else ())
@@ -343,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     runs, warm_up_wait = [], None
     for side, cache, rnd in plan:
         run = Run(side, cache, rnd, log=str(out / f"{side}-{cache}-{rnd}.log"))
-        measure(run, cmds[side], env, args, flops)
+        artifacts = str(out / "artifacts" / f"{side}-{cache}-{rnd}")  # nothing cached
+        measure(run, [a.replace(ARTIFACTS, artifacts) for a in cmds[side]], env, args, flops)
         runs.append(run)
         if run.step_at_target is None:
             reached = f"no estimate at or below {args.target}"

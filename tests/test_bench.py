@@ -215,3 +215,41 @@ def test_a_race_whose_runs_fail_exits_non_zero(tmp_path, capsys):
     out = capsys.readouterr()
     assert exit_.value.code == 1 and "1 of 1 runs failed" in out.err
     assert "failed: see" in out.out
+
+
+# what `shakespeare-gpt run` logs with SHAKESPEARE_GPT_PROGRESS=0 (the race's --cli)
+CLI = [
+    (9.1, "04:27:38.273 | INFO    | Task run 'train-4f6' - step 50/1000  loss 2.4448  lr 5.0e-04"
+     "  90000 tok/s  ~1 min left"),
+    (9.6, "04:27:38.314 | INFO    | Task run 'train-4f6' - step 100/1000  loss 2.2283  lr 1.0e-03"
+     "  1200000 tok/s  ~20 s left"),
+    (9.9, "04:27:38.346 | INFO    | Task run 'train-4f6' - step 100/1000  train 2.1427  val 2.1454"
+     "  lr 1.00e-03  1200000 tok/s"),
+    (10.5, "04:27:38.363 | INFO    | Task run 'train-4f6' - step 150/1000  loss 2.0108  lr 1.0e-03"
+     "  1000000 tok/s  ~15 s left"),
+    (11.0, "04:27:38.392 | INFO    | Task run 'train-4f6' - step 200/1000  loss 1.5830"
+     "  lr 9.9e-04  1300000 tok/s  ~14 s left"),
+    (11.3, "04:27:38.400 | INFO    | Task run 'train-4f6' - step 200/1000  train 1.4500  val 1.4690"
+     "  lr 9.9e-04  1300000 tok/s"),
+]  # fmt: skip
+
+
+def test_the_clis_log_lines_give_the_same_figures(tmp_path):
+    """--cli: the estimate and throughput lines of `shakespeare-gpt run`'s log, and its
+    --set items in the CLI's SECTION.FIELD form."""
+    assert gpu_race.first_at_target(CLI, 1.47) == (11.3, 200, 1.469)
+    assert gpu_race.first_at_target(CLI, 2.0) == (11.3, 200, 1.469)
+    assert gpu_race.first_at_target(CLI, 2.15) == (9.9, 100, 2.1454)
+    lines = [line for _, line in CLI]
+    assert gpu_race.steady_tokens_per_sec(lines) == pytest.approx((1_200_000 + 1_300_000) / 2)
+    corpus = tmp_path / "input.txt"
+    corpus.write_text("abc\n")
+    args = gpu_race.parse_args(
+        ["--corpus", str(corpus), "--cli", "--set", "dropout=0.0", "--set", "max_iters=5"]
+    )
+    info = gpu_race.preset_info(args.preset, args.set)
+    assert info["sections"] == {"dropout": "model", "max_iters": "training"}
+    cmd = gpu_race.commands(args, info["sections"])["project"]
+    assert cmd[1:4] == ["-m", "flows", "run"] and gpu_race.ARTIFACTS in cmd
+    assert cmd[-4:] == ["--set", "model.dropout=0.0", "--set", "training.max_iters=5"]
+    assert corpus.resolve().as_uri() in cmd
