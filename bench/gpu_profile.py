@@ -35,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from gpu_race import doc_parser  # noqa: E402
+
 GROUPS = (  # (group, substrings of a kernel's name), first match wins
     ("matmul", ("nvjet", "gemm", "cublas", "cutlass", "splitKreduce")),
     ("random bits", ("rbits",)),
@@ -83,19 +85,11 @@ def group_totals(kernels: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    from train_preset import add_set_option, apply_sets  # imports MLX (after mlx_model)
+
+    p = doc_parser(__doc__)
     p.add_argument("--preset", default=None, help="default nanogpt-char-fast (--smoke: tiny)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a field (a bare GPTConfig or TrainConfig name: dropout=0.1)",
-    )
+    add_set_option(p)
     p.add_argument("--ops", default="auto", help="ops backend (mlx_model.ops), default auto")
     p.add_argument("--steps", type=int, default=100, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds")
@@ -108,10 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.preset = args.preset or ("tiny" if args.smoke else "nanogpt-char-fast")
-    import mlx_model  # noqa: F401,I001  (before mlx.core: BLAS, the kernel cache)
-
-    import mlx.core as mx
-    from train_preset import apply_sets
+    import mlx.core as mx  # after mlx_model (train_preset imported it): BLAS, kernel cache
 
     from mlx_model import ops
     from mlx_model.config import get_preset

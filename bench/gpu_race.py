@@ -253,12 +253,17 @@ def summary(runs: list[Run]) -> dict:
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def doc_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose --help is a bench's module docstring: its first paragraph as the
+    description, the rest verbatim after the options."""
+    first, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(
+        description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = doc_parser(__doc__)
     p.add_argument("--corpus", required=True, help="Tiny Shakespeare's input.txt")
     p.add_argument(
         "--out", default=None, help="folder for the logs and caches (default: a new temp dir)"

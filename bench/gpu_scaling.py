@@ -27,17 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_race import steady_tokens_per_sec, timed_lines  # noqa: E402
+from gpu_race import doc_parser, steady_tokens_per_sec, timed_lines  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(__doc__)
     p.add_argument("--corpus", required=True, help="Tiny Shakespeare's input.txt")
     p.add_argument("--gpus", default="1,2", help="GPU counts, comma-separated (default 1,2)")
     p.add_argument("--rounds", type=int, default=3, help="rounds over the layouts (default 3)")

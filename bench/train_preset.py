@@ -45,6 +45,17 @@ def flops_per_token(cfg) -> float:
     return 6 * n + 12 * c.n_layer * c.n_emb * c.block_size
 
 
+def add_set_option(p: argparse.ArgumentParser) -> None:
+    """The repeatable `--set FIELD=VALUE` option that `apply_sets` reads."""
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field (a bare GPTConfig or TrainConfig name: dropout=0.1)",
+    )
+
+
 def apply_sets(cfg, tc, items: list[str]):
     """(cfg, tc) with each FIELD=VALUE of `items` applied to whichever holds FIELD, a bare
     GPTConfig or TrainConfig field name (VALUE as JSON, else the bare word: a dtype, an
@@ -87,13 +98,7 @@ def main() -> None:
     )
     p.add_argument("--preset", default="seed")
     p.add_argument("--corpus", required=True, help="Tiny Shakespeare's input.txt")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a field (a bare GPTConfig or TrainConfig name: dropout=0.1)",
-    )
+    add_set_option(p)
     p.add_argument("--stop-after", type=int, default=None, help="end at this step")
     p.add_argument("--out", default=None, help="checkpoint folder (default: a temp dir)")
     p.add_argument("--processes", type=int, default=1, help="data-parallel ranks (mlx.launch)")

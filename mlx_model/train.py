@@ -314,8 +314,12 @@ class StepFunctions:
             make_loss_sum(model, dtype, compiled=False),
         )
         self._fns = {
-            True: (make_step(model, optimizer, tc, dtype, group), make_loss_sum(model, dtype)),
-            False: (step, _without_compile(loss_sum)),
+            "compiled": (
+                make_step(model, optimizer, tc, dtype, group),
+                make_loss_sum(model, dtype),
+            ),
+            # no warm-up child: the step compiles MLX's layers in the run, the estimate not
+            "uncompiled": (step, _without_compile(loss_sum)),
             # until the warm-up child has cached the kernels of MLX's own compiled layers
             "plain": (_without_compile(step), _without_compile(loss_sum)),
             # after: the uncompiled step and estimate with those layers compiled (loaded)
@@ -340,9 +344,9 @@ class StepFunctions:
                     stacklevel=2,
                 )
         if self.compiled_from is not None:
-            return self._fns[True]
+            return self._fns["compiled"]
         if self.warmup is None:
-            return self._fns[False]
+            return self._fns["uncompiled"]
         if self.warmup.eager_ready():
             if self.layers_from is None:
                 self.layers_from = step

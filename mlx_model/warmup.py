@@ -67,13 +67,13 @@ class Warmup:
         proc: subprocess.Popen,
         cache: kernel_cache.KernelCache,
         log: Path,
-        sig: dict[str, Any] | None = None,
+        sig: dict[str, Any],
     ):
         self.proc = proc
         self.cache = cache
         self.log = log
         self.failed: str | None = None
-        self._eager = eager_signature(sig) if sig is not None else None
+        self._eager = eager_signature(sig)
         self._eager_ready = False
 
     def eager_ready(self) -> bool:
@@ -81,8 +81,7 @@ class Warmup:
         child has ended: the uncompiled steps may then let MLX compile its own layers,
         which load instead of compiling."""
         if not self._eager_ready and (
-            (self._eager is not None and self.cache.is_warm(self._eager))
-            or self.proc.poll() is not None
+            self.cache.is_warm(self._eager) or self.proc.poll() is not None
         ):
             self.cache.refresh()
             self._eager_ready = True
