@@ -173,18 +173,29 @@ def measure(run: Run, cmd: list[str], env: dict, args, flops: float) -> Run:
 
 def wait_for_warm_up(mlx_cache: Path, timeout: float) -> float | None:
     """After the project's cold run: wait until its kernel warm-up child (which goes on
-    compiling in the background after a short run) has recorded the configuration as warm
-    in `mlx_cache/.warm`. Returns the seconds waited; None when no warm-up was started
-    (no `.warmup` folder: a CPU, or warm-up turned off) or it did not finish in `timeout`."""
+    compiling in the background after a short run) has recorded the compiled step as warm
+    in `mlx_cache/.warm` (its first stage's marker, the uncompiled steps' kernels, does not
+    count). Returns the seconds waited; None when no warm-up was started (no `.warmup`
+    folder: a CPU, or warm-up turned off) or it did not finish in `timeout`."""
     if not (mlx_cache / ".warmup").is_dir():
         return None
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
-        markers = (mlx_cache / ".warm").glob("*")
-        if any(not m.name.endswith(".lock") and not m.name.startswith(".") for m in markers):
+        if any(_compiled_step_marker(m) for m in (mlx_cache / ".warm").glob("*")):
             return round(time.perf_counter() - t0, 1)
         time.sleep(0.5)
     return None
+
+
+def _compiled_step_marker(path: Path) -> bool:
+    """Whether `path` records a whole compiled step as warm: a marker (not a lock or a
+    temp file) whose signature names no stage (`mlx_model.warmup.eager_signature`)."""
+    if path.name.endswith(".lock") or path.name.startswith("."):
+        return False
+    try:
+        return "stage" not in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 ARTIFACTS = "{artifacts}"  # in a --cli command: each run's own artifact folder

@@ -146,7 +146,7 @@ class GPT(nn.Module):
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-            x = ops.embed(idx, self.wte.weight, self.wpe.weight, self.training)
+            x = ops.embed(idx, self.wte.weight, self.wpe.weight, self.training, dtype)
         else:
             x = self.wte(idx) + self.wpe(cache[0].positions(T))
         return ops.dropout(x.astype(dtype), self.config.dropout, self.training)  # (B, T, C)

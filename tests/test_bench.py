@@ -3,6 +3,7 @@ the target in a timestamped log, the steady throughput, the ratios, the argument
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from pathlib import Path
@@ -14,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import gpu_profile  # noqa: E402
 import gpu_race  # noqa: E402
 import gpu_scaling  # noqa: E402
+
+from mlx_model import warmup  # noqa: E402
 
 # what bench/train_preset.py --every-log prints, timestamped as gpu_race.timed_lines does
 PROJECT = [
@@ -136,8 +139,11 @@ def test_the_race_waits_for_the_cold_runs_warm_up_before_warm_rounds(tmp_path):
     (cache / ".warm").mkdir()
     (cache / ".warm" / "abc.lock").write_text("")
     (cache / ".warm" / ".tmp-1-abc").write_text("")
+    # the first stage's marker (the uncompiled steps' kernels) is not the end
+    first_stage = json.dumps(warmup.eager_signature({"mlx": "0.32"}))
+    (cache / ".warm" / "def").write_text(first_stage)
     assert gpu_race.wait_for_warm_up(cache, timeout=1) is None  # not finished in time
-    timer = threading.Timer(1.0, lambda: (cache / ".warm" / "abc").write_text("{}"))
+    timer = threading.Timer(1.0, lambda: (cache / ".warm" / "abc").write_text('{"mlx": "0.32"}'))
     timer.start()
     waited = gpu_race.wait_for_warm_up(cache, timeout=30)
     timer.join()

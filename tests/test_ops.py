@@ -28,10 +28,10 @@ def test_backend_is_chosen_per_dtype_and_setting(monkeypatch):
     monkeypatch.delenv(ops.ENV, raising=False)
     assert ops.backend(mx.bfloat16, True).name == "reference"
     assert ops.backend(mx.float32, True).name == FAST[-1]  # auto: native where it builds
-    for name in ("reference", *FAST):
+    for name in ("reference", "gpu", *FAST):
         with ops.use(name):
             assert ops.backend(mx.float32, True).name == name
-            assert ops.backend(mx.float16, False).name == "reference"
+            assert ops.backend(mx.float16, False).name == ("gpu" if name == "gpu" else "reference")
     monkeypatch.setenv(ops.ENV, "cpu")
     assert ops.backend(mx.float32, False).name == "cpu"
     with ops.use("reference"):  # the innermost setting wins
@@ -42,8 +42,8 @@ def test_backend_is_chosen_per_dtype_and_setting(monkeypatch):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="unknown ops backend 'gpu'"):
-        with ops.use("gpu"):
+    with pytest.raises(ValueError, match="unknown ops backend 'tpu'"):
+        with ops.use("tpu"):
             pass
     with pytest.raises(ValueError, match="lanes must be a whole number >= 1, got 0"):
         with ops.use(lanes=0):
@@ -118,7 +118,7 @@ def test_the_model_computes_the_same_loss_and_gradients_on_every_backend(lanes):
     idx = mx.array(np.random.default_rng(1).integers(0, 11, (5, 40)), dtype=mx.int32)
     y = mx.array(np.random.default_rng(2).integers(0, 11, (5, 40)), dtype=mx.int32)
     results = {}
-    for name in ("reference", *FAST):
+    for name in ("reference", "gpu", *FAST):
         with ops.use(name, lanes):
             loss, grads = nn.value_and_grad(model, lane_loss)(model, idx, y)
             results[name] = (loss.item(), dict(tree_flatten(grads)))
@@ -127,3 +127,50 @@ def test_the_model_computes_the_same_loss_and_gradients_on_every_backend(lanes):
         assert abs(loss - ref_loss) < 1e-5, name
         for key, g in grads.items():
             assert mx.allclose(g, ref_grads[key], atol=1e-5).item(), (name, key)
+
+
+def _primitives(*arrays: mx.array) -> str:
+    """The names of the primitives that compute `arrays`, as MLX's graph export writes them."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "graph.dot"
+        mx.export_to_dot(str(path), *arrays)
+        return path.read_text()
+
+
+def test_the_gpu_backend_trains_without_gathers_or_scatters():
+    """MLX's CUDA backend compiles each gather and scatter kernel at first use; the gpu
+    backend's step has none (the reference's has all four), and computes the same loss."""
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_emb=16, dropout=0.0)
+    mx.random.seed(0)
+    model = GPT(cfg)
+    rng = np.random.default_rng(0)
+    x, y = (mx.array(rng.integers(0, 11, (2, 8)), dtype=mx.int32) for _ in range(2))
+    graphs, losses = {}, {}
+    for name in ("reference", "gpu"):
+        with ops.use(name):
+            loss, grads = nn.value_and_grad(model, lane_loss)(model, x, y)
+            graphs[name] = _primitives(loss, *(g for _, g in tree_flatten(grads)))
+            losses[name] = loss.item()
+    for primitive in ("Gather", "Scatter", "GatherAxis", "ScatterAxis"):
+        assert primitive in graphs["reference"]
+        assert primitive not in graphs["gpu"], primitive
+    assert abs(losses["gpu"] - losses["reference"]) < 1e-5
+
+
+def test_the_gpu_backends_embedding_rounds_once_to_the_compute_dtype():
+    mx.random.seed(1)
+    wte, wpe = mx.random.normal((13, 8)), mx.random.normal((6, 8))
+    ids = mx.array([[0, 12, 5, 5, 7, 1]], dtype=mx.int32)
+    with ops.use("gpu"):
+        x32 = ops.embed(ids, wte, wpe, True)
+        x16 = ops.embed(ids, wte, wpe, True, mx.bfloat16)
+    assert mx.array_equal(x32, wte[ids] + wpe).item()  # one term: the product is exact
+    assert x16.dtype == mx.bfloat16
+    want = wte[ids].astype(mx.bfloat16) + wpe.astype(mx.bfloat16)
+    assert mx.array_equal(x16, want).item()
+    big = mx.zeros((2000, 8))  # above ONE_HOT_MAX_VOCAB: the gather, same values
+    with ops.use("gpu"):
+        assert mx.array_equal(ops.embed(ids, big, wpe, True), wpe[None]).item()

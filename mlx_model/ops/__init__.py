@@ -8,6 +8,9 @@ steps call `loss`: the model's loss with the batch split over the backend's CPU 
 training):
 
 - `reference` (`ops/reference.py`): MLX's own operations; every device and dtype.
+- `gpu` (`ops/gpu.py`): the reference with the embedding lookup and the cross-entropy's
+  pick written as one-hot products, which MLX's CUDA backend runs without compiling a
+  kernel at first use (a gather or scatter compiles one).
 - `cpu` (`ops/cpu.py`): MLX's CPU in float32: multiply-add forms of exp, GELU, softmax
   and layer norm with closed-form backwards, hashed dropout masks, attention in query
   blocks, the batch split over one stream per core.
@@ -15,7 +18,8 @@ training):
   layer norm and dropout in training, the embeddings and cross-entropy, and the fused
   generation step, built on first use; `cpu` stands in if they cannot be built.
 
-The choice is `auto` (native, else cpu, on the CPU in float32; reference elsewhere)
+The choice is `auto` (native, else cpu, on the CPU in float32; gpu on a GPU; reference
+elsewhere)
 unless `SHAKESPEARE_GPT_OPS` or `use(...)` names one. All compute the same functions;
 `reference` and `cpu` draw different dropout masks, and float32 rounding differs in the
 last bits, so the backend and lane count are part of a training run's cache key
@@ -36,12 +40,13 @@ from mlx.utils import tree_map
 from ..runtime.lanes import cpu_lanes
 from . import native
 from .cpu import Cpu
+from .gpu import Gpu
 from .reference import Reference, merge_heads, split_heads
 
 __all__ = ["merge_heads", "split_heads"]  # head layout, shared with the cached path
 
 ENV = "SHAKESPEARE_GPT_OPS"
-CHOICES = ("auto", "reference", "cpu", "native")
+CHOICES = ("auto", "reference", "gpu", "cpu", "native")
 
 _forced: list[tuple[str | None, int | None]] = []
 
@@ -76,12 +81,14 @@ def _setting() -> tuple[str, int]:
 def backend(dtype: mx.Dtype, training: bool) -> Reference:
     """The backend for arrays of `dtype` on the default device, in training or not."""
     on_cpu = mx.default_device() == mx.cpu
-    return _choose(on_cpu and dtype == mx.float32, training, *_setting())
+    return _choose(on_cpu, dtype == mx.float32, training, *_setting())
 
 
 @functools.cache
-def _choose(cpu_float32: bool, training: bool, setting: str, lanes: int) -> Reference:
-    if not cpu_float32 or setting == "reference":
+def _choose(on_cpu: bool, float32: bool, training: bool, setting: str, lanes: int) -> Reference:
+    if setting == "gpu" or (setting == "auto" and not on_cpu):
+        return Gpu(training)  # named, it runs on the CPU too (for tests)
+    if not (on_cpu and float32) or setting == "reference":
         return Reference(training)
     ext = native.load() if setting in ("auto", "native") else None
     return native.Native(training, lanes, ext) if ext is not None else Cpu(training, lanes)
@@ -106,9 +113,12 @@ def signature(dtype: str, training: bool = True) -> dict[str, Any]:
     return {"mlx": mx.__version__, "device": device, "backend": chosen.name, "lanes": chosen.lanes}
 
 
-def embed(ids: mx.array, wte: mx.array, wpe: mx.array, training: bool) -> mx.array:
-    """GPT-2's input, token plus position embedding: wte[ids] + wpe[:T] for ids (B, T)."""
-    return backend(wte.dtype, training).embed(ids, wte, wpe)
+def embed(
+    ids: mx.array, wte: mx.array, wpe: mx.array, training: bool, dtype: mx.Dtype = mx.float32
+) -> mx.array:
+    """GPT-2's input, token plus position embedding: wte[ids] + wpe[:T] for ids (B, T),
+    (B, T, C) in `dtype`."""
+    return backend(wte.dtype, training).embed(ids, wte, wpe, dtype)
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array | None, eps: float, training: bool):

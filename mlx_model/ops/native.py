@@ -202,8 +202,8 @@ class Native(cpu.Cpu):
     def gelu(self, x):
         return self.ext.gelu(x) if self.training else super().gelu(x)
 
-    def embed(self, ids, wte, wpe):
-        return self.ext.embed(ids.astype(mx.int32), wte, wpe)
+    def embed(self, ids, wte, wpe, dtype):
+        return self.ext.embed(ids.astype(mx.int32), wte, wpe).astype(dtype)
 
     def cross_entropy(self, logits, targets):
         return self.ext.cross_entropy(logits, targets.astype(mx.int32))

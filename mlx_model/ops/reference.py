@@ -53,8 +53,8 @@ class Reference:
         keep = mx.random.bernoulli(1.0 - p, x.shape)
         return mx.where(keep, x * (1.0 / (1.0 - p)), mx.array(0.0, x.dtype))
 
-    def embed(self, ids, wte, wpe):
-        return wte[ids] + wpe[: ids.shape[1]]
+    def embed(self, ids, wte, wpe, dtype):
+        return (wte[ids] + wpe[: ids.shape[1]]).astype(dtype)
 
     def cross_entropy(self, logits, targets):
         return nn.losses.cross_entropy(logits, targets, reduction="none")

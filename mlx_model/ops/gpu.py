@@ -1,0 +1,53 @@
+"""The GPU backend: the reference's operations, with the embedding lookup and the
+cross-entropy's pick of the target's logit written as products with one-hot rows.
+
+On MLX's CUDA backend a gather or scatter (`wte[ids]`, `take_along_axis`, and their
+gradients) is a kernel compiled with NVRTC at its first use, as fused kernels are
+(`mlx/backend/cuda/indexing.cpp`, MLX 0.32): four such modules, a few seconds each on a
+fresh machine, in the first step of every run whose kernel cache is cold, even when the
+step runs op by op while a warm-up child compiles the fused kernels
+(`mlx_model.warmup`). A comparison with `arange`, a matrix product and an element-wise
+product are kernels MLX ships compiled, so the op-by-op step compiles nothing.
+
+It pays only for a small vocabulary: the one-hot product costs as much arithmetic as the
+LM head (2 V C FLOPs a token), so larger vocabularies keep the gathers.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .reference import Reference
+
+ONE_HOT_MAX_VOCAB = 1024  # above this, the one-hot products cost more than they save
+
+
+def one_hot(ids: mx.array, n: int, dtype: mx.Dtype) -> mx.array:
+    """Rows of `n` with a 1 at each id: ids (...) -> (..., n) in `dtype`."""
+    return (ids[..., None] == mx.arange(n, dtype=ids.dtype)).astype(dtype)
+
+
+class Gpu(Reference):
+    """The reference, with no gather or scatter for vocabularies up to ONE_HOT_MAX_VOCAB."""
+
+    name = "gpu"
+
+    def embed(self, ids, wte, wpe, dtype):
+        """wte[ids] + wpe[:T] as one_hot(ids) @ wte in `dtype`: the product picks each
+        row exactly (one term, accumulated in float32), then rounds it to `dtype`; in
+        float32 on a GPU, MLX's matrix products round to TF32 (as the blocks' do) unless
+        MLX_ENABLE_TF32=0."""
+        vocab = wte.shape[0]
+        if vocab > ONE_HOT_MAX_VOCAB:
+            return super().embed(ids, wte, wpe, dtype)
+        tok = one_hot(ids, vocab, dtype) @ wte.astype(dtype)  # (B, T, C)
+        return tok + wpe[: ids.shape[1]].astype(dtype)
+
+    def cross_entropy(self, logits, targets):
+        """logsumexp(logits) - logits[target], the target's logit as a sum of products
+        with a one-hot row (exact: one nonzero term)."""
+        vocab = logits.shape[-1]
+        if vocab > ONE_HOT_MAX_VOCAB:
+            return super().cross_entropy(logits, targets)
+        picked = (logits * one_hot(targets, vocab, logits.dtype)).sum(axis=-1)
+        return mx.logsumexp(logits, axis=-1) - picked
