@@ -85,6 +85,10 @@ def train_model(
             "building the native CPU kernels with the C++ compiler (once for this MLX "
             "install; 10 to 30 s on 2 cores)"
         )
+    if ops.cuda_build_pending(training.compute_dtype):
+        stage_logger().info(
+            "building cuDNN attention with the C++ compiler (once for this MLX install; 10 to 20 s)"
+        )
     with ops.use(lanes=rank_lanes(parallel)):
         signature = ops.signature(training.compute_dtype)
     key = train_key(tokens, vocab, cfg, training, parallel, signature)

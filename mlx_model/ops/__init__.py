@@ -38,7 +38,7 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from ..runtime.lanes import cpu_lanes
-from . import native
+from . import cuda, native
 from .cpu import Cpu
 from .gpu import Gpu
 from .reference import Reference, merge_heads, split_heads
@@ -94,6 +94,16 @@ def _choose(on_cpu: bool, float32: bool, training: bool, setting: str, lanes: in
     return native.Native(training, lanes, ext) if ext is not None else Cpu(training, lanes)
 
 
+def cuda_build_pending(dtype: str) -> bool:
+    """Whether choosing the backend for `dtype` here will first build cuDNN attention (10 to
+    20 s, once per MLX install): worth a line before it starts."""
+    return (
+        dtype in ("bfloat16", "float16")
+        and _setting()[0] in ("auto", "gpu")
+        and (cuda.needs_build())
+    )
+
+
 def native_build_pending(dtype: str) -> bool:
     """Whether choosing the backend for `dtype` here will first compile the native CPU
     kernels (10 to 30 s on 2 cores, once per MLX install): worth a line before it starts."""
@@ -107,10 +117,17 @@ def native_build_pending(dtype: str) -> bool:
 
 
 def signature(dtype: str, training: bool = True) -> dict[str, Any]:
-    """What decides the numbers a run computes: MLX's version, device, backend, lane count."""
+    """What decides the numbers a run computes: MLX's version, device, backend, lane count,
+    and on a GPU which attention runs (building cuDNN's the first time, see `ops.cuda`)."""
     chosen = backend(getattr(mx, dtype), training)
     device = str(mx.default_device())
-    return {"mlx": mx.__version__, "device": device, "backend": chosen.name, "lanes": chosen.lanes}
+    return {
+        "mlx": mx.__version__,
+        "device": device,
+        "backend": chosen.name,
+        "lanes": chosen.lanes,
+        **chosen.signature(getattr(mx, dtype)),
+    }
 
 
 def embed(

@@ -1,5 +1,7 @@
 """The GPU backend: the reference's operations, with the embedding lookup and the
-cross-entropy's pick of the target's logit written as products with one-hot rows.
+cross-entropy's pick of the target's logit written as products with one-hot rows, and
+attention with dropout in training as cuDNN's fused kernel (`mlx_model.ops.cuda`) where
+it is built.
 
 On MLX's CUDA backend a gather or scatter (`wte[ids]`, `take_along_axis`, and their
 gradients) is a kernel compiled with NVRTC at its first use, as fused kernels are
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import cuda
 from .reference import Reference
 
 ONE_HOT_MAX_VOCAB = 1024  # above this, the one-hot products cost more than they save
@@ -31,6 +34,19 @@ class Gpu(Reference):
     """The reference, with no gather or scatter for vocabularies up to ONE_HOT_MAX_VOCAB."""
 
     name = "gpu"
+
+    def signature(self, dtype: mx.Dtype) -> dict[str, str]:
+        """Which attention runs in training: cuDNN's fused kernel where it is built (its
+        dropout masks differ from MLX's), else MLX's operations."""
+        fused = dtype in (mx.bfloat16, mx.float16) and cuda.load() is not None
+        return {"attention": "cudnn" if fused else "mlx"}
+
+    def causal_attention(self, qkv, n_head, dropout):
+        if self.training and dropout > 0 and cuda.supports(qkv, n_head):
+            ext = cuda.load()
+            if ext is not None:
+                return cuda.causal_attention(ext, qkv, n_head, dropout)  # (B, T, C)
+        return super().causal_attention(qkv, n_head, dropout)
 
     def embed(self, ids, wte, wpe, dtype):
         """wte[ids] + wpe[:T] as one_hot(ids) @ wte in `dtype`: the product picks each

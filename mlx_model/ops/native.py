@@ -22,13 +22,9 @@ that is where it is built and tested.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import math
-import shutil
-import subprocess
 import sys
-import sysconfig
 import threading
 import warnings
 from collections.abc import Callable
@@ -37,7 +33,7 @@ from types import ModuleType
 
 import mlx.core as mx
 
-from ..runtime.build import build_cached, cache_dir, cpu_features, run_compilers
+from ..runtime.build import build_cached, cpu_features, plan_mlx_extension
 from . import cpu
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
@@ -97,69 +93,10 @@ def needs_build() -> bool:
 
 def _planned() -> tuple[Path, Callable[[Path], Path]]:
     """The cached library's path and the function that builds it into a folder."""
-    try:
-        import nanobind
-    except ImportError as err:
-        raise BuildError(f"{err.name} is not installed") from err
-    compiler = next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
-    if compiler is None:
-        raise BuildError("no C++ compiler (c++, g++ or clang++) on the PATH")
-    python_include = Path(sysconfig.get_paths()["include"])
-    if not (python_include / "Python.h").exists():
-        raise BuildError(f"no Python headers in {python_include} (install python3-dev)")
-    mlx_root = Path(mx.__file__).parent
-    if not (mlx_root / "include" / "mlx" / "primitives.h").exists():
-        raise BuildError(f"the installed MLX has no C++ headers under {mlx_root / 'include'}")
-    nb_src = Path(nanobind.source_dir())
-    flags = [
-        "-fPIC",
-        "-fvisibility=hidden",
-        "-DNDEBUG",
-        "-DNB_COMPACT_ASSERTIONS",
-        "-DNB_DOMAIN=mlx",  # share nanobind's type registry with mlx.core
-        f"-I{nanobind.include_dir()}",
-        f"-I{nb_src.parent / 'ext' / 'robin_map' / 'include'}",
-        f"-I{python_include}",
-    ]
-    ours = ["-O3", "-march=native", "-fno-trapping-math", "-std=c++20", f"-I{mlx_root / 'include'}"]
-    try:
-        version = subprocess.run(
-            [compiler, "--version"], capture_output=True, text=True, timeout=60
-        ).stdout
-    except subprocess.TimeoutExpired as err:
-        raise BuildError(f"{compiler} --version did not answer") from err
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    key = hashlib.sha256(
-        "\n".join(
-            [
-                SOURCE.read_text(),
-                mx.__version__,
-                str(mlx_root),
-                getattr(nanobind, "__version__", ""),
-                suffix,
-                version,
-                cpu_features(),
-                *flags,
-                *ours,
-            ]
-        ).encode()
-    ).hexdigest()[:16]
-    lib = cache_dir() / f"{MODULE}-{key}{suffix}"
-
-    def compile_and_link(tmp: Path) -> Path:
-        nb_obj, our_obj, out = tmp / "nb.o", tmp / "ours.o", tmp / "ext.so"
-        nanobind_src = str(nb_src / "nb_combined.cpp")
-        compile_nb = [compiler, "-O2", "-std=c++17", *flags, "-c", nanobind_src, "-o", str(nb_obj)]
-        compile_ours = [compiler, *ours, *flags, "-c", str(SOURCE), "-o", str(our_obj)]
-        # the two objects compile side by side, then link against libmlx
-        run_compilers([compile_nb, compile_ours], BUILD_TIMEOUT_S, BuildError)
-        libdir = mlx_root / "lib"
-        link = [compiler, "-shared", "-o", str(out), str(our_obj), str(nb_obj), f"-L{libdir}",
-                "-lmlx", f"-Wl,-rpath,{libdir}"]  # fmt: skip
-        run_compilers([link], BUILD_TIMEOUT_S, BuildError)
-        return out
-
-    return lib, compile_and_link
+    flags = ["-O3", "-march=native", "-fno-trapping-math", "-std=c++20"]
+    return plan_mlx_extension(
+        MODULE, SOURCE, flags, key=[cpu_features()], timeout=BUILD_TIMEOUT_S, error=BuildError
+    )
 
 
 def _import(lib: Path) -> ModuleType:

@@ -40,6 +40,11 @@ class Reference:
     def __init__(self, training: bool):
         self.training = training
 
+    def signature(self, dtype: mx.Dtype) -> dict[str, str]:
+        """What else decides the numbers this backend computes in `dtype` (see
+        `mlx_model.ops.signature`)."""
+        return {}
+
     def layer_norm(self, x, weight, bias, eps):
         bias = bias.astype(x.dtype) if bias is not None else None
         return mx.fast.layer_norm(x, weight.astype(x.dtype), bias, eps)

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
+import shutil
 import subprocess
+import sysconfig
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -56,3 +59,75 @@ def cpu_features() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def plan_mlx_extension(
+    module: str,
+    source: Path,
+    flags: Sequence[str],
+    link: Sequence[str] = (),
+    key: Sequence[str] = (),
+    timeout: float = 300,
+    error: type[Exception] = RuntimeError,
+) -> tuple[Path, Callable[[Path], Path]]:
+    """The cached path of a C++ extension of MLX (`source`, whose NB_MODULE is `module`) and
+    the function that builds it into a folder; `error` says why it cannot be built here.
+
+    The extension is compiled with the system C++ compiler against the installed MLX's
+    headers and nanobind (built alongside, in MLX's nanobind domain, so that it shares
+    mlx.core's types), with `flags` for `source`, then linked against libmlx with `link`.
+    The cache key holds the source, MLX's version and location, nanobind's version, the
+    compiler's version, every flag and `key` (what else the build depends on)."""
+    import mlx.core as mx
+
+    try:
+        import nanobind
+    except ImportError as err:
+        raise error(f"{err.name} is not installed") from err
+    compiler = next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if compiler is None:
+        raise error("no C++ compiler (c++, g++ or clang++) on the PATH")
+    python_include = Path(sysconfig.get_paths()["include"])
+    if not (python_include / "Python.h").exists():
+        raise error(f"no Python headers in {python_include} (install python3-dev)")
+    mlx_root = Path(mx.__file__).parent
+    if not (mlx_root / "include" / "mlx" / "primitives.h").exists():
+        raise error(f"the installed MLX has no C++ headers under {mlx_root / 'include'}")
+    nb_src = Path(nanobind.source_dir())
+    common = [
+        "-fPIC",
+        "-fvisibility=hidden",
+        "-DNDEBUG",
+        "-DNB_COMPACT_ASSERTIONS",
+        "-DNB_DOMAIN=mlx",  # share nanobind's type registry with mlx.core
+        f"-I{nanobind.include_dir()}",
+        f"-I{nb_src.parent / 'ext' / 'robin_map' / 'include'}",
+        f"-I{python_include}",
+    ]
+    ours = [*flags, f"-I{mlx_root / 'include'}"]
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except subprocess.TimeoutExpired as err:
+        raise error(f"{compiler} --version did not answer") from err
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    parts = [source.read_text(), mx.__version__, str(mlx_root)]
+    parts += [getattr(nanobind, "__version__", ""), suffix, version, *common, *ours, *link, *key]
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"{module}-{digest}{suffix}"
+
+    def compile_and_link(tmp: Path) -> Path:
+        nb_obj, our_obj, out = tmp / "nb.o", tmp / "ours.o", tmp / "ext.so"
+        nanobind_src = str(nb_src / "nb_combined.cpp")
+        compile_nb = [compiler, "-O2", "-std=c++17", *common, "-c", nanobind_src, "-o", str(nb_obj)]
+        compile_ours = [compiler, *ours, *common, "-c", str(source), "-o", str(our_obj)]
+        # the two objects compile side by side, then link against libmlx
+        run_compilers([compile_nb, compile_ours], timeout, error)
+        libdir = mlx_root / "lib"
+        command = [compiler, "-shared", "-o", str(out), str(our_obj), str(nb_obj)]
+        command += [f"-L{libdir}", "-lmlx", f"-Wl,-rpath,{libdir}", *link]
+        run_compilers([command], timeout, error)
+        return out
+
+    return lib, compile_and_link

@@ -1,0 +1,386 @@
+// Causal self-attention with dropout on its weights (p > 0), as GPT-2 trains it, in one
+// cuDNN kernel forward and one backward: MLX primitives for MLX's CUDA backend. Built at first
+// use by mlx_model.ops.cuda (the system C++ compiler, against the installed MLX's
+// headers, cuDNN's frontend headers and nanobind); without it the model computes the
+// weights, their dropout and the product with the values as separate MLX operations.
+//
+// MLX's own fused attention (mx.fast.scaled_dot_product_attention, cuDNN's graph API
+// underneath) has no dropout. cuDNN's fused attention does: the mask comes from a Philox
+// generator seeded by two int64 values read from GPU memory (seed, offset) when the
+// kernel runs, and the backward regenerates the same mask from them. The seed is an
+// input array, drawn from MLX's generator, so a run's masks follow its MLX seed, and a
+// compiled step or a CUDA graph replayed with new seeds draws new masks.
+//
+// Layout: the input is the fused projection qkv (B, T, 3C), row-contiguous; q, k and v
+// are handed to cuDNN as strided (B, H, T, D) views of it (no transposes), the output is
+// written as (B, T, H, D), which is (B, T, C) with the heads merged, and the gradient of
+// qkv is written into one (B, T, 3C) buffer through the same strided views. The forward
+// also returns each row's log-sum-exp (B, H, T, float32), which the backward reads.
+//
+// Buffers: MLX allocates GPU memory for an array only inside its own code (its
+// stream-ordered allocator is not exported). So each output takes over the buffer of an
+// input made for it alone: a broadcast value copied to a fresh array of the output's size
+// (`fresh` below). Nothing else reads those arrays, so writing into them is safe; their
+// value depends on qkv and the seed, so MLX's compiler never merges two of them. cuDNN's
+// workspace, where a plan needs one, is such an array too.
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include <cudnn_frontend.h>
+#include <nanobind/nanobind.h>
+
+#include "mlx/array.h"
+#include "mlx/backend/cuda/device.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/stream.h"
+#include "mlx/utils.h"
+
+namespace mx = mlx::core;
+namespace fe = cudnn_frontend;
+namespace nb = nanobind;
+
+namespace {
+
+enum Uid : int64_t { Q = 1, K, V, O, STATS, SEED, OFFSET, D_O, D_Q, D_K, D_V };
+
+struct Params {
+  int heads;
+  float scale;
+  float p;
+  bool operator==(const Params& o) const {
+    return heads == o.heads && scale == o.scale && p == o.p;
+  }
+};
+
+struct Key {
+  int device, B, T, H, D;
+  bool bf16, backward;
+  float scale, p;
+  auto tie() const { return std::tie(device, B, T, H, D, bf16, backward, scale, p); }
+  bool operator<(const Key& o) const { return tie() < o.tie(); }
+};
+
+struct Plan {
+  std::shared_ptr<fe::graph::Graph> graph;
+  int64_t workspace = 0;  // bytes
+};
+
+void check(fe::error_t err, const char* what) {
+  if (!err.is_good()) {
+    throw std::runtime_error(std::string("cuDNN attention: ") + what + ": " + err.get_message());
+  }
+}
+
+std::mutex& lock() {
+  static std::mutex m;
+  return m;
+}
+
+cudnnHandle_t handle(int device) {
+  static std::map<int, cudnnHandle_t> handles;
+  auto it = handles.find(device);
+  if (it == handles.end()) {
+    mx::cu::device(device).make_current();
+    cudnnHandle_t h;
+    if (cudnnCreate(&h) != CUDNN_STATUS_SUCCESS) {
+      throw std::runtime_error("cuDNN attention: cudnnCreate failed");
+    }
+    it = handles.emplace(device, h).first;
+  }
+  return it->second;
+}
+
+// The (B, H, T, D) strides of q, k or v in qkv (B, T, 3C), and of the output (B, T, C).
+std::vector<int64_t> in_strides(const Key& k) {
+  int64_t C = int64_t(k.H) * k.D;
+  return {int64_t(k.T) * 3 * C, k.D, 3 * C, 1};
+}
+std::vector<int64_t> out_strides(const Key& k) {
+  int64_t C = int64_t(k.H) * k.D;
+  return {int64_t(k.T) * C, k.D, C, 1};
+}
+
+Plan build(const Key& k) {
+  auto g = std::make_shared<fe::graph::Graph>();
+  g->set_io_data_type(k.bf16 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF)
+      .set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  std::vector<int64_t> dims{k.B, k.H, k.T, k.D};
+  std::vector<int64_t> stats_dims{k.B, k.H, k.T, 1}, stats_strides{int64_t(k.H) * k.T, k.T, 1, 1};
+  auto tensor = [&](const char* name, Uid uid, const std::vector<int64_t>& d,
+                    const std::vector<int64_t>& s) {
+    return g->tensor(
+        fe::graph::Tensor_attributes().set_name(name).set_uid(uid).set_dim(d).set_stride(s));
+  };
+  auto scalar = [&](const char* name, Uid uid) {
+    return g->tensor(fe::graph::Tensor_attributes()
+                         .set_name(name)
+                         .set_uid(uid)
+                         .set_dim({1, 1, 1, 1})
+                         .set_stride({1, 1, 1, 1})
+                         .set_data_type(fe::DataType_t::INT64));
+  };
+  auto q = tensor("Q", Q, dims, in_strides(k));
+  auto kk = tensor("K", K, dims, in_strides(k));
+  auto v = tensor("V", V, dims, in_strides(k));
+  auto seed = scalar("Seed", SEED), offset = scalar("Offset", OFFSET);  // p > 0: dropout
+  if (!k.backward) {
+    auto options = fe::graph::SDPA_attributes()
+                       .set_name("causal_attention")
+                       .set_generate_stats(true)
+                       .set_causal_mask(true)
+                       .set_attn_scale(k.scale);
+    options.set_dropout(k.p, seed, offset);
+    auto [o, stats] = g->sdpa(q, kk, v, options);
+    o->set_output(true).set_uid(O).set_dim(dims).set_stride(out_strides(k));
+    stats->set_output(true)
+        .set_uid(STATS)
+        .set_data_type(fe::DataType_t::FLOAT)
+        .set_dim(stats_dims)
+        .set_stride(stats_strides);
+  } else {
+    auto o = tensor("O", O, dims, out_strides(k));
+    auto d_o = tensor("dO", D_O, dims, out_strides(k));
+    auto stats = tensor("Stats", STATS, stats_dims, stats_strides);
+    stats->set_data_type(fe::DataType_t::FLOAT);
+    auto options = fe::graph::SDPA_backward_attributes()
+                       .set_name("causal_attention_backward")
+                       .set_causal_mask(true)
+                       .set_attn_scale(k.scale);
+    options.set_dropout(k.p, seed, offset);
+    auto [d_q, d_k, d_v] = g->sdpa_backward(q, kk, v, o, d_o, stats, options);
+    d_q->set_output(true).set_uid(D_Q).set_dim(dims).set_stride(in_strides(k));
+    d_k->set_output(true).set_uid(D_K).set_dim(dims).set_stride(in_strides(k));
+    d_v->set_output(true).set_uid(D_V).set_dim(dims).set_stride(in_strides(k));
+  }
+  auto h = handle(k.device);
+  check(g->validate(), "validate");
+  check(g->build_operation_graph(h), "build_operation_graph");
+  check(g->create_execution_plans({fe::HeurMode_t::A}), "create_execution_plans");
+  check(g->check_support(h), "check_support");
+  check(g->build_plans(h), "build_plans");
+  Plan plan{g, 0};
+  check(g->get_workspace_size(plan.workspace), "get_workspace_size");
+  return plan;
+}
+
+// The plan for `k`, built once per process (cuDNN picks and builds a kernel: tens of ms).
+Plan plan_for(const Key& k) {
+  std::lock_guard<std::mutex> guard(lock());
+  static std::map<Key, Plan> plans;
+  auto it = plans.find(k);
+  if (it == plans.end()) it = plans.emplace(k, build(k)).first;
+  return it->second;
+}
+
+// A fresh array of `shape` and `dtype` that only its caller reads: element `which` of qkv
+// plus the seed, broadcast and copied (a copy of a broadcast always allocates).
+mx::array fresh(const mx::array& qkv, const mx::array& seed, int which, const mx::Shape& shape,
+                mx::Dtype dtype, mx::Stream s) {
+  auto flat = mx::reshape(qkv, {-1}, s);
+  auto one = mx::add(mx::astype(mx::slice(flat, {which}, {which + 1}, s), mx::float32, s),
+                     mx::astype(mx::slice(seed, {0}, {1}, s), mx::float32, s), s);
+  return mx::contiguous(mx::broadcast_to(mx::astype(one, dtype, s), shape, s), false, s);
+}
+
+mx::Shape workspace_shape(int64_t bytes) { return {int((bytes + 3) / 4)}; }
+
+// Takes over `donor`'s buffer as `out`'s (same byte size, row-contiguous).
+void adopt(mx::array& out, const mx::array& donor, const mx::array& qkv) {
+  if (donor.nbytes() != out.nbytes() || !donor.flags().row_contiguous ||
+      donor.data_shared_ptr() == qkv.data_shared_ptr()) {
+    throw std::runtime_error("cuDNN attention: an output buffer is not a fresh array");
+  }
+  mx::Strides strides(out.ndim(), 1);
+  for (int i = out.ndim() - 2; i >= 0; --i) strides[i] = strides[i + 1] * out.shape(i + 1);
+  mx::array::Flags flags{};
+  flags.contiguous = true;
+  flags.row_contiguous = true;
+  flags.col_contiguous = out.ndim() <= 1;
+  out.copy_shared_buffer(donor, strides, flags, out.size(), 0);
+}
+
+template <typename T = void>
+T* gpu(const mx::array& a) {
+  return const_cast<T*>(mx::gpu_ptr<T>(a));
+}
+
+Key key_of(const mx::array& qkv, const Params& prm, bool backward, int device) {
+  int C = qkv.shape(2) / 3;
+  return {device, qkv.shape(0), qkv.shape(1), prm.heads, C / prm.heads,
+          qkv.dtype() == mx::bfloat16, backward, prm.scale, prm.p};
+}
+
+void run(const Plan& plan, mx::Stream s, std::unordered_map<int64_t, void*>& pack,
+         void* workspace) {
+  auto& encoder = mx::cu::get_command_encoder(s);
+  auto h = handle(encoder.device().cuda_device());
+  auto capture = encoder.capture_context();  // a node of MLX's CUDA graph (or direct)
+  cudnnSetStream(h, encoder.stream());
+  auto err = plan.graph->execute(h, pack, workspace);
+  if (!err.is_good()) {
+    capture.discard = true;
+    check(err, "execute");
+  }
+}
+
+class GpuPrimitive : public mx::Primitive {
+ public:
+  GpuPrimitive(mx::Stream stream, Params prm) : mx::Primitive(stream), prm_(prm) {}
+  void eval_cpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error(std::string(name()) + " runs on an NVIDIA GPU only");
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return prm_ == static_cast<const GpuPrimitive&>(other).prm_;
+  }
+
+ protected:
+  Params prm_;
+};
+
+// inputs: qkv, seed (int64 (2,)), o, stats, dO (the output's cotangent), the dqkv buffer,
+// [workspace]; output: dqkv (B, T, 3C)
+class CausalAttentionGrad : public GpuPrimitive {
+ public:
+  using GpuPrimitive::GpuPrimitive;
+
+  void eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto &qkv = in[0], &seed = in[1], &o = in[2], &stats = in[3], &d_o = in[4];
+    auto& encoder = mx::cu::get_command_encoder(stream());
+    auto k = key_of(qkv, prm_, true, encoder.device().cuda_device());
+    auto plan = plan_for(k);
+    adopt(out[0], in[5], qkv);
+    void* workspace = plan.workspace > 0 ? gpu(in.at(6)) : nullptr;
+    for (auto& a : in) encoder.set_input_array(a);
+    encoder.set_output_array(out[0]);
+    int64_t C = int64_t(k.H) * k.D;
+    auto* dqkv = gpu<char>(out[0]);
+    auto* src = gpu<char>(qkv);
+    size_t item = qkv.itemsize();
+    std::unordered_map<int64_t, void*> pack{
+        {Q, src}, {K, src + C * item}, {V, src + 2 * C * item},
+        {O, gpu(o)}, {D_O, gpu(d_o)}, {STATS, gpu(stats)},
+        {SEED, gpu<int64_t>(seed)}, {OFFSET, gpu<int64_t>(seed) + 1},
+        {D_Q, dqkv}, {D_K, dqkv + C * item}, {D_V, dqkv + 2 * C * item}};
+    run(plan, stream(), pack, workspace);
+  }
+
+  const char* name() const override { return "CudnnCausalAttentionGrad"; }
+};
+
+// inputs: qkv, seed (int64 (2,)), the o buffer, the stats buffer, [workspace];
+// outputs: o (B, T, C), stats (B, H, T) float32
+class CausalAttention : public GpuPrimitive {
+ public:
+  using GpuPrimitive::GpuPrimitive;
+
+  void eval_gpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto &qkv = in[0], &seed = in[1];
+    auto& encoder = mx::cu::get_command_encoder(stream());
+    auto k = key_of(qkv, prm_, false, encoder.device().cuda_device());
+    auto plan = plan_for(k);
+    adopt(out[0], in[2], qkv);
+    adopt(out[1], in[3], qkv);
+    void* workspace = plan.workspace > 0 ? gpu(in.at(4)) : nullptr;
+    for (auto& a : in) encoder.set_input_array(a);
+    for (auto& a : out) encoder.set_output_array(a);
+    int64_t C = int64_t(k.H) * k.D;
+    auto* src = gpu<char>(qkv);
+    size_t item = qkv.itemsize();
+    std::unordered_map<int64_t, void*> pack{
+        {Q, src}, {K, src + C * item}, {V, src + 2 * C * item},
+        {O, gpu(out[0])}, {STATS, gpu(out[1])},
+        {SEED, gpu<int64_t>(seed)}, {OFFSET, gpu<int64_t>(seed) + 1}};
+    run(plan, stream(), pack, workspace);
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums,
+                             const std::vector<mx::array>& outputs) override {
+    // the log-sum-exp is an internal output: its cotangent is ignored
+    auto s = stream();
+    const auto &qkv = primals[0], &seed = primals[1];
+    auto d_o = mx::contiguous(cotangents[0], false, s);
+    auto device = mx::cu::get_command_encoder(s).device().cuda_device();
+    auto plan = plan_for(key_of(qkv, prm_, true, device));
+    std::vector<mx::array> inputs{qkv, seed, outputs[0], outputs[1], d_o,
+                                  fresh(qkv, seed, 2, qkv.shape(), qkv.dtype(), s)};
+    if (plan.workspace > 0) {
+      inputs.push_back(fresh(qkv, seed, 3, workspace_shape(plan.workspace), mx::float32, s));
+    }
+    auto dqkv = mx::array(qkv.shape(), qkv.dtype(),
+                          std::make_shared<CausalAttentionGrad>(s, prm_), std::move(inputs));
+    std::vector<mx::array> grads;
+    for (int arg : argnums) {
+      grads.push_back(arg == 0 ? dqkv : mx::zeros_like(primals[arg], s));
+    }
+    return grads;
+  }
+
+  const char* name() const override { return "CudnnCausalAttention"; }
+};
+
+mx::array causal_attention(const mx::array& qkv_in, const mx::array& seed_in, int heads,
+                           float scale, float p) {
+  std::ostringstream bad;
+  int C3 = qkv_in.ndim() == 3 ? qkv_in.shape(2) : 0;
+  if (heads < 1) {
+    bad << "heads must be >= 1, got " << heads;
+  } else if (qkv_in.ndim() != 3 || C3 % (3 * heads) != 0) {
+    bad << "qkv must be (B, T, 3 * heads * head_dim) with heads=" << heads << ", got shape "
+        << qkv_in.shape();
+  } else if (qkv_in.dtype() != mx::bfloat16 && qkv_in.dtype() != mx::float16) {
+    bad << "qkv must be bfloat16 or float16, got " << qkv_in.dtype();
+  } else if (int D = C3 / 3 / heads; D % 8 != 0 || D > 128) {
+    bad << "head_dim must be a multiple of 8 up to 128, got " << D;
+  } else if (qkv_in.shape(1) < 2) {
+    bad << "sequence length must be at least 2, got " << qkv_in.shape(1);
+  } else if (seed_in.size() != 2) {
+    bad << "seed must hold two values (seed, offset), got shape " << seed_in.shape();
+  } else if (!(p > 0.0f && p < 1.0f)) {
+    bad << "dropout p must be in (0, 1) (without dropout, use MLX's fused attention), got "
+        << p;
+  }
+  if (!bad.str().empty()) throw std::invalid_argument(bad.str());
+  auto s = mx::default_stream(mx::default_device());
+  if (s.device != mx::Device::gpu) {
+    throw std::invalid_argument("cuDNN attention runs on the GPU only");
+  }
+  auto qkv = mx::contiguous(qkv_in, false, s);
+  auto seed = mx::contiguous(mx::astype(seed_in, mx::int64, s), false, s);
+  int B = qkv.shape(0), T = qkv.shape(1), C = C3 / 3;
+  Params prm{heads, scale, p};
+  auto device = mx::cu::get_command_encoder(s).device().cuda_device();
+  auto plan = plan_for(key_of(qkv, prm, false, device));  // fails here if cuDNN cannot
+  plan_for(key_of(qkv, prm, true, device));
+  std::vector<mx::array> inputs{qkv, seed, fresh(qkv, seed, 0, {B, T, C}, qkv.dtype(), s),
+                                fresh(qkv, seed, 1, {B, heads, T}, mx::float32, s)};
+  if (plan.workspace > 0) {
+    inputs.push_back(fresh(qkv, seed, 3, workspace_shape(plan.workspace), mx::float32, s));
+  }
+  auto outs = mx::array::make_arrays({{B, T, C}, {B, heads, T}}, {qkv.dtype(), mx::float32},
+                                     std::make_shared<CausalAttention>(s, prm),
+                                     std::move(inputs));
+  return outs[0];
+}
+
+}  // namespace
+
+NB_MODULE(_cuda_attention, m) {
+  m.doc() = "cuDNN's fused causal attention with dropout, as MLX primitives";
+  m.def("causal_attention", &causal_attention, nb::arg("qkv"), nb::arg("seed"),
+        nb::arg("heads"), nb::arg("scale"), nb::arg("p"),
+        "Causal attention of the fused projection qkv (B, T, 3C), bfloat16 or float16, with "
+        "dropout p on its weights seeded by seed (two int64: seed, offset) -> (B, T, C).");
+}

@@ -1,0 +1,207 @@
+"""cuDNN's fused causal attention with dropout for MLX's CUDA backend
+(`csrc/cuda_attention.cpp`): its build, and the call the `gpu` backend makes.
+
+MLX's fused attention has no dropout, so GPT-2's attention in training (dropout on the
+weights) ran as separate MLX operations: the (B, H, T, T) scores, mask, softmax, a random
+draw per weight, and two products, with the heads transposed in and out. cuDNN's fused
+attention computes the same function in one kernel forward and one backward, its
+dropout masks drawn by a Philox generator from a seed that MLX's generator draws.
+
+The extension is compiled on first use, as the native CPU kernels are
+(`mlx_model.ops.native`, `mlx_model.runtime.build.plan_mlx_extension`), against the
+installed MLX's headers, cuDNN's frontend (the `nvidia-cudnn-frontend` package, a
+header-only C++ library), cuDNN's and the CUDA runtime's headers, and linked against
+`libcudart`; the `cuda` extra installs them all. A build takes 10 to 20 s, once per MLX
+install. If anything is missing or fails, `load()` warns once and returns None, and the
+model computes attention with MLX's operations.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import math
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from types import ModuleType
+
+import mlx.core as mx
+
+from ..runtime.build import build_cached, plan_mlx_extension
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "cuda_attention.cpp"
+MODULE = "_cuda_attention"
+BUILD_TIMEOUT_S = 600
+CUDA_MAJOR = 13  # MLX's CUDA build (mlx[cuda13]) runs on the CUDA 13 runtime
+
+_lock = threading.Lock()
+
+
+class BuildError(RuntimeError):
+    """The extension could not be built or loaded here."""
+
+
+def usable() -> bool:
+    """Whether this process runs MLX on an NVIDIA GPU (Linux, MLX's CUDA backend)."""
+    return (
+        sys.platform.startswith("linux")
+        and mx.cuda.is_available()
+        and mx.default_device() == mx.gpu
+    )
+
+
+def load() -> ModuleType | None:
+    """The extension module, built if needed; None (after one warning) if it cannot be,
+    or where MLX does not run on an NVIDIA GPU."""
+    return _load_once() if usable() else None
+
+
+def needs_build() -> bool:
+    """Whether `load()` would compile first (once per MLX install): worth a line before."""
+    if not usable() or _load_once.cache_info().currsize:
+        return False
+    try:
+        return not _planned()[0].exists()
+    except BuildError:
+        return False
+
+
+def supports(qkv: mx.array, n_head: int) -> bool:
+    """Whether the fused kernel takes this projection (B, T, 3C): bfloat16 or float16,
+    head_dim a multiple of 8 up to 128 (cuDNN's fused attention), T of 2 or more."""
+    head_dim = qkv.shape[-1] // 3 // n_head
+    return (
+        qkv.dtype in (mx.bfloat16, mx.float16)
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and qkv.shape[1] >= 2
+    )
+
+
+def causal_attention(ext: ModuleType, qkv: mx.array, n_head: int, p: float) -> mx.array:
+    """Causal self-attention with dropout p on its weights, (B, T, 3C) -> (B, T, C), its
+    dropout seeded by two values from MLX's generator (so `mx.random.seed` decides it)."""
+    seed = mx.random.randint(0, 2**31 - 1, (2,))
+    scale = 1.0 / math.sqrt(qkv.shape[-1] // 3 // n_head)
+    return ext.causal_attention(qkv, seed, n_head, scale, p)
+
+
+@functools.cache
+def _load_once() -> ModuleType | None:
+    with _lock:
+        try:
+            lib = build()
+            try:
+                return _import(lib)
+            except BuildError:
+                lib.unlink(missing_ok=True)  # a damaged cached library: build it once more
+                return _import(build())
+        except (BuildError, OSError) as err:
+            warnings.warn(
+                f"cuDNN attention is not available ({err}); attention with dropout runs "
+                "as MLX operations, which is slower. Install the `cuda` extra's packages "
+                "and a C++ compiler to use it.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+
+
+def build() -> Path:
+    """The cached extension library, compiled if missing; BuildError says why it cannot be."""
+    lib, compile_and_link = _planned()
+    return lib if lib.exists() else build_cached(lib, compile_and_link)
+
+
+def _nvidia_roots() -> list[Path]:
+    """The folders of the `nvidia` namespace package (pip's CUDA and cuDNN wheels)."""
+    spec = importlib.util.find_spec("nvidia")
+    return [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+
+
+def _cuda_homes() -> list[Path]:
+    homes = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")] + ["/usr/local/cuda"]
+    found = []
+    for home in filter(None, homes):
+        found += [Path(home), Path(home) / "targets" / "x86_64-linux"]
+    return found
+
+
+def _holding(relative: str, folders: Iterable[Path]) -> Path | None:
+    return next((f for f in folders if (f / relative).exists()), None)
+
+
+def _frontend_include() -> Path | None:
+    spec = importlib.util.find_spec("cudnn")  # nvidia-cudnn-frontend's Python package
+    folders = [Path(spec.origin).parents[1] / "include"] if spec and spec.origin else []
+    return _holding("cudnn_frontend.h", folders + [Path("/usr/include")])
+
+
+def _planned() -> tuple[Path, Callable[[Path], Path]]:
+    """The cached library's path and the function that builds it into a folder."""
+    nvidia = _nvidia_roots()
+    cu = [r / f"cu{CUDA_MAJOR}" for r in nvidia]
+    system = [Path("/usr/include"), Path("/usr/include/x86_64-linux-gnu")]
+    mlx_include = Path(mx.__file__).parent / "include"
+    needed = {
+        "cuDNN's frontend headers (pip install nvidia-cudnn-frontend)": _frontend_include(),
+        "cudnn.h": _holding("cudnn.h", [r / "cudnn" / "include" for r in nvidia] + system),
+        "cuda_runtime_api.h": _holding(
+            "cuda_runtime_api.h", [c / "include" for c in cu + _cuda_homes()]
+        ),
+        "crt/host_defines.h (pip install nvidia-cuda-crt)": _holding(
+            "crt/host_defines.h", [c / "include" for c in cu + _cuda_homes()]
+        ),
+        f"libcudart.so.{CUDA_MAJOR}": _holding(
+            f"libcudart.so.{CUDA_MAJOR}",
+            [c / "lib" for c in cu]
+            + [h / "lib64" for h in _cuda_homes()]
+            + [h / "lib" for h in _cuda_homes()],
+        ),
+        "MLX's CUDA headers": _holding("mlx/backend/cuda/device.h", [mlx_include]),
+        "MLX's CCCL headers": _holding("nv/target", [mlx_include / "cccl"]),
+    }
+    missing = [name for name, folder in needed.items() if folder is None]
+    if missing:
+        raise BuildError(f"not found: {', '.join(missing)}")
+    *headers, cudart_dir, _, cccl = needed.values()
+    includes = [CSRC / "fmt_shim", cccl, *dict.fromkeys(headers)]  # fmt: MLX's headers want it
+    flags = ["-O1", "-std=c++20", "-DCUDNN_FRONTEND_SKIP_JSON_LIB"]
+    flags += [f"-I{folder}" for folder in includes]
+    cudart = cudart_dir / f"libcudart.so.{CUDA_MAJOR}"
+    link = [str(cudart), f"-Wl,-rpath,{cudart_dir}"]
+    try:
+        frontend = importlib.metadata.version("nvidia-cudnn-frontend")
+    except importlib.metadata.PackageNotFoundError:
+        frontend = "system"
+    shim = (CSRC / "fmt_shim" / "fmt" / "format.h").read_text()
+    return plan_mlx_extension(
+        MODULE, SOURCE, flags, link, [frontend, shim], BUILD_TIMEOUT_S, BuildError
+    )
+
+
+def _import(lib: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(MODULE, lib)
+    if spec is None or spec.loader is None:
+        raise BuildError(f"cannot import {lib}")
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        # with values of ones each output is its row's kept weights over (1 - p): 1 on
+        # average over the rows
+        qkv = mx.concatenate(
+            [mx.random.normal((1, 256, 128), key=mx.random.key(0)), mx.ones((1, 256, 64))], -1
+        ).astype(mx.bfloat16)
+        y = module.causal_attention(qkv, mx.array([1, 2], mx.int64), 1, 0.125, 0.25)
+        err = abs(y.astype(mx.float32).mean().item() - 1.0)
+    except (ImportError, TypeError, RuntimeError, ValueError) as err:
+        raise BuildError(f"the built extension {lib.name} does not work with MLX: {err}") from err
+    if not err < 0.1:
+        raise BuildError(f"the built extension {lib.name} computes a wrong result ({err:g})")
+    return module

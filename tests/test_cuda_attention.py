@@ -1,0 +1,156 @@
+"""cuDNN's fused attention with dropout (`mlx_model.ops.cuda`): on an NVIDIA GPU only.
+
+Skipped where MLX does not run on CUDA (CI's machines); run on a GPU machine with
+`python -m pytest tests/test_cuda_attention.py`, or `python tests/test_cuda_attention.py`
+where Prefect (which the suite's conftest imports) is not installed. Checks the dropout's
+share, scale and seeding, and the output and gradients against the same function written
+in MLX with the kernel's own mask, which a value matrix of identity rows reads out.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the checkout's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from mlx_model import ops  # noqa: E402
+from mlx_model.ops import cuda  # noqa: E402
+from mlx_model.ops.reference import attention_weights, merge_heads, split_heads  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not cuda.usable(), reason="needs MLX on an NVIDIA GPU")
+
+B, T, H, D = 2, 64, 3, 64  # T == D: a value matrix of identity rows reads the weights out
+SCALE = 1.0 / math.sqrt(D)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = cuda.load()
+    assert module is not None, "cuDNN attention did not build here"
+    return module
+
+
+def _qkv(seed: int) -> mx.array:
+    return mx.random.normal((B, T, 3 * H * D), key=mx.random.key(seed)).astype(mx.bfloat16)
+
+
+def _seed(value: int) -> mx.array:
+    return mx.array([value, 7], dtype=mx.int64)
+
+
+def _reference(qkv: mx.array, keep: mx.array | None, p: float) -> mx.array:
+    """The same attention in MLX, in float32, with a given keep mask (B, H, T, T)."""
+    q, k, v = split_heads(qkv.astype(mx.float32), H)
+    w = attention_weights(q, k, SCALE)
+    if keep is not None:
+        w = mx.where(keep, w / (1 - p), 0.0)
+    return merge_heads(w @ v)
+
+
+def _weights_read_out(ext, qkv: mx.array, seed: mx.array, p: float) -> mx.array:
+    """The kernel's dropped and scaled weights (B, H, T, T) for qkv's q and k."""
+    y = ext.causal_attention(_with_identity_v(qkv), seed, H, SCALE, p)  # (B, T, H * T)
+    return y.astype(mx.float32).reshape(B, T, H, T).transpose(0, 2, 1, 3)
+
+
+def _with_identity_v(qkv: mx.array) -> mx.array:
+    eye = mx.broadcast_to(mx.eye(T)[None, :, None, :], (B, T, H, D)).reshape(B, T, H * D)
+    return mx.concatenate([qkv[..., : 2 * H * D], eye.astype(qkv.dtype)], axis=-1)
+
+
+def _close(a: mx.array, b: mx.array, tol: float) -> float:
+    err = mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
+    scale = max(1.0, mx.abs(b.astype(mx.float32)).max().item())
+    assert err <= tol * scale, (err, scale)
+    return err
+
+
+def test_dropout_drops_the_share_p_scales_the_rest_and_follows_the_seed(ext):
+    p, qkv = 0.2, _qkv(2)
+    dropped = _weights_read_out(ext, qkv, _seed(11), p)
+    full = attention_weights(*split_heads(qkv.astype(mx.float32), H)[:2], SCALE)
+    causal = np.tril(np.ones((T, T), bool))[None, None]
+    kept = np.array(dropped) != 0
+    share = 1 - kept[np.broadcast_to(causal, kept.shape)].mean()
+    assert abs(share - p) < 0.02, share
+    scaled = np.array(full)[kept] / (1 - p)
+    assert np.allclose(np.array(dropped)[kept], scaled, rtol=2e-2, atol=1e-3)
+    assert not kept[~np.broadcast_to(causal, kept.shape)].any()  # the future stays masked
+    again = _weights_read_out(ext, qkv, _seed(11), p)
+    other = _weights_read_out(ext, qkv, _seed(12), p)
+    assert mx.array_equal(dropped, again).item()
+    assert not mx.array_equal(dropped, other).item()
+
+
+def test_with_dropout_the_output_and_gradients_are_the_function_of_its_mask(ext):
+    """The mask does not depend on the values: read it out with identity values, then
+    compare the kernel on real values (forward and backward) with MLX on that mask."""
+    p, qkv, seed = 0.2, _qkv(4), _seed(21)
+    keep = _weights_read_out(ext, qkv, seed, p) != 0
+    ct = mx.random.normal((B, T, H * D), key=mx.random.key(5))
+
+    def fused(x):
+        return (ext.causal_attention(x, seed, H, SCALE, p).astype(mx.float32) * ct).sum()
+
+    def mlx(x):
+        return (_reference(x, keep, p) * ct).sum()
+
+    _close(ext.causal_attention(qkv, seed, H, SCALE, p), _reference(qkv, keep, p), 2e-2)
+    _close(mx.grad(fused)(qkv), mx.grad(mlx)(qkv), 3e-2)
+
+
+def test_the_gpu_backend_trains_with_it_compiled_and_not(ext):
+    from mlx_model.config import GPTConfig
+    from mlx_model.model import GPT
+
+    cfg = GPTConfig(vocab_size=65, block_size=T, n_layer=2, n_head=H, n_emb=H * D, dropout=0.2)
+    mx.random.seed(0)
+    model = GPT(cfg)
+    rng = np.random.default_rng(0)
+    x, y = (mx.array(rng.integers(0, 65, (4, T)), dtype=mx.int32) for _ in range(2))
+
+    def loss(m, x, y):
+        return ops.loss(m, x, y, mx.bfloat16).mean()
+
+    step = nn.value_and_grad(model, loss)
+    losses = {}
+    with ops.use("gpu"):
+        assert ops.signature("bfloat16")["attention"] == "cudnn"
+        for name, fn in (("eager", step), ("compiled", mx.compile(step))):
+            mx.random.seed(9)  # the same dropout seeds both ways
+            value, grads = fn(model, x, y)
+            mx.eval(value, grads)
+            losses[name] = value.item()
+    assert abs(losses["eager"] - losses["compiled"]) < 1e-2 * losses["eager"], losses
+
+
+def test_bad_input_is_named(ext):
+    qkv = _qkv(0)
+    with pytest.raises(ValueError, match="qkv must be bfloat16 or float16, got float32"):
+        ext.causal_attention(qkv.astype(mx.float32), _seed(1), H, SCALE, 0.1)
+    for p in (0.0, 1.0):
+        with pytest.raises(ValueError, match=f"dropout p must be in \\(0, 1\\).* got {p:g}"):
+            ext.causal_attention(qkv, _seed(1), H, SCALE, p)
+    with pytest.raises(ValueError, match="head_dim must be a multiple of 8 up to 128, got 36"):
+        ext.causal_attention(qkv[..., : 3 * 3 * 36], _seed(1), 3, SCALE, 0.1)
+
+
+if __name__ == "__main__":  # without pytest's conftest (which needs Prefect): each test once
+    if not cuda.usable():
+        print("skipped: needs MLX on an NVIDIA GPU")
+        raise SystemExit(0)
+    module = cuda.load()
+    if module is None:
+        raise SystemExit("cuDNN attention did not build here (see the warning above)")
+    for name, fn in list(globals().items()):
+        if name.startswith("test_"):
+            fn(module)
+            print("passed", name)
