@@ -10,8 +10,9 @@ prints its first loss estimate at or below `--target`. The project's side is
 --preset nanogpt-char` (nanoGPT's recipe in PyTorch: `torch.compile`, bfloat16 autocast,
 fused AdamW), on the same batches, the same model shape and the same estimate schedule.
 
-Cold means empty compiler caches: MLX's kernel cache (`MLX_PTX_CACHE_DIR`) and
-`torch.compile`'s (`TORCHINDUCTOR_CACHE_DIR`, `TRITON_CACHE_DIR`) point to new folders
+Cold means empty caches, as on a fresh machine: MLX's kernel cache (`MLX_PTX_CACHE_DIR`),
+the project's built libraries (`XDG_CACHE_HOME`: cuDNN attention, built by the first run)
+and `torch.compile`'s (`TORCHINDUCTOR_CACHE_DIR`, `TRITON_CACHE_DIR`) point to new folders
 under `--out`. Warm rounds reuse those folders. Order: project cold, then a wait until the
 project's kernel warm-up child (which outlives a short cold run) has finished, reference
 cold, then `--rounds` rounds of project warm, reference warm (alternating, so a slow spell
@@ -386,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env |= {
         "MLX_PTX_CACHE_DIR": str(caches / "mlx"),
+        "XDG_CACHE_HOME": str(caches / "home"),  # cuDNN attention and other built libraries
         "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
         "TRITON_CACHE_DIR": str(caches / "triton"),
     }

@@ -259,3 +259,25 @@ def test_the_clis_log_lines_give_the_same_figures(tmp_path):
     assert cmd[1:4] == ["-m", "flows", "run"] and gpu_race.ARTIFACTS in cmd
     assert cmd[-4:] == ["--set", "model.dropout=0.0", "--set", "training.max_iters=5"]
     assert corpus.resolve().as_uri() in cmd
+
+
+def test_a_cold_race_starts_every_cache_empty_under_out(tmp_path, monkeypatch):
+    """Cold is a fresh machine: MLX's kernels, the project's built libraries (cuDNN
+    attention, the native CPU kernels) and torch.compile's caches all live under --out."""
+    corpus = tmp_path / "input.txt"
+    corpus.write_text("abc\n" * 100)
+    seen = []
+
+    def fake_measure(run, cmd, env, args, flops):
+        seen.append(env)
+        run.rc, run.step_at_target, run.seconds_to_target = 0, 10, 1.0
+        return run
+
+    monkeypatch.setattr(gpu_race, "measure", fake_measure)
+    out = tmp_path / "r"
+    argv = ["--corpus", str(corpus), "--smoke", "--project-only", "--rounds", "0"]
+    gpu_race.main(argv + ["--throughput-steps", "0", "--out", str(out)])
+    names = ("MLX_PTX_CACHE_DIR", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    folders = [Path(seen[0][name]) for name in names]
+    assert all(f.parent == out / "caches" for f in folders)
+    assert len(set(folders)) == len(folders)
