@@ -107,6 +107,20 @@ def test_with_dropout_the_output_and_gradients_are_the_function_of_its_mask(ext)
     _close(mx.grad(fused)(qkv), mx.grad(mlx)(qkv), 3e-2)
 
 
+def test_its_gradient_flows_to_qkv_alone(ext):
+    """The output buffers are made from qkv, but no gradient goes back through them (which
+    cost a sum and a full-size update of qkv's gradient per layer)."""
+    import tempfile
+    from pathlib import Path
+
+    grad = mx.grad(lambda x: ext.causal_attention(x, _seed(1), H, SCALE, 0.2).sum())(_qkv(6))
+    with tempfile.TemporaryDirectory() as tmp:
+        mx.export_to_dot(str(Path(tmp) / "g.dot"), grad)
+        graph = (Path(tmp) / "g.dot").read_text()
+    assert "CudnnCausalAttentionGrad" in graph
+    assert "SliceUpdate" not in graph and "Sum" not in graph
+
+
 def test_the_gpu_backend_trains_with_it_compiled_and_not(ext):
     from mlx_model.config import GPTConfig
     from mlx_model.model import GPT

@@ -184,12 +184,16 @@ Plan plan_for(const Key& k) {
 }
 
 // A fresh array of `shape` and `dtype` that only its caller reads: element `which` of qkv
-// plus the seed, broadcast and copied (a copy of a broadcast always allocates).
+// plus the seed, broadcast and copied (a copy of a broadcast always allocates). Gradients
+// stop at qkv: without that, each backward pass sent zeros back through the copy, the
+// broadcast (a sum) and the slice (a full-size update of qkv's gradient).
 mx::array fresh(const mx::array& qkv, const mx::array& seed, int which, const mx::Shape& shape,
                 mx::Dtype dtype, mx::Stream s) {
-  auto flat = mx::reshape(qkv, {-1}, s);
+  auto flat = mx::reshape(mx::stop_gradient(qkv, s), {-1}, s);
   auto one = mx::add(mx::astype(mx::slice(flat, {which}, {which + 1}, s), mx::float32, s),
-                     mx::astype(mx::slice(seed, {0}, {1}, s), mx::float32, s), s);
+                     mx::astype(mx::slice(mx::stop_gradient(seed, s), {0}, {1}, s),
+                                mx::float32, s),
+                     s);
   return mx::contiguous(mx::broadcast_to(mx::astype(one, dtype, s), shape, s), false, s);
 }
 
