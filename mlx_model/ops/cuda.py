@@ -143,39 +143,48 @@ def _frontend_include() -> Path | None:
     return _holding("cudnn_frontend.h", folders + [Path("/usr/include")])
 
 
-def _planned() -> tuple[Path, Callable[[Path], Path]]:
-    """The cached library's path and the function that builds it into a folder."""
-    nvidia = _nvidia_roots()
+def find_inputs(
+    nvidia: list[Path], cuda_homes: list[Path], mlx_include: Path, frontend: Path | None
+) -> dict[str, Path]:
+    """The folders the build needs, from pip's `nvidia` packages (`nvidia`), CUDA toolkits
+    (`cuda_homes`), the system's include folders, MLX's headers (`mlx_include`) and cuDNN's
+    frontend headers (`frontend`); BuildError names each one not found."""
     cu = [r / f"cu{CUDA_MAJOR}" for r in nvidia]
+    cuda_include = [c / "include" for c in cu + cuda_homes]
     system = [Path("/usr/include"), Path("/usr/include/x86_64-linux-gnu")]
-    mlx_include = Path(mx.__file__).parent / "include"
-    needed = {
-        "cuDNN's frontend headers (pip install nvidia-cudnn-frontend)": _frontend_include(),
+    lib_folders = [c / "lib" for c in cu] + [h / d for h in cuda_homes for d in ("lib64", "lib")]
+    found = {
+        "cuDNN's frontend headers (pip install nvidia-cudnn-frontend)": frontend,
         "cudnn.h": _holding("cudnn.h", [r / "cudnn" / "include" for r in nvidia] + system),
-        "cuda_runtime_api.h": _holding(
-            "cuda_runtime_api.h", [c / "include" for c in cu + _cuda_homes()]
-        ),
+        "cuda_runtime_api.h": _holding("cuda_runtime_api.h", cuda_include),
         "crt/host_defines.h (pip install nvidia-cuda-crt)": _holding(
-            "crt/host_defines.h", [c / "include" for c in cu + _cuda_homes()]
+            "crt/host_defines.h", cuda_include
         ),
-        f"libcudart.so.{CUDA_MAJOR}": _holding(
-            f"libcudart.so.{CUDA_MAJOR}",
-            [c / "lib" for c in cu]
-            + [h / "lib64" for h in _cuda_homes()]
-            + [h / "lib" for h in _cuda_homes()],
-        ),
+        f"libcudart.so.{CUDA_MAJOR}": _holding(f"libcudart.so.{CUDA_MAJOR}", lib_folders),
         "MLX's CUDA headers": _holding("mlx/backend/cuda/device.h", [mlx_include]),
         "MLX's CCCL headers": _holding("nv/target", [mlx_include / "cccl"]),
     }
-    missing = [name for name, folder in needed.items() if folder is None]
+    missing = [name for name, folder in found.items() if folder is None]
     if missing:
         raise BuildError(f"not found: {', '.join(missing)}")
-    *headers, cudart_dir, _, cccl = needed.values()
+    return found
+
+
+def build_flags(found: dict[str, Path]) -> tuple[list[str], list[str]]:
+    """The compiler flags and linker arguments for the folders `find_inputs` found."""
+    *headers, cudart_dir, _, cccl = found.values()
     includes = [CSRC / "fmt_shim", cccl, *dict.fromkeys(headers)]  # fmt: MLX's headers want it
     flags = ["-O1", "-std=c++20", "-DCUDNN_FRONTEND_SKIP_JSON_LIB"]
     flags += [f"-I{folder}" for folder in includes]
     cudart = cudart_dir / f"libcudart.so.{CUDA_MAJOR}"
-    link = [str(cudart), f"-Wl,-rpath,{cudart_dir}"]
+    return flags, [str(cudart), f"-Wl,-rpath,{cudart_dir}"]
+
+
+def _planned() -> tuple[Path, Callable[[Path], Path]]:
+    """The cached library's path and the function that builds it into a folder."""
+    mlx_include = Path(mx.__file__).parent / "include"
+    found = find_inputs(_nvidia_roots(), _cuda_homes(), mlx_include, _frontend_include())
+    flags, link = build_flags(found)
     try:
         frontend = importlib.metadata.version("nvidia-cudnn-frontend")
     except importlib.metadata.PackageNotFoundError:
