@@ -25,14 +25,13 @@ import math
 import os
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
 
-from ..runtime.build import build_cached, plan_mlx_extension
+from ..runtime.build import built, load_extension, plan_mlx_extension, unbuilt
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cuda_attention.cpp"
@@ -66,10 +65,7 @@ def needs_build() -> bool:
     """Whether `load()` would compile first (once per MLX install): worth a line before."""
     if not usable() or _load_once.cache_info().currsize:
         return False
-    try:
-        return not _planned()[0].exists()
-    except BuildError:
-        return False
+    return unbuilt(_planned, BuildError)
 
 
 def supports(qkv: mx.array, n_head: int) -> bool:
@@ -95,28 +91,19 @@ def causal_attention(ext: ModuleType, qkv: mx.array, n_head: int, p: float) -> m
 @functools.cache
 def _load_once() -> ModuleType | None:
     with _lock:
-        try:
-            lib = build()
-            try:
-                return _import(lib)
-            except BuildError:
-                lib.unlink(missing_ok=True)  # a damaged cached library: build it once more
-                return _import(build())
-        except (BuildError, OSError) as err:
-            warnings.warn(
-                f"cuDNN attention is not available ({err}); attention with dropout runs "
-                "as MLX operations, which is slower. Install the `cuda` extra's packages "
-                "and a C++ compiler to use it.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return None
+        return load_extension(
+            _planned,
+            _import,
+            BuildError,
+            "cuDNN attention is not available ({err}); attention with dropout runs as MLX "
+            "operations, which is slower. Install the `cuda` extra's packages and a C++ "
+            "compiler to use it.",
+        )
 
 
 def build() -> Path:
     """The cached extension library, compiled if missing; BuildError says why it cannot be."""
-    lib, compile_and_link = _planned()
-    return lib if lib.exists() else build_cached(lib, compile_and_link)
+    return built(_planned)
 
 
 def _nvidia_roots() -> list[Path]:

@@ -26,14 +26,13 @@ import importlib.util
 import math
 import sys
 import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
 
-from ..runtime.build import build_cached, cpu_features, plan_mlx_extension
+from ..runtime.build import built, cpu_features, load_extension, plan_mlx_extension, unbuilt
 from . import cpu
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
@@ -57,38 +56,25 @@ def load() -> ModuleType | None:
 @functools.cache
 def _load_once() -> ModuleType | None:
     with _lock:
-        try:
-            lib = build()
-            try:
-                return _import(lib)
-            except BuildError:
-                # a damaged cached library (say, from a disk fault): build it once more
-                lib.unlink(missing_ok=True)
-                return _import(build())
-        except (BuildError, OSError) as err:  # OSError: an unwritable cache, say
-            warnings.warn(
-                f"the native CPU kernels are not available ({err}); training on the CPU "
-                "uses pure MLX, which is slower. Set SHAKESPEARE_GPT_OPS=cpu to silence this.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return None
+        return load_extension(
+            _planned,
+            _import,
+            BuildError,
+            "the native CPU kernels are not available ({err}); training on the CPU uses pure "
+            "MLX, which is slower. Set SHAKESPEARE_GPT_OPS=cpu to silence this.",
+        )
 
 
 def build() -> Path:
     """The cached extension library, compiled if missing; BuildError says why it cannot be."""
-    lib, compile_and_link = _planned()
-    return lib if lib.exists() else build_cached(lib, compile_and_link)
+    return built(_planned)
 
 
 def needs_build() -> bool:
     """Whether `build()` would compile (the first use for this MLX install and compiler)."""
     if not sys.platform.startswith("linux") or _load_once.cache_info().currsize:
         return False
-    try:
-        return not _planned()[0].exists()
-    except BuildError:
-        return False
+    return unbuilt(_planned, BuildError)
 
 
 def _planned() -> tuple[Path, Callable[[Path], Path]]:

@@ -10,8 +10,10 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 
 def build_cached(path: Path, build: Callable[[Path], Path]) -> Path:
@@ -131,3 +133,38 @@ def plan_mlx_extension(
         return out
 
     return lib, compile_and_link
+
+
+Plan = Callable[[], tuple[Path, Callable[[Path], Path]]]  # as plan_mlx_extension returns
+
+
+def built(plan: Plan) -> Path:
+    """The cached library that `plan()` names, built first if missing."""
+    lib, compile_and_link = plan()
+    return lib if lib.exists() else build_cached(lib, compile_and_link)
+
+
+def unbuilt(plan: Plan, error: type[Exception]) -> bool:
+    """Whether `built(plan)` would compile (False where it cannot be built at all)."""
+    try:
+        return not plan()[0].exists()
+    except error:
+        return False
+
+
+def load_extension(
+    plan: Plan, import_: Callable[[Path], ModuleType], error: type[Exception], unavailable: str
+) -> ModuleType | None:
+    """The extension `plan()` names, built if needed and imported with `import_` (which
+    raises `error` for a library that does not work: a damaged cached one is rebuilt once);
+    None where it cannot be, after one warning: `unavailable` with `{err}` in it."""
+    try:
+        lib = built(plan)
+        try:
+            return import_(lib)
+        except error:
+            lib.unlink(missing_ok=True)  # a damaged cached library (a disk fault, say)
+            return import_(built(plan))
+    except (error, OSError) as err:  # OSError: an unwritable cache, say
+        warnings.warn(unavailable.format(err=err), RuntimeWarning, stacklevel=5)
+        return None
