@@ -174,15 +174,18 @@ def measure(run: Run, cmd: list[str], env: dict, args, flops: float) -> Run:
 
 def wait_for_warm_up(mlx_cache: Path, timeout: float) -> float | None:
     """After the project's cold run: wait until its kernel warm-up child (which goes on
-    compiling in the background after a short run) has recorded the compiled step as warm
-    in `mlx_cache/.warm` (its first stage's marker, the uncompiled steps' kernels, does not
-    count). Returns the seconds waited; None when no warm-up was started (no `.warmup`
-    folder: a CPU, or warm-up turned off) or it did not finish in `timeout`."""
+    compiling in the background after a short run, and after a run that built cuDNN
+    attention in the background, compiles the step with it too) has finished: it has
+    recorded a compiled step as warm in `mlx_cache/.warm` (its first stage's marker does
+    not count) and removed its log from `.warmup` (a child removes it when it succeeds).
+    Returns the seconds waited; None when no warm-up was started (no `.warmup` folder: a
+    CPU, or warm-up turned off) or it did not finish in `timeout`."""
     if not (mlx_cache / ".warmup").is_dir():
         return None
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
-        if any(_compiled_step_marker(m) for m in (mlx_cache / ".warm").glob("*")):
+        warm = any(_compiled_step_marker(m) for m in (mlx_cache / ".warm").glob("*"))
+        if warm and not any((mlx_cache / ".warmup").glob("*.log")):
             return round(time.perf_counter() - t0, 1)
         time.sleep(0.5)
     return None

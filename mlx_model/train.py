@@ -42,6 +42,7 @@ from .config import GPTConfig, TrainConfig
 from .data import file_sha256, fixed_windows, get_batch, train_batch
 from .files import write_text_atomic
 from .model import GPT
+from .ops import cuda
 from .runtime import kernel_cache
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -586,6 +587,8 @@ def train(
         raise ValueError(f"batch_size {tc.batch_size} does not split over {world} processes evenly")
     writer = rank == 0
     model, optimizer, state = _restore(cfg, tc, out_dir, world)
+    if state and state.get("attention"):  # the attention it began with: the same masks
+        cuda.pin(state["attention"])
     start = state["step"] if state else 0
     history: list[dict[str, Any]] = state["history"] if state else []
     train_log: list[dict[str, Any]] = state.get("train_log", []) if state else []
@@ -683,6 +686,7 @@ def train(
                 if writer:
                     loop = {"step": done, "history": list(history), "train_log": list(train_log)}
                     meta = {"train_config": tc.to_dict(), "world_size": world}
+                    meta["attention"] = steps.signature["ops"].get("attention")
                     state_now = {**loop, "best": best, **meta}
                     files.submit(
                         save_train_state, out_dir / LATEST, model, optimizer, state_now, taken

@@ -19,6 +19,11 @@ kernel cache (`mlx_model.runtime.kernel_cache`) and recorded there:
 2. the whole compiled step and loss estimate; the run copies them in and switches to its
    compiled step, which then loads instead of compiling.
 
+A run on a machine where cuDNN attention is not built yet computes attention with MLX's
+operations while the extension builds in the background (`mlx_model.ops.cuda`); its child
+then waits for that build and compiles the same two stages for the step with cuDNN's
+attention, which the next runs use, so that they start warm.
+
 Uncompiled and compiled steps compute the same functions, so the losses agree within
 float rounding.
 """
@@ -37,6 +42,7 @@ from .runtime import kernel_cache
 
 ENV = "SHAKESPEARE_GPT_COMPILE_WARMUP"  # "0": compile in the run itself, as before
 WINDOWS = 2  # sequences per warm-up batch: shapes do not change the kernels
+CUDNN_BUILD_WAIT_S = 600  # how long the child waits for cuDNN attention's build
 
 
 def signature(cfg: GPTConfig, tc: TrainConfig, ops_signature: dict[str, Any]) -> dict[str, Any]:
@@ -114,9 +120,13 @@ def start(cfg: GPTConfig, tc: TrainConfig, sig: dict[str, Any]) -> Warmup | None
     logs = cache.shared / ".warmup"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{os.getpid()}-{os.urandom(4).hex()}.log"
-    job = json.dumps(
-        {"model": cfg.to_dict(), "training": tc.to_dict(), "signature": sig, "log": str(log)}
-    )
+    from .ops import cuda
+
+    job = {"model": cfg.to_dict(), "training": tc.to_dict(), "signature": sig, "log": str(log)}
+    # this run computes attention with MLX's operations while cuDNN's is built in the
+    # background: the child then also compiles the step the next runs will use
+    job["then_cudnn"] = cuda.building() and sig["ops"].get("attention") == "mlx"
+    job = json.dumps(job)
     here = str(Path(__file__).resolve().parents[1])  # the child imports this mlx_model
     env = {
         **os.environ,
@@ -161,7 +171,9 @@ def main() -> int:
     """The child: compile the uncompiled steps' kernels, publish, record that stage; then
     the compiled step's, publish, record the signature as warm. One child per signature
     compiles at a time (a lock in the cache); another waits for it, then finds the
-    kernels cached and only copies them in."""
+    kernels cached and only copies them in. After a run that used MLX's attention while
+    cuDNN's was being built, it then waits for that build and does the same for the step
+    with cuDNN's attention, which the next runs use."""
     job = json.loads(sys.stdin.read())
     cfg, tc = GPTConfig.from_dict(job["model"]), TrainConfig.from_dict(job["training"])
     cache = kernel_cache.active()
@@ -169,6 +181,20 @@ def main() -> int:
         compile_kernels(cfg, tc)
         return 0
     sig = job["signature"]
+    _compile_into(cache, cfg, tc, sig)
+    if job.get("then_cudnn"):
+        _then_cudnn(cache, cfg, tc, sig)
+    # the log (this process's stderr) is read by the run only on a failure; a child that
+    # outlived its run would otherwise leave it behind
+    if "log" in job:
+        Path(job["log"]).unlink(missing_ok=True)
+    return 0
+
+
+def _compile_into(
+    cache: kernel_cache.KernelCache, cfg: GPTConfig, tc: TrainConfig, sig: dict[str, Any]
+) -> None:
+    """Both stages for `sig`, each published and recorded, unless already warm."""
     with cache.lock(sig):
         if not cache.is_warm(sig):
             cache.refresh()
@@ -179,11 +205,21 @@ def main() -> int:
             compile_kernels(cfg, tc)
             cache.publish()
             cache.mark_warm(sig)
-    # the log (this process's stderr) is read by the run only on a failure; a child that
-    # outlived its run would otherwise leave it behind
-    if "log" in job:
-        Path(job["log"]).unlink(missing_ok=True)
-    return 0
+
+
+def _then_cudnn(
+    cache: kernel_cache.KernelCache, cfg: GPTConfig, tc: TrainConfig, sig: dict[str, Any]
+) -> None:
+    """Once cuDNN attention's background build is done, the kernels of the same step with
+    cuDNN's attention, under the signature the next run will have."""
+    from .ops import cuda
+
+    if not cuda.wait_built(CUDNN_BUILD_WAIT_S):
+        return  # failed (its log says why) or still building: the next run compiles
+    cuda.pin("cudnn")
+    if cuda.load() is None:
+        return
+    _compile_into(cache, cfg, tc, {**sig, "ops": {**sig["ops"], "attention": "cudnn"}})
 
 
 if __name__ == "__main__":  # importing mlx_model first installed the kernel cache

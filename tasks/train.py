@@ -15,6 +15,7 @@ from mlx_model.config import GPTConfig, ParallelConfig, TrainConfig
 from mlx_model.data import Vocab, read_tokens
 from mlx_model.distributed import backend, rank_lanes, train_distributed
 from mlx_model.files import write_text_atomic
+from mlx_model.ops import cuda
 from mlx_model.runtime import kernel_cache
 from mlx_model.train import BEST, LATEST, TrainingDiverged, TrainingInterrupted, train
 
@@ -59,7 +60,10 @@ def train_key(
         "model": cfg.to_dict(),
         "training": training.key_dict(),
         "code": code_version(__name__),
-        "ops": signature,
+        # which attention ran is recorded, not keyed: cuDNN's becomes available after a
+        # first run builds it, and a rerun with nothing changed must still find that run
+        # (a resumed run keeps the attention it began with: mlx_model.train)
+        "ops": {k: v for k, v in signature.items() if k != "attention"},
     }
     if parallel.distributed:  # the reduction order over the group changes the numbers
         key["parallel"] = {"world_size": parallel.world_size, "backend": backend(parallel)}
@@ -87,10 +91,15 @@ def train_model(
         )
     if ops.cuda_build_pending(training.compute_dtype):
         stage_logger().info(
-            "building cuDNN attention with the C++ compiler (once for this MLX install; 10 to 20 s)"
+            "building cuDNN attention with the C++ compiler (once for this MLX install; about 25 s)"
         )
     with ops.use(lanes=rank_lanes(parallel)):
         signature = ops.signature(training.compute_dtype)
+    if cuda.building():
+        stage_logger().info(
+            "building cuDNN attention in the background for the next runs (once for this "
+            "MLX install; about 25 s); this run computes attention with MLX's operations"
+        )
     key = train_key(tokens, vocab, cfg, training, parallel, signature)
     runtime = {**signature, "dtype": training.compute_dtype}
     runtime["processes"] = parallel.world_size

@@ -143,10 +143,14 @@ def test_the_race_waits_for_the_cold_runs_warm_up_before_warm_rounds(tmp_path):
     first_stage = json.dumps(warmup.eager_signature({"mlx": "0.32"}))
     (cache / ".warm" / "def").write_text(first_stage)
     assert gpu_race.wait_for_warm_up(cache, timeout=1) is None  # not finished in time
+    log = cache / ".warmup" / "123-ab.log"  # a child still at work (on to cuDNN's step)
+    log.write_text("")
     timer = threading.Timer(1.0, lambda: (cache / ".warm" / "abc").write_text('{"mlx": "0.32"}'))
     timer.start()
-    waited = gpu_race.wait_for_warm_up(cache, timeout=30)
+    assert gpu_race.wait_for_warm_up(cache, timeout=3) is None
     timer.join()
+    threading.Timer(1.0, log.unlink).start()
+    waited = gpu_race.wait_for_warm_up(cache, timeout=30)
     assert waited is not None and 0.5 <= waited < 30
 
 

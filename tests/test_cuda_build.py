@@ -4,6 +4,10 @@ only (tests/test_cuda_attention.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -11,7 +15,10 @@ import mlx.core as mx
 import pytest
 
 from mlx_model import ops
+from mlx_model.config import TINY, ParallelConfig
 from mlx_model.ops import cuda
+
+TINY_CFG = TINY.model.replace(vocab_size=65)
 
 
 def _touch(root: Path, *relative: str) -> None:
@@ -79,3 +86,113 @@ def test_without_a_gpu_nothing_is_built_or_used():
         qkv = mx.random.normal((2, 8, 3 * 16)).astype(mx.bfloat16)
         y = ops.causal_attention(qkv, 2, 0.1, True)  # MLX's operations, dropout included
     assert y.shape == (2, 8, 16)
+
+
+class _Popen:
+    """Records the background build's command instead of starting it."""
+
+    calls: list[list[str]] = []
+
+    def __init__(self, command, **kwargs):
+        _Popen.calls.append(command)
+
+
+@pytest.fixture
+def gpu_like(tmp_path, monkeypatch):
+    """A process that looks as if it ran on an NVIDIA GPU with the build's inputs present:
+    the library goes to tmp_path; nothing is compiled or started."""
+    lib = tmp_path / "cache" / "_cuda_attention-abc.so"
+    lib.parent.mkdir()
+    monkeypatch.setattr(cuda, "usable", lambda: True)
+    monkeypatch.setattr(cuda, "_planned", lambda: (lib, None))
+    monkeypatch.setattr(cuda.subprocess, "Popen", _Popen)
+    monkeypatch.setattr(cuda._background, "started", False)
+    monkeypatch.setenv(cuda.ENV, "auto")  # and restored afterwards, as the choice pins it
+    _Popen.calls = []
+    cuda._auto.cache_clear()
+    yield lib
+    cuda._auto.cache_clear()
+
+
+def test_auto_without_the_library_builds_it_in_the_background_and_runs_mlx(gpu_like):
+    assert cuda.for_run() is None
+    assert _Popen.calls == [[sys.executable, "-m", "mlx_model.ops.cuda"]]
+    assert cuda.building()
+    assert os.environ[cuda.ENV] == "mlx"  # kept by this process and those it starts
+    assert cuda.for_run() is None and len(_Popen.calls) == 1
+
+
+def test_auto_with_the_library_runs_it(gpu_like, monkeypatch):
+    gpu_like.write_text("")
+    module = object()
+    monkeypatch.setattr(cuda, "load", lambda: module)
+    assert cuda.for_run() is module
+    assert os.environ[cuda.ENV] == "cudnn" and not _Popen.calls and not cuda.building()
+
+
+def test_a_failed_build_is_not_retried_every_run(gpu_like):
+    (gpu_like.parent / "_cuda_attention-build.failed").write_text("no compiler\n")
+    with pytest.warns(RuntimeWarning, match="cuDNN attention's build failed before"):
+        assert cuda.for_run() is None
+    assert not _Popen.calls
+
+
+def test_the_background_build_records_a_failure(gpu_like, monkeypatch):
+    def fail():
+        raise cuda.BuildError("g++ exited 1: boom")
+
+    monkeypatch.setattr(cuda, "build", fail)
+    with pytest.raises(cuda.BuildError):
+        cuda._build_here()
+    failed = gpu_like.parent / "_cuda_attention-build.failed"
+    assert failed.read_text() == "g++ exited 1: boom\n"
+    assert not cuda.wait_built(5)  # a failure ends the wait at once
+
+
+def test_waiting_for_the_build_ends_when_the_library_appears(gpu_like):
+    assert not cuda.wait_built(0.5)
+    threading.Timer(0.5, lambda: gpu_like.write_text("")).start()
+    assert cuda.wait_built(10)
+
+
+def test_the_setting_is_checked_and_mlx_builds_nothing(gpu_like, monkeypatch):
+    monkeypatch.setenv(cuda.ENV, "fast")
+    with pytest.raises(ValueError, match=r"SHAKESPEARE_GPT_ATTENTION must be one of .* 'fast'"):
+        cuda.for_run()
+    monkeypatch.setenv(cuda.ENV, "mlx")
+    assert cuda.for_run() is None and not _Popen.calls
+    with pytest.raises(ValueError, match="attention must be one of .* got 'fast'"):
+        cuda.pin("fast")
+
+
+def test_the_train_stages_key_leaves_the_attention_out():
+    """A first run computes attention with MLX's operations while cuDNN's builds; a rerun
+    with nothing changed must find that run, so the key does not name the attention."""
+    from tasks.train import train_key
+
+    class Output:
+        def digest(self, name):
+            return f"digest of {name}"
+
+    args = (Output(), Output(), TINY_CFG, TINY.train, ParallelConfig())
+    base = {"mlx": "0.32.4", "device": "Device(gpu, 0)", "backend": "gpu", "lanes": 1}
+    mlx_key = train_key(*args, {**base, "attention": "mlx"})
+    assert mlx_key == train_key(*args, {**base, "attention": "cudnn"})
+    assert mlx_key != train_key(*args, {**base, "backend": "reference"})
+
+
+def test_a_resumed_run_keeps_the_attention_it_began_with(corpus_path, tmp_path, monkeypatch):
+    from mlx_model.checkpoint import STATE
+    from mlx_model.data import Vocab, split_tokens
+    from mlx_model.train import LATEST, train
+
+    monkeypatch.setenv(cuda.ENV, "auto")
+    text = corpus_path.read_text()[:200_000]
+    train_ids, val_ids = split_tokens(Vocab.from_text(text).encode(text), 0.1)
+    train(TINY_CFG, TINY.train, train_ids, val_ids, tmp_path, stop_after=10)
+    state_file = tmp_path / LATEST / STATE
+    state = json.loads(state_file.read_text())
+    assert "attention" in state  # recorded (None here: the CPU's backends have no choice)
+    state_file.write_text(json.dumps({**state, "attention": "mlx"}))
+    train(TINY_CFG, TINY.train, train_ids, val_ids, tmp_path, stop_after=20)
+    assert os.environ[cuda.ENV] == "mlx"

@@ -7,13 +7,25 @@ draw per weight, and two products, with the heads transposed in and out. cuDNN's
 attention computes the same function in one kernel forward and one backward, its
 dropout masks drawn by a Philox generator from a seed that MLX's generator draws.
 
-The extension is compiled on first use, as the native CPU kernels are
-(`mlx_model.ops.native`, `mlx_model.runtime.build.plan_mlx_extension`), against the
-installed MLX's headers, cuDNN's frontend (the `nvidia-cudnn-frontend` package, a
-header-only C++ library), cuDNN's and the CUDA runtime's headers, and linked against
-`libcudart`; the `cuda` extra installs them all. A build takes 10 to 20 s, once per MLX
-install. If anything is missing or fails, `load()` warns once and returns None, and the
-model computes attention with MLX's operations.
+The extension is compiled against the installed MLX's headers, cuDNN's frontend (the
+`nvidia-cudnn-frontend` package, a header-only C++ library), cuDNN's and the CUDA
+runtime's headers, and linked against `libcudart`; the `cuda` extra installs them all. A
+build takes 24.6 to 28.5 s on an H200 host, once per MLX install, cached in
+`~/.cache/shakespeare-gpt/` (`mlx_model.runtime.build.plan_mlx_extension`).
+
+Which attention a process runs (`SHAKESPEARE_GPT_ATTENTION`):
+
+- `auto` (the default): cuDNN's if it is built. If not, the build starts in a detached
+  background process and this process computes attention with MLX's operations, so a
+  first run on a fresh machine does not wait for the compiler; runs from then on use
+  cuDNN's. The choice is then written into the variable, so that this process keeps it
+  and the processes it starts (the kernel warm-up, data-parallel ranks) make the same.
+- `cudnn`: cuDNN's, built first if needed (the run waits); MLX's where it cannot be built.
+- `mlx`: MLX's operations.
+
+A failed build warns once and leaves its log beside the library; MLX's operations are
+used. The two attentions draw different dropout masks, so a run records which it used and
+a resumed run keeps it (`mlx_model.train`).
 """
 
 from __future__ import annotations
@@ -23,14 +35,18 @@ import importlib.metadata
 import importlib.util
 import math
 import os
+import subprocess
 import sys
 import threading
+import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
 
+from ..files import locked
 from ..runtime.build import built, load_extension, plan_mlx_extension, unbuilt
 
 CSRC = Path(__file__).parent / "csrc"
@@ -38,6 +54,8 @@ SOURCE = CSRC / "cuda_attention.cpp"
 MODULE = "_cuda_attention"
 BUILD_TIMEOUT_S = 600
 CUDA_MAJOR = 13  # MLX's CUDA build (mlx[cuda13]) runs on the CUDA 13 runtime
+ENV = "SHAKESPEARE_GPT_ATTENTION"
+CHOICES = ("auto", "cudnn", "mlx")
 
 _lock = threading.Lock()
 
@@ -59,6 +77,113 @@ def load() -> ModuleType | None:
     """The extension module, built if needed; None (after one warning) if it cannot be,
     or where MLX does not run on an NVIDIA GPU."""
     return _load_once() if usable() else None
+
+
+def choice() -> str:
+    """The attention setting (`SHAKESPEARE_GPT_ATTENTION`, default auto); ValueError names
+    a bad one."""
+    value = os.environ.get(ENV) or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{ENV} must be one of {list(CHOICES)}, got {value!r}")
+    return value
+
+
+def for_run() -> ModuleType | None:
+    """The extension this process's attention runs, or None for MLX's operations, as the
+    setting says (see the module's doc); the first answer under `auto` is kept."""
+    setting = choice()
+    if setting == "mlx" or not usable():
+        return None
+    if setting == "cudnn":
+        return load()
+    ext = _auto()
+    os.environ[ENV] = "cudnn" if ext is not None else "mlx"
+    return ext
+
+
+def pin(setting: str) -> None:
+    """Set `SHAKESPEARE_GPT_ATTENTION` for this process and those it starts: a resumed run
+    must draw its dropout masks as it began."""
+    if setting not in CHOICES:
+        raise ValueError(f"attention must be one of {list(CHOICES)}, got {setting!r}")
+    os.environ[ENV] = setting
+
+
+def building() -> bool:
+    """Whether this process started the background build."""
+    return _background.started
+
+
+class _Background:
+    started = False
+
+
+_background = _Background()
+
+
+@functools.cache
+def _auto() -> ModuleType | None:
+    """auto: the extension if it is built; else None, with its build started (once)."""
+    try:
+        lib = _planned()[0]
+    except BuildError:
+        return load()  # warns once, naming what is missing
+    if lib.exists():
+        return load()
+    failed = _failed_marker(lib)
+    if failed.exists():
+        warnings.warn(
+            f"cuDNN attention's build failed before (log: {failed}); attention runs as MLX "
+            "operations. Remove that file to try again.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    log = lib.parent / f"{MODULE}-build.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as err:
+        subprocess.Popen(
+            [sys.executable, "-m", "mlx_model.ops.cuda"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,  # outlives this run; a terminal's Ctrl-C is not for it
+            cwd=Path(__file__).resolve().parents[2],  # imports this checkout's mlx_model
+        )
+    _background.started = True
+    return None
+
+
+def wait_built(timeout: float) -> bool:
+    """Wait until the extension is built (True), its build has failed or `timeout` seconds
+    have passed (False)."""
+    try:
+        lib = _planned()[0]
+    except BuildError:
+        return False
+    deadline = time.monotonic() + timeout
+    while not lib.exists():
+        if _failed_marker(lib).exists() or time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
+
+
+def _failed_marker(lib: Path) -> Path:
+    return lib.parent / f"{MODULE}-build.failed"
+
+
+def _build_here() -> int:
+    """The background build: one at a time (a lock), skipped if another finished it."""
+    lib = _planned()[0]
+    with locked(lib.parent / f"{MODULE}.lock"):
+        if not lib.exists():
+            try:
+                build()
+            except BuildError as err:
+                _failed_marker(lib).write_text(f"{err}\n")
+                raise
+    return 0
 
 
 def needs_build() -> bool:
@@ -201,3 +326,7 @@ def _import(lib: Path) -> ModuleType:
     if not err < 0.1:
         raise BuildError(f"the built extension {lib.name} computes a wrong result ({err:g})")
     return module
+
+
+if __name__ == "__main__":  # the background build that `for_run` starts
+    raise SystemExit(_build_here())

@@ -36,14 +36,14 @@ class Gpu(Reference):
     name = "gpu"
 
     def signature(self, dtype: mx.Dtype) -> dict[str, str]:
-        """Which attention runs in training: cuDNN's fused kernel where it is built (its
-        dropout masks differ from MLX's), else MLX's operations."""
-        fused = dtype in (mx.bfloat16, mx.float16) and cuda.load() is not None
+        """Which attention runs in training (`ops.cuda.for_run`): cuDNN's fused kernel
+        (its dropout masks differ from MLX's) or MLX's operations."""
+        fused = dtype in (mx.bfloat16, mx.float16) and cuda.for_run() is not None
         return {"attention": "cudnn" if fused else "mlx"}
 
     def causal_attention(self, qkv, n_head, dropout):
         if self.training and dropout > 0 and cuda.supports(qkv, n_head):
-            ext = cuda.load()
+            ext = cuda.for_run()
             if ext is not None:
                 return cuda.causal_attention(ext, qkv, n_head, dropout)  # (B, T, C)
         return super().causal_attention(qkv, n_head, dropout)
