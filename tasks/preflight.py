@@ -7,14 +7,18 @@ import os
 import tempfile
 from pathlib import Path
 
+from mlx_model import ops
+
 from .config import RunConfig
 from .store import default_root
 
 
 def check_run(config: RunConfig, artifacts: str | None) -> None:
     """Raise ValueError naming what would make the run fail: a batch that does not split
-    over the training processes, a local corpus that is not a file, or an artifact root
-    that is not a folder or cannot be created."""
+    over the training processes, a local corpus that is not a file, an artifact root that
+    is not a folder or cannot be created, or a bad setting of the ops in the environment
+    (`SHAKESPEARE_GPT_OPS`, `_CPU_LANES`, `_ATTENTION`)."""
+    ops.check_settings()
     world = config.parallel.world_size
     if config.training.batch_size % world:
         raise ValueError(

@@ -196,3 +196,16 @@ def test_a_resumed_run_keeps_the_attention_it_began_with(corpus_path, tmp_path, 
     state_file.write_text(json.dumps({**state, "attention": "mlx"}))
     train(TINY_CFG, TINY.train, train_ids, val_ids, tmp_path, stop_after=20)
     assert os.environ[cuda.ENV] == "mlx"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("SHAKESPEARE_GPT_ATTENTION", "fast"), ("SHAKESPEARE_GPT_OPS", "tpu")],
+)
+def test_a_bad_setting_stops_a_run_before_any_stage(name, value, tmp_path, monkeypatch):
+    from tasks.config import RunConfig
+    from tasks.preflight import check_run
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be one of .* got '{value}'"):
+        check_run(RunConfig.resolve("tiny"), str(tmp_path / "artifacts"))

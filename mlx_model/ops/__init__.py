@@ -78,6 +78,14 @@ def _setting() -> tuple[str, int]:
     return backend, lanes or cpu_lanes()
 
 
+def check_settings() -> None:
+    """Raise ValueError naming a bad SHAKESPEARE_GPT_OPS, SHAKESPEARE_GPT_CPU_LANES or
+    SHAKESPEARE_GPT_ATTENTION, before a run starts any work (they are otherwise read when
+    training begins)."""
+    _setting()
+    cuda.choice()
+
+
 def backend(dtype: mx.Dtype, training: bool) -> Reference:
     """The backend for arrays of `dtype` on the default device, in training or not."""
     on_cpu = mx.default_device() == mx.cpu
