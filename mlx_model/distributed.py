@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from .config import GPTConfig, ParallelConfig, TrainConfig
 from .files import write_text_atomic
+from .ops import cuda
 from .runtime.lanes import cpu_lanes
 
 PROGRESS = "@@progress "
@@ -67,6 +69,8 @@ def launch_command(parallel: ParallelConfig, spec: Path) -> list[str]:
         cmd += ["--hosts", "127.0.0.1", "-n", str(parallel.processes)]
         cmd += ["--env", f"SHAKESPEARE_GPT_CPU_LANES={rank_lanes(parallel)}"]
         cmd += ["--starting-port", str(_free_port()), "--nccl-port", str(_free_port())]
+    if os.environ.get(cuda.ENV):  # the attention this run chose, on every host's ranks
+        cmd += ["--env", f"{cuda.ENV}={os.environ[cuda.ENV]}"]
     return [*cmd, "--python", sys.executable, "--", "-m", __name__, str(spec)]
 
 

@@ -401,6 +401,7 @@ class TrainResult:
     # a cold GPU kernel cache was being filled by `mlx_model.warmup`)
     layers_from: int | None = None  # before it, the first uncompiled step that ran MLX's own
     # compiled layers (once the warm-up had cached their kernels); None: no warm-up ran
+    attention: str | None = None  # on a GPU: "cudnn" or "mlx" (mlx_model.ops.cuda)
 
 
 # tokens per forward pass of a loss estimate on a GPU: a few large batches rather than
@@ -710,6 +711,7 @@ def train(
     result = TrainResult(
         best["val_loss"], best["step"], final, history, start or None, tps, train_log, stopped,
         {k: round(v, 3) for k, v in spent.items()}, steps.compiled_from, steps.layers_from,
+        steps.signature["ops"].get("attention"),
     )  # fmt: skip
     report(
         Progress(

@@ -79,6 +79,7 @@ class Warmup:
         self.cache = cache
         self.log = log
         self.failed: str | None = None
+        self._sig = sig
         self._eager = eager_signature(sig)
         self._eager_ready = False
 
@@ -94,11 +95,16 @@ class Warmup:
         return self._eager_ready
 
     def ready(self) -> bool:
-        """True once the child has finished (its modules are then copied in); a failed
-        child also reads as ready (the run then compiles for itself) and sets `failed`."""
+        """True once the child has cached this run's compiled step (its modules are then
+        copied in; the child may go on to the step with cuDNN attention) or has ended; a
+        failed child also reads as ready (the run then compiles for itself) and sets
+        `failed`."""
         code = self.proc.poll()
         if code is None:
-            return False
+            if not self.cache.is_warm(self._sig):
+                return False
+            self.cache.refresh()
+            return True
         if code != 0:
             self.failed = self.log.read_text(errors="replace")[-2000:] or f"exit code {code}"
         self.log.unlink(missing_ok=True)

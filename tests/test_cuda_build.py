@@ -92,9 +92,11 @@ class _Popen:
     """Records the background build's command instead of starting it."""
 
     calls: list[list[str]] = []
+    envs: list[dict] = []
 
     def __init__(self, command, **kwargs):
         _Popen.calls.append(command)
+        _Popen.envs.append(kwargs.get("env", {}))
 
 
 @pytest.fixture
@@ -117,6 +119,7 @@ def gpu_like(tmp_path, monkeypatch):
 def test_auto_without_the_library_builds_it_in_the_background_and_runs_mlx(gpu_like):
     assert cuda.for_run() is None
     assert _Popen.calls == [[sys.executable, "-m", "mlx_model.ops.cuda"]]
+    assert _Popen.envs[0]["CUDA_VISIBLE_DEVICES"] == ""  # a compiler takes no GPU memory
     assert cuda.building()
     assert os.environ[cuda.ENV] == "mlx"  # kept by this process and those it starts
     assert cuda.for_run() is None and len(_Popen.calls) == 1
@@ -131,8 +134,8 @@ def test_auto_with_the_library_runs_it(gpu_like, monkeypatch):
 
 
 def test_a_failed_build_is_not_retried_every_run(gpu_like):
-    (gpu_like.parent / "_cuda_attention-build.failed").write_text("no compiler\n")
-    with pytest.warns(RuntimeWarning, match="cuDNN attention's build failed before"):
+    cuda._failed_marker(gpu_like).write_text("no compiler\n")
+    with pytest.warns(RuntimeWarning, match="cuDNN attention failed here before"):
         assert cuda.for_run() is None
     assert not _Popen.calls
 
@@ -144,7 +147,7 @@ def test_the_background_build_records_a_failure(gpu_like, monkeypatch):
     monkeypatch.setattr(cuda, "build", fail)
     with pytest.raises(cuda.BuildError):
         cuda._build_here()
-    failed = gpu_like.parent / "_cuda_attention-build.failed"
+    failed = gpu_like.with_name(gpu_like.name + ".failed")  # named after this build
     assert failed.read_text() == "g++ exited 1: boom\n"
     assert not cuda.wait_built(5)  # a failure ends the wait at once
 
@@ -209,3 +212,64 @@ def test_a_bad_setting_stops_a_run_before_any_stage(name, value, tmp_path, monke
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=f"{name} must be one of .* got '{value}'"):
         check_run(RunConfig.resolve("tiny"), str(tmp_path / "artifacts"))
+
+
+def test_a_built_library_that_fails_its_check_is_not_rebuilt_every_run(gpu_like, monkeypatch):
+    """A GPU or cuDNN that cannot plan the kernel: the library loads but its check fails.
+    Rebuilding would not help: no rebuild, one warning, and a marker for the next runs."""
+    gpu_like.write_text("")
+    builds = []
+    monkeypatch.setattr(cuda, "_planned", lambda: (gpu_like, builds.append))
+
+    def check(lib):
+        raise cuda.Unsupported(f"the built extension {lib.name} does not run here: no plan")
+
+    monkeypatch.setattr(cuda, "_import", check)
+    cuda._load_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match="does not run here: no plan"):
+        assert cuda.for_run() is None
+    cuda._load_once.cache_clear()
+    assert gpu_like.exists() and not builds  # kept, not rebuilt
+    assert cuda._failed_marker(gpu_like).exists()
+
+
+def test_a_shape_cudnn_cannot_plan_falls_back_to_mlx_once_warned(monkeypatch):
+    class NoPlan:
+        def causal_attention(self, *args):
+            raise RuntimeError("cuDNN attention: check_support: no plan")
+
+    monkeypatch.setattr(cuda, "for_run", lambda: NoPlan())
+    monkeypatch.setattr(cuda, "supports", lambda qkv, n_head: True)
+    qkv = mx.random.normal((2, 8, 3 * 16)).astype(mx.bfloat16)
+    with ops.use("gpu"):
+        with pytest.warns(RuntimeWarning, match=r"cannot run \(2, 8, 48\) here"):
+            y = ops.causal_attention(qkv, 2, 0.1, True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per shape
+            ops.causal_attention(qkv, 2, 0.1, True)
+    assert y.shape == (2, 8, 16)
+
+
+def test_a_run_switches_once_its_own_step_is_cached_while_the_child_goes_on():
+    """The warm-up child of a run that built cuDNN attention goes on to compile the step
+    with it; the run must not wait for that."""
+    from mlx_model.warmup import Warmup
+
+    class Running:
+        def poll(self):
+            return None
+
+    class Cache:
+        warm: set[str] = set()
+
+        def is_warm(self, sig):
+            return sig["name"] in self.warm
+
+        def refresh(self):
+            return 0
+
+    cache = Cache()
+    warm_up = Warmup(Running(), cache, Path("unused.log"), {"name": "this run's step"})
+    assert not warm_up.ready()
+    cache.warm.add("this run's step")
+    assert warm_up.ready() and warm_up.failed is None

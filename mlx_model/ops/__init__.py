@@ -18,8 +18,8 @@ training):
   layer norm and dropout in training, the embeddings and cross-entropy, and the fused
   generation step, built on first use; `cpu` stands in if they cannot be built.
 
-The choice is `auto` (native, else cpu, on the CPU in float32; gpu on a GPU; reference
-elsewhere)
+The choice is `auto` (native, else cpu, on the CPU in float32; gpu on an NVIDIA GPU;
+reference elsewhere)
 unless `SHAKESPEARE_GPT_OPS` or `use(...)` names one. All compute the same functions;
 `reference` and `cpu` draw different dropout masks, and float32 rounding differs in the
 last bits, so the backend and lane count are part of a training run's cache key
@@ -94,8 +94,8 @@ def backend(dtype: mx.Dtype, training: bool) -> Reference:
 
 @functools.cache
 def _choose(on_cpu: bool, float32: bool, training: bool, setting: str, lanes: int) -> Reference:
-    if setting == "gpu" or (setting == "auto" and not on_cpu):
-        return Gpu(training)  # named, it runs on the CPU too (for tests)
+    if setting == "gpu" or (setting == "auto" and not on_cpu and mx.cuda.is_available()):
+        return Gpu(training)  # named, it runs on the CPU too (for tests); Metal: reference
     if not (on_cpu and float32) or setting == "reference":
         return Reference(training)
     ext = native.load() if setting in ("auto", "native") else None

@@ -64,6 +64,13 @@ class BuildError(RuntimeError):
     """The extension could not be built or loaded here."""
 
 
+class Unsupported(BuildError):
+    """The extension loads but fails its check here (a GPU or cuDNN that cannot plan it):
+    building it again would not help."""
+
+    rebuild = False
+
+
 def usable() -> bool:
     """Whether this process runs MLX on an NVIDIA GPU (Linux, MLX's CUDA backend)."""
     return (
@@ -128,20 +135,21 @@ def _auto() -> ModuleType | None:
         lib = _planned()[0]
     except BuildError:
         return load()  # warns once, naming what is missing
-    if lib.exists():
-        return load()
     failed = _failed_marker(lib)
     if failed.exists():
         warnings.warn(
-            f"cuDNN attention's build failed before (log: {failed}); attention runs as MLX "
+            f"cuDNN attention failed here before ({failed}); attention runs as MLX "
             "operations. Remove that file to try again.",
             RuntimeWarning,
             stacklevel=3,
         )
         return None
-    log = lib.parent / f"{MODULE}-build.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as err:
+    if lib.exists():
+        ext = load()
+        if ext is None:  # built but unusable here: the warning said why; not every run
+            failed.write_text("the built library does not work here\n")
+        return ext
+    with open(lib.with_name(lib.name + ".log"), "ab") as err:
         subprocess.Popen(
             [sys.executable, "-m", "mlx_model.ops.cuda"],
             stdin=subprocess.DEVNULL,
@@ -149,6 +157,7 @@ def _auto() -> ModuleType | None:
             stderr=err,
             start_new_session=True,  # outlives this run; a terminal's Ctrl-C is not for it
             cwd=Path(__file__).resolve().parents[2],  # imports this checkout's mlx_model
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # a compiler needs no GPU
         )
     _background.started = True
     return None
@@ -170,17 +179,19 @@ def wait_built(timeout: float) -> bool:
 
 
 def _failed_marker(lib: Path) -> Path:
-    return lib.parent / f"{MODULE}-build.failed"
+    """Beside the library, named after it: another MLX or source builds anew."""
+    return lib.with_name(lib.name + ".failed")
 
 
 def _build_here() -> int:
     """The background build: one at a time (a lock), skipped if another finished it."""
     lib = _planned()[0]
-    with locked(lib.parent / f"{MODULE}.lock"):
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with locked(lib.with_name(lib.name + ".lock")):
         if not lib.exists():
             try:
                 build()
-            except BuildError as err:
+            except (BuildError, OSError) as err:
                 _failed_marker(lib).write_text(f"{err}\n")
                 raise
     return 0
@@ -321,10 +332,12 @@ def _import(lib: Path) -> ModuleType:
         ).astype(mx.bfloat16)
         y = module.causal_attention(qkv, mx.array([1, 2], mx.int64), 1, 0.125, 0.25)
         err = abs(y.astype(mx.float32).mean().item() - 1.0)
-    except (ImportError, TypeError, RuntimeError, ValueError) as err:
-        raise BuildError(f"the built extension {lib.name} does not work with MLX: {err}") from err
+    except ImportError as err:
+        raise BuildError(f"the built extension {lib.name} does not load: {err}") from err
+    except (TypeError, RuntimeError, ValueError) as err:
+        raise Unsupported(f"the built extension {lib.name} does not run here: {err}") from err
     if not err < 0.1:
-        raise BuildError(f"the built extension {lib.name} computes a wrong result ({err:g})")
+        raise Unsupported(f"the built extension {lib.name} computes a wrong result ({err:g})")
     return module
 
 

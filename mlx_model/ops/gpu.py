@@ -17,12 +17,15 @@ LM head (2 V C FLOPs a token), so larger vocabularies keep the gathers.
 
 from __future__ import annotations
 
+import warnings
+
 import mlx.core as mx
 
 from . import cuda
 from .reference import Reference
 
 ONE_HOT_MAX_VOCAB = 1024  # above this, the one-hot products cost more than they save
+_unplanned: set[tuple[int, ...]] = set()  # shapes cuDNN found no plan for, warned once
 
 
 def one_hot(ids: mx.array, n: int, dtype: mx.Dtype) -> mx.array:
@@ -44,8 +47,17 @@ class Gpu(Reference):
     def causal_attention(self, qkv, n_head, dropout):
         if self.training and dropout > 0 and cuda.supports(qkv, n_head):
             ext = cuda.for_run()
-            if ext is not None:
-                return cuda.causal_attention(ext, qkv, n_head, dropout)  # (B, T, C)
+            if ext is not None and qkv.shape not in _unplanned:
+                try:
+                    return cuda.causal_attention(ext, qkv, n_head, dropout)  # (B, T, C)
+                except RuntimeError as err:  # cuDNN has no plan for this shape here
+                    _unplanned.add(qkv.shape)
+                    warnings.warn(
+                        f"cuDNN attention cannot run {qkv.shape} here ({err}); it runs as "
+                        "MLX operations",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
         return super().causal_attention(qkv, n_head, dropout)
 
     def embed(self, ids, wte, wpe, dtype):

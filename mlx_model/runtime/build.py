@@ -156,13 +156,16 @@ def load_extension(
     plan: Plan, import_: Callable[[Path], ModuleType], error: type[Exception], unavailable: str
 ) -> ModuleType | None:
     """The extension `plan()` names, built if needed and imported with `import_` (which
-    raises `error` for a library that does not work: a damaged cached one is rebuilt once);
+    raises `error` for a library that does not work: a damaged cached one is rebuilt once,
+    unless the error's `rebuild` is False: one that loads but fails its check here);
     None where it cannot be, after one warning: `unavailable` with `{err}` in it."""
     try:
         lib = built(plan)
         try:
             return import_(lib)
-        except error:
+        except error as err:
+            if not getattr(err, "rebuild", True):
+                raise
             lib.unlink(missing_ok=True)  # a damaged cached library (a disk fault, say)
             return import_(built(plan))
     except (error, OSError) as err:  # OSError: an unwritable cache, say

@@ -81,8 +81,8 @@ void check(fe::error_t err, const char* what) {
   }
 }
 
-std::mutex& lock() {
-  static std::mutex m;
+std::recursive_mutex& lock() {  // the plans, the handles, and a handle's stream in use
+  static std::recursive_mutex m;
   return m;
 }
 
@@ -176,7 +176,7 @@ Plan build(const Key& k) {
 
 // The plan for `k`, built once per process (cuDNN picks and builds a kernel: tens of ms).
 Plan plan_for(const Key& k) {
-  std::lock_guard<std::mutex> guard(lock());
+  std::lock_guard<std::recursive_mutex> guard(lock());
   static std::map<Key, Plan> plans;
   auto it = plans.find(k);
   if (it == plans.end()) it = plans.emplace(k, build(k)).first;
@@ -198,6 +198,15 @@ mx::array fresh(const mx::array& qkv, const mx::array& seed, int which, const mx
 }
 
 mx::Shape workspace_shape(int64_t bytes) { return {int((bytes + 3) / 4)}; }
+
+// The workspace input's pointer, after checking it holds the plan's bytes.
+void* workspace_of(const Plan& plan, const std::vector<mx::array>& in, size_t index) {
+  if (plan.workspace <= 0) return nullptr;
+  if (in.size() <= index || int64_t(in[index].nbytes()) < plan.workspace) {
+    throw std::runtime_error("cuDNN attention: the workspace is smaller than the plan's");
+  }
+  return const_cast<void*>(mx::gpu_ptr<void>(in[index]));
+}
 
 // Takes over `donor`'s buffer as `out`'s (same byte size, row-contiguous).
 void adopt(mx::array& out, const mx::array& donor, const mx::array& qkv) {
@@ -228,6 +237,7 @@ Key key_of(const mx::array& qkv, const Params& prm, bool backward, int device) {
 void run(const Plan& plan, mx::Stream s, std::unordered_map<int64_t, void*>& pack,
          void* workspace) {
   auto& encoder = mx::cu::get_command_encoder(s);
+  std::lock_guard<std::recursive_mutex> guard(lock());  // one handle: its stream is set per call
   auto h = handle(encoder.device().cuda_device());
   auto capture = encoder.capture_context();  // a node of MLX's CUDA graph (or direct)
   cudnnSetStream(h, encoder.stream());
@@ -252,8 +262,8 @@ class GpuPrimitive : public mx::Primitive {
   Params prm_;
 };
 
-// inputs: qkv, seed (int64 (2,)), o, stats, dO (the output's cotangent), the dqkv buffer,
-// [workspace]; output: dqkv (B, T, 3C)
+// inputs: qkv, seed (int64 (4,): seed, seed, offset, offset), o, stats, dO (the output's
+// cotangent), the dqkv buffer, [workspace]; output: dqkv (B, T, 3C)
 class CausalAttentionGrad : public GpuPrimitive {
  public:
   using GpuPrimitive::GpuPrimitive;
@@ -264,7 +274,7 @@ class CausalAttentionGrad : public GpuPrimitive {
     auto k = key_of(qkv, prm_, true, encoder.device().cuda_device());
     auto plan = plan_for(k);
     adopt(out[0], in[5], qkv);
-    void* workspace = plan.workspace > 0 ? gpu(in.at(6)) : nullptr;
+    void* workspace = workspace_of(plan, in, 6);
     for (auto& a : in) encoder.set_input_array(a);
     encoder.set_output_array(out[0]);
     int64_t C = int64_t(k.H) * k.D;
@@ -274,7 +284,7 @@ class CausalAttentionGrad : public GpuPrimitive {
     std::unordered_map<int64_t, void*> pack{
         {Q, src}, {K, src + C * item}, {V, src + 2 * C * item},
         {O, gpu(o)}, {D_O, gpu(d_o)}, {STATS, gpu(stats)},
-        {SEED, gpu<int64_t>(seed)}, {OFFSET, gpu<int64_t>(seed) + 1},
+        {SEED, gpu<int64_t>(seed)}, {OFFSET, gpu<int64_t>(seed) + 2},
         {D_Q, dqkv}, {D_K, dqkv + C * item}, {D_V, dqkv + 2 * C * item}};
     run(plan, stream(), pack, workspace);
   }
@@ -282,7 +292,7 @@ class CausalAttentionGrad : public GpuPrimitive {
   const char* name() const override { return "CudnnCausalAttentionGrad"; }
 };
 
-// inputs: qkv, seed (int64 (2,)), the o buffer, the stats buffer, [workspace];
+// inputs: qkv, seed (int64 (4,), as above), the o buffer, the stats buffer, [workspace];
 // outputs: o (B, T, C), stats (B, H, T) float32
 class CausalAttention : public GpuPrimitive {
  public:
@@ -295,7 +305,7 @@ class CausalAttention : public GpuPrimitive {
     auto plan = plan_for(k);
     adopt(out[0], in[2], qkv);
     adopt(out[1], in[3], qkv);
-    void* workspace = plan.workspace > 0 ? gpu(in.at(4)) : nullptr;
+    void* workspace = workspace_of(plan, in, 4);
     for (auto& a : in) encoder.set_input_array(a);
     for (auto& a : out) encoder.set_output_array(a);
     int64_t C = int64_t(k.H) * k.D;
@@ -304,7 +314,7 @@ class CausalAttention : public GpuPrimitive {
     std::unordered_map<int64_t, void*> pack{
         {Q, src}, {K, src + C * item}, {V, src + 2 * C * item},
         {O, gpu(out[0])}, {STATS, gpu(out[1])},
-        {SEED, gpu<int64_t>(seed)}, {OFFSET, gpu<int64_t>(seed) + 1}};
+        {SEED, gpu<int64_t>(seed)}, {OFFSET, gpu<int64_t>(seed) + 2}};
     run(plan, stream(), pack, workspace);
   }
 
@@ -315,13 +325,13 @@ class CausalAttention : public GpuPrimitive {
     // the log-sum-exp is an internal output: its cotangent is ignored
     auto s = stream();
     const auto &qkv = primals[0], &seed = primals[1];
-    auto d_o = mx::contiguous(cotangents[0], false, s);
+    auto d_o = mx::contiguous(mx::astype(cotangents[0], qkv.dtype(), s), false, s);
     auto device = mx::cu::get_command_encoder(s).device().cuda_device();
     auto plan = plan_for(key_of(qkv, prm_, true, device));
     std::vector<mx::array> inputs{qkv, seed, outputs[0], outputs[1], d_o,
                                   fresh(qkv, seed, 2, qkv.shape(), qkv.dtype(), s)};
     if (plan.workspace > 0) {
-      inputs.push_back(fresh(qkv, seed, 3, workspace_shape(plan.workspace), mx::float32, s));
+      inputs.push_back(fresh(qkv, seed, 4, workspace_shape(plan.workspace), mx::float32, s));
     }
     auto dqkv = mx::array(qkv.shape(), qkv.dtype(),
                           std::make_shared<CausalAttentionGrad>(s, prm_), std::move(inputs));
@@ -362,7 +372,9 @@ mx::array causal_attention(const mx::array& qkv_in, const mx::array& seed_in, in
     throw std::invalid_argument("cuDNN attention runs on the GPU only");
   }
   auto qkv = mx::contiguous(qkv_in, false, s);
-  auto seed = mx::contiguous(mx::astype(seed_in, mx::int64, s), false, s);
+  // (seed, offset) as [seed, seed, offset, offset]: each value 16-byte aligned, as cuDNN
+  // takes its tensors
+  auto seed = mx::contiguous(mx::repeat(mx::astype(seed_in, mx::int64, s), 2, 0, s), false, s);
   int B = qkv.shape(0), T = qkv.shape(1), C = C3 / 3;
   Params prm{heads, scale, p};
   auto device = mx::cu::get_command_encoder(s).device().cuda_device();
