@@ -157,7 +157,6 @@ def _auto() -> ModuleType | None:
             stderr=err,
             start_new_session=True,  # outlives this run; a terminal's Ctrl-C is not for it
             cwd=Path(__file__).resolve().parents[2],  # imports this checkout's mlx_model
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # a compiler needs no GPU
         )
     _background.started = True
     return None
