@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import GPTConfig, TrainConfig
+from .ops import cuda
 from .runtime import kernel_cache
 
 ENV = "SHAKESPEARE_GPT_COMPILE_WARMUP"  # "0": compile in the run itself, as before
@@ -126,8 +127,6 @@ def start(cfg: GPTConfig, tc: TrainConfig, sig: dict[str, Any]) -> Warmup | None
     logs = cache.shared / ".warmup"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{os.getpid()}-{os.urandom(4).hex()}.log"
-    from .ops import cuda
-
     job = {"model": cfg.to_dict(), "training": tc.to_dict(), "signature": sig, "log": str(log)}
     # this run computes attention with MLX's operations while cuDNN's is built in the
     # background: the child then also compiles the step the next runs will use
@@ -218,8 +217,6 @@ def _then_cudnn(
 ) -> None:
     """Once cuDNN attention's background build is done, the kernels of the same step with
     cuDNN's attention, under the signature the next run will have."""
-    from .ops import cuda
-
     if not cuda.wait_built(CUDNN_BUILD_WAIT_S):
         return  # failed (its log says why) or still building: the next run compiles
     cuda.pin("cudnn")

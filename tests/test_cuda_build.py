@@ -106,7 +106,7 @@ def gpu_like(tmp_path, monkeypatch):
     monkeypatch.setattr(cuda, "usable", lambda: True)
     monkeypatch.setattr(cuda, "_planned", lambda: (lib, None))
     monkeypatch.setattr(cuda.subprocess, "Popen", _Popen)
-    monkeypatch.setattr(cuda._background, "started", False)
+    monkeypatch.setattr(cuda, "_build_started", False)
     monkeypatch.setenv(cuda.ENV, "auto")  # and restored afterwards, as the choice pins it
     _Popen.calls = []
     cuda._auto.cache_clear()

@@ -118,19 +118,16 @@ def pin(setting: str) -> None:
 
 def building() -> bool:
     """Whether this process started the background build."""
-    return _background.started
+    return _build_started
 
 
-class _Background:
-    started = False
-
-
-_background = _Background()
+_build_started = False
 
 
 @functools.cache
 def _auto() -> ModuleType | None:
     """auto: the extension if it is built; else None, with its build started (once)."""
+    global _build_started
     try:
         lib = _planned()[0]
     except BuildError:
@@ -158,7 +155,7 @@ def _auto() -> ModuleType | None:
             start_new_session=True,  # outlives this run; a terminal's Ctrl-C is not for it
             cwd=Path(__file__).resolve().parents[2],  # imports this checkout's mlx_model
         )
-    _background.started = True
+    _build_started = True
     return None
 
 
@@ -330,13 +327,13 @@ def _import(lib: Path) -> ModuleType:
             [mx.random.normal((1, 256, 128), key=mx.random.key(0)), mx.ones((1, 256, 64))], -1
         ).astype(mx.bfloat16)
         y = module.causal_attention(qkv, mx.array([1, 2], mx.int64), 1, 0.125, 0.25)
-        err = abs(y.astype(mx.float32).mean().item() - 1.0)
+        off = abs(y.astype(mx.float32).mean().item() - 1.0)
     except ImportError as err:
         raise BuildError(f"the built extension {lib.name} does not load: {err}") from err
     except (TypeError, RuntimeError, ValueError) as err:
         raise Unsupported(f"the built extension {lib.name} does not run here: {err}") from err
-    if not err < 0.1:
-        raise Unsupported(f"the built extension {lib.name} computes a wrong result ({err:g})")
+    if not off < 0.1:
+        raise Unsupported(f"the built extension {lib.name} computes a wrong result ({off:g})")
     return module
 
 
