@@ -270,3 +270,15 @@ def test_a_run_switches_once_its_own_step_is_cached_while_the_child_goes_on():
     assert not warm_up.ready()
     cache.warm.add("this run's step")
     assert warm_up.ready() and warm_up.failed is None
+
+
+def test_the_wait_for_a_build_is_announced_only_where_the_run_waits(gpu_like, monkeypatch):
+    """Under auto the build goes to the background (the train stage says so after); only
+    SHAKESPEARE_GPT_ATTENTION=cudnn makes the run wait for the compiler."""
+    monkeypatch.setattr(cuda, "needs_build", lambda: True)
+    assert not ops.cuda_build_pending("bfloat16")  # auto
+    monkeypatch.setenv(cuda.ENV, "mlx")
+    assert not ops.cuda_build_pending("bfloat16")
+    monkeypatch.setenv(cuda.ENV, "cudnn")
+    assert ops.cuda_build_pending("bfloat16")
+    assert not ops.cuda_build_pending("float32")
