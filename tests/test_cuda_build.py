@@ -122,6 +122,15 @@ def test_auto_without_the_library_builds_it_in_the_background_and_runs_mlx(gpu_l
     assert cuda.for_run() is None and len(_Popen.calls) == 1
 
 
+def test_on_a_fresh_machine_the_build_makes_its_cache_folder(gpu_like):
+    """A fresh machine's cache has no folder for the library yet: the build's log goes
+    there, so the folder is made first (the first run failed without it)."""
+    gpu_like.parent.rmdir()
+    assert cuda.for_run() is None
+    assert _Popen.calls == [[sys.executable, "-m", "mlx_model.ops.cuda"]]
+    assert gpu_like.with_name(gpu_like.name + ".log").exists()
+
+
 def test_auto_with_the_library_runs_it(gpu_like, monkeypatch):
     gpu_like.write_text("")
     module = object()

@@ -146,6 +146,7 @@ def _auto() -> ModuleType | None:
         if ext is None:  # built but unusable here: the warning said why; not every run
             failed.write_text("the built library does not work here\n")
         return ext
+    lib.parent.mkdir(parents=True, exist_ok=True)  # a fresh machine's cache has no folder yet
     with open(lib.with_name(lib.name + ".log"), "ab") as err:
         subprocess.Popen(
             [sys.executable, "-m", "mlx_model.ops.cuda"],
