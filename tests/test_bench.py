@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import cudnn_attention_check  # noqa: E402
 import gpu_profile  # noqa: E402
 import gpu_race  # noqa: E402
 import gpu_scaling  # noqa: E402
@@ -282,6 +283,21 @@ def test_a_cold_race_starts_every_cache_empty_under_out(tmp_path, monkeypatch):
     argv = ["--corpus", str(corpus), "--smoke", "--project-only", "--rounds", "0"]
     gpu_race.main(argv + ["--throughput-steps", "0", "--out", str(out)])
     names = ("MLX_PTX_CACHE_DIR", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    names += ("CUDA_CACHE_PATH",)
     folders = [Path(seen[0][name]) for name in names]
     assert all(f.parent == out / "caches" for f in folders)
     assert len(set(folders)) == len(folders)
+
+
+def test_the_cudnn_check_names_a_bad_shape_and_reports_each_shape_alone(capsys):
+    with pytest.raises(SystemExit):
+        cudnn_attention_check.main(["--shapes", "2x100x3"])
+    assert "T a multiple of 64, got '2x100x3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cudnn_attention_check.main(["--p", "1"])
+    assert "--p must be in (0, 1), got 1.0" in capsys.readouterr().err
+    # without an NVIDIA GPU each shape's own process says so, and the next one still runs
+    cudnn_attention_check.main(["--shapes", "1x64x1", "1x128x1", "--timeout", "120"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["shape"] for line in lines] == [[1, 64, 1], [1, 128, 1]]
+    assert all("needs MLX on an NVIDIA GPU" in line["error"] for line in lines)

@@ -131,6 +131,16 @@ def test_on_a_fresh_machine_the_build_makes_its_cache_folder(gpu_like):
     assert gpu_like.with_name(gpu_like.name + ".log").exists()
 
 
+@pytest.mark.parametrize(
+    "t, fused", [(64, False), (192, False), (320, False), (128, True), (256, True), (512, True)]
+)
+def test_cudnn_attention_takes_only_sequences_it_runs_correctly(t, fused):
+    """cuDNN 9.14's backward read out of bounds at T = 64, 192, 320 on an H200; those
+    shapes run as MLX operations (`docs/runs/cudnn-verify-h200-20261201.log`)."""
+    assert cuda.supports(mx.zeros((2, t, 3 * 6 * 64), mx.bfloat16), 6) is fused
+    assert not cuda.supports(mx.zeros((2, t, 3 * 6 * 64), mx.float32), 6)
+
+
 def test_auto_with_the_library_runs_it(gpu_like, monkeypatch):
     gpu_like.write_text("")
     module = object()

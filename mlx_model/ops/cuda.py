@@ -201,15 +201,23 @@ def needs_build() -> bool:
     return unbuilt(_planned, BuildError)
 
 
+SEQUENCE_MULTIPLE = 128  # as the extension's kSequenceMultiple
+
+
 def supports(qkv: mx.array, n_head: int) -> bool:
     """Whether the fused kernel takes this projection (B, T, 3C): bfloat16 or float16,
-    head_dim a multiple of 8 up to 128 (cuDNN's fused attention), T of 2 or more."""
+    head_dim a multiple of 8 up to 128 (cuDNN's fused attention), T a multiple of 128.
+
+    The last is measured, not documented: on an H200 with cuDNN 9.14, the backward read
+    out of bounds at T = 64, 192 and 320 (an illegal memory access, the process lost),
+    with every engine cuDNN offered; at T = 128, 256 and 512 its gradients matched the
+    forward's dropout mask (`docs/runs/cudnn-verify-h200-20261201.log`)."""
     head_dim = qkv.shape[-1] // 3 // n_head
     return (
         qkv.dtype in (mx.bfloat16, mx.float16)
         and head_dim % 8 == 0
         and head_dim <= 128
-        and qkv.shape[1] >= 2
+        and qkv.shape[1] % SEQUENCE_MULTIPLE == 0
     )
 
 
