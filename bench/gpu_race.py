@@ -11,12 +11,13 @@ prints its first loss estimate at or below `--target`. The project's side is
 fused AdamW), on the same batches, the same model shape and the same estimate schedule.
 
 Cold means empty caches, as on a fresh machine: MLX's kernel cache (`MLX_PTX_CACHE_DIR`),
-the project's built libraries (`XDG_CACHE_HOME`: cuDNN attention, built by the first run)
-and `torch.compile`'s (`TORCHINDUCTOR_CACHE_DIR`, `TRITON_CACHE_DIR`) point to new folders
-under `--out`. Warm rounds reuse those folders. Order: project cold, then a wait until the
-project's kernel warm-up child (which outlives a short cold run) has finished, reference
-cold, then `--rounds` rounds of project warm, reference warm (alternating, so a slow spell
-of the machine falls on both sides). `--project-only` leaves the reference out.
+the project's built libraries (`XDG_CACHE_HOME`: cuDNN attention, built by the first run),
+`torch.compile`'s (`TORCHINDUCTOR_CACHE_DIR`, `TRITON_CACHE_DIR`) and the CUDA driver's
+(`CUDA_CACHE_PATH`) point to new folders under `--out`. Warm rounds reuse those folders.
+Order: project cold, then a wait until the project's kernel warm-up child (which outlives
+a short cold run) has finished, reference cold, then `--rounds` rounds of project warm,
+reference warm (alternating, so a slow spell of the machine falls on both sides).
+`--project-only` leaves the reference out.
 
 tok/s: the project's is the median of its log intervals (50 steps) that hold no estimate
 and are not its first; the reference's is its own steady figure (steps 20 to the end,
@@ -393,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         "XDG_CACHE_HOME": str(caches / "home"),  # cuDNN attention and other built libraries
         "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
         "TRITON_CACHE_DIR": str(caches / "triton"),
+        "CUDA_CACHE_PATH": str(caches / "nv"),  # the driver's own (PTX compiled to SASS)
     }
     if caches.exists() and any(caches.iterdir()):
         print(

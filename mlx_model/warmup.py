@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -200,16 +201,21 @@ def _compile_into(
     cache: kernel_cache.KernelCache, cfg: GPTConfig, tc: TrainConfig, sig: dict[str, Any]
 ) -> None:
     """Both stages for `sig`, each published and recorded, unless already warm."""
+    attention = sig["ops"].get("attention", "")
+    start = time.monotonic()
     with cache.lock(sig):
+        _say(f"{attention}: lock taken after {time.monotonic() - start:.1f} s")
         if not cache.is_warm(sig):
             cache.refresh()
             if not cache.is_warm(eager_signature(sig)):
                 compile_kernels(cfg, tc, compiled=False)  # seconds: the run waits for these
                 cache.publish()
                 cache.mark_warm(eager_signature(sig))
+                _say(f"{attention}: uncompiled steps' kernels at {time.monotonic() - start:.1f} s")
             compile_kernels(cfg, tc)
             cache.publish()
             cache.mark_warm(sig)
+            _say(f"{attention}: compiled step's kernels at {time.monotonic() - start:.1f} s")
 
 
 def _then_cudnn(
@@ -217,12 +223,20 @@ def _then_cudnn(
 ) -> None:
     """Once cuDNN attention's background build is done, the kernels of the same step with
     cuDNN's attention, under the signature the next run will have."""
-    if not cuda.wait_built(CUDNN_BUILD_WAIT_S):
+    start = time.monotonic()
+    built = cuda.wait_built(CUDNN_BUILD_WAIT_S)
+    _say(f"cuDNN attention's build waited for {time.monotonic() - start:.1f} s: {built}")
+    if not built:
         return  # failed (its log says why) or still building: the next run compiles
     cuda.pin("cudnn")
     if cuda.load() is None:
         return
     _compile_into(cache, cfg, tc, {**sig, "ops": {**sig["ops"], "attention": "cudnn"}})
+
+
+def _say(line: str) -> None:
+    """A line of the child's log (its stderr): where its time went, read on a failure."""
+    print(f"warm-up {line}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":  # importing mlx_model first installed the kernel cache
