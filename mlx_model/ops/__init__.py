@@ -104,7 +104,7 @@ def _choose(on_cpu: bool, float32: bool, training: bool, setting: str, lanes: in
 
 def cuda_build_pending(dtype: str) -> bool:
     """Whether choosing the backend for `dtype` here will first build cuDNN attention and
-    wait for it (`SHAKESPEARE_GPT_ATTENTION=cudnn`; 24.6 to 28.5 s on an H200 host, once per
+    wait for it (`SHAKESPEARE_GPT_ATTENTION=cudnn`; 20.0 to 34.8 s on an H200 host, once per
     MLX install): worth a line before it starts. Under `auto` it builds in the background."""
     return (
         dtype in ("bfloat16", "float16")

@@ -10,7 +10,7 @@ dropout masks drawn by a Philox generator from a seed that MLX's generator draws
 The extension is compiled against the installed MLX's headers, cuDNN's frontend (the
 `nvidia-cudnn-frontend` package, a header-only C++ library), cuDNN's and the CUDA
 runtime's headers, and linked against `libcudart`; the `cuda` extra installs them all. A
-build takes 24.6 to 28.5 s on an H200 host, once per MLX install, cached in
+build takes 20.0 to 34.8 s on an H200 host, once per MLX install, cached in
 `~/.cache/shakespeare-gpt/` (`mlx_model.runtime.build.plan_mlx_extension`).
 
 Which attention a process runs (`SHAKESPEARE_GPT_ATTENTION`):
