@@ -299,8 +299,11 @@ class StepFunctions:
 
     def __init__(self, model, optimizer, tc: TrainConfig, dtype, group, compile_now=None):
         world = group.size() if group is not None else 1
+        cfg = model.config  # its attention's shape decides whether cuDNN's runs
         self.signature = {
-            **warmup.signature(model.config, tc, ops.signature(tc.compute_dtype)),
+            **warmup.signature(
+                cfg, tc, ops.signature(tc.compute_dtype, attention=(cfg.block_size, cfg.head_dim))
+            ),
             "world_size": world,
         }
         self.warmup = None

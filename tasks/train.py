@@ -89,12 +89,13 @@ def train_model(
             "building the native CPU kernels with the C++ compiler (once for this MLX "
             "install; 10 to 30 s on 2 cores)"
         )
-    if ops.cuda_build_pending(training.compute_dtype):
+    attention = (cfg.block_size, cfg.head_dim)  # cuDNN's attention takes some shapes only
+    if ops.cuda_build_pending(training.compute_dtype, attention):
         stage_logger().info(
             "building cuDNN attention with the C++ compiler (once for this MLX install; about 25 s)"
         )
     with ops.use(lanes=rank_lanes(parallel)):
-        signature = ops.signature(training.compute_dtype)
+        signature = ops.signature(training.compute_dtype, attention=attention)
     if cuda.building():
         stage_logger().info(
             "building cuDNN attention in the background for the next runs (once for this "

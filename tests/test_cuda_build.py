@@ -141,6 +141,17 @@ def test_cudnn_attention_takes_only_sequences_it_runs_correctly(t, fused):
     assert not cuda.supports(mx.zeros((2, t, 3 * 6 * 64), mx.float32), 6)
 
 
+def test_a_model_whose_attention_cudnn_does_not_take_builds_nothing_and_records_mlx(gpu_like):
+    """A context of 64 (not a multiple of 128) runs attention as MLX operations, so the run
+    records "mlx" and starts no build; a context of 256 with the same heads starts it."""
+    with ops.use("gpu"):
+        assert ops.signature("bfloat16", attention=(64, 64))["attention"] == "mlx"
+        assert not ops.cuda_build_pending("bfloat16", (64, 64))
+        assert not _Popen.calls and not cuda.building()
+        assert ops.signature("bfloat16", attention=(256, 64))["attention"] == "mlx"
+    assert _Popen.calls == [[sys.executable, "-m", "mlx_model.ops.cuda"]]
+
+
 def test_auto_with_the_library_runs_it(gpu_like, monkeypatch):
     gpu_like.write_text("")
     module = object()

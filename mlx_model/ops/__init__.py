@@ -102,12 +102,14 @@ def _choose(on_cpu: bool, float32: bool, training: bool, setting: str, lanes: in
     return native.Native(training, lanes, ext) if ext is not None else Cpu(training, lanes)
 
 
-def cuda_build_pending(dtype: str) -> bool:
-    """Whether choosing the backend for `dtype` here will first build cuDNN attention and
-    wait for it (`SHAKESPEARE_GPT_ATTENTION=cudnn`; 20.0 to 34.8 s on an H200 host, once per
-    MLX install): worth a line before it starts. Under `auto` it builds in the background."""
+def cuda_build_pending(dtype: str, attention: tuple[int, int] | None = None) -> bool:
+    """Whether choosing the backend for `dtype` here, for a model whose attention has
+    (sequence length, head_dim) `attention`, will first build cuDNN attention and wait for
+    it (`SHAKESPEARE_GPT_ATTENTION=cudnn`; 20.0 to 34.8 s on an H200 host, once per MLX
+    install): worth a line before it starts. Under `auto` it builds in the background."""
     return (
         dtype in ("bfloat16", "float16")
+        and (attention is None or cuda.takes(*attention))
         and _setting()[0] in ("auto", "gpu")
         and cuda.choice() == "cudnn"
         and cuda.needs_build()
@@ -126,9 +128,12 @@ def native_build_pending(dtype: str) -> bool:
     )
 
 
-def signature(dtype: str, training: bool = True) -> dict[str, Any]:
+def signature(
+    dtype: str, training: bool = True, attention: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """What decides the numbers a run computes: MLX's version, device, backend, lane count,
-    and on a GPU which attention runs (building cuDNN's the first time, see `ops.cuda`)."""
+    and on a GPU which attention runs for a model whose attention has (sequence length,
+    head_dim) `attention` (building cuDNN's the first time, see `ops.cuda`)."""
     chosen = backend(getattr(mx, dtype), training)
     device = str(mx.default_device())
     return {
@@ -136,7 +141,7 @@ def signature(dtype: str, training: bool = True) -> dict[str, Any]:
         "device": device,
         "backend": chosen.name,
         "lanes": chosen.lanes,
-        **chosen.signature(getattr(mx, dtype)),
+        **chosen.signature(getattr(mx, dtype), attention),
     }
 
 

@@ -205,19 +205,26 @@ SEQUENCE_MULTIPLE = 128  # as the extension's kSequenceMultiple
 
 
 def supports(qkv: mx.array, n_head: int) -> bool:
-    """Whether the fused kernel takes this projection (B, T, 3C): bfloat16 or float16,
-    head_dim a multiple of 8 up to 128 (cuDNN's fused attention), T a multiple of 128.
+    """Whether the fused kernel takes this projection (B, T, 3C): bfloat16 or float16 and
+    `takes(T, head_dim)`."""
+    head_dim = qkv.shape[-1] // 3 // n_head
+    return qkv.dtype in (mx.bfloat16, mx.float16) and takes(qkv.shape[1], head_dim)
+
+
+def takes(seq_len: int, head_dim: int) -> bool:
+    """Whether the fused kernel runs attention over `seq_len` positions of heads of
+    `head_dim`: head_dim a multiple of 8 up to 128 (cuDNN's fused attention), seq_len a
+    multiple of 128.
 
     The last is measured, not documented: on an H200 with cuDNN 9.14, the backward read
     out of bounds at T = 64, 192 and 320 (an illegal memory access, the process lost),
     with every engine cuDNN offered; at T = 128, 256 and 512 its gradients matched the
     forward's dropout mask (`docs/runs/cudnn-verify-h200-20261201.log`)."""
-    head_dim = qkv.shape[-1] // 3 // n_head
     return (
-        qkv.dtype in (mx.bfloat16, mx.float16)
-        and head_dim % 8 == 0
-        and head_dim <= 128
-        and qkv.shape[1] % SEQUENCE_MULTIPLE == 0
+        head_dim % 8 == 0
+        and 0 < head_dim <= 128
+        and seq_len > 0
+        and seq_len % SEQUENCE_MULTIPLE == 0
     )
 
 

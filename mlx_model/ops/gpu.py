@@ -38,10 +38,18 @@ class Gpu(Reference):
 
     name = "gpu"
 
-    def signature(self, dtype: mx.Dtype) -> dict[str, str]:
+    def signature(
+        self, dtype: mx.Dtype, attention: tuple[int, int] | None = None
+    ) -> dict[str, str]:
         """Which attention runs in training (`ops.cuda.for_run`): cuDNN's fused kernel
-        (its dropout masks differ from MLX's) or MLX's operations."""
-        fused = dtype in (mx.bfloat16, mx.float16) and cuda.for_run() is not None
+        (its dropout masks differ from MLX's) or MLX's operations. `attention`, the
+        model's (sequence length, head_dim), leaves cuDNN's out (and unbuilt) where it
+        does not take that shape (`ops.cuda.takes`)."""
+        fused = (
+            dtype in (mx.bfloat16, mx.float16)
+            and (attention is None or cuda.takes(*attention))
+            and cuda.for_run() is not None
+        )
         return {"attention": "cudnn" if fused else "mlx"}
 
     def causal_attention(self, qkv, n_head, dropout):

@@ -40,8 +40,11 @@ class Reference:
     def __init__(self, training: bool):
         self.training = training
 
-    def signature(self, dtype: mx.Dtype) -> dict[str, str]:
-        """What else decides the numbers this backend computes in `dtype` (see
+    def signature(
+        self, dtype: mx.Dtype, attention: tuple[int, int] | None = None
+    ) -> dict[str, str]:
+        """What else decides the numbers this backend computes in `dtype` for a model
+        whose attention has (sequence length, head_dim) `attention` (see
         `mlx_model.ops.signature`)."""
         return {}
 
