@@ -20,9 +20,11 @@ kernel cache (`mlx_model.runtime.kernel_cache`) and recorded there:
    compiled step, which then loads instead of compiling.
 
 A run on a machine where cuDNN attention is not built yet computes attention with MLX's
-operations while the extension builds in the background (`mlx_model.ops.cuda`); its child
-then waits for that build and compiles the same two stages for the step with cuDNN's
-attention, which the next runs use, so that they start warm.
+operations while the extension builds in the background (`mlx_model.ops.cuda`); a second
+child, beside the first (NVRTC compiles one module at a time per process: two processes
+take half the time of one doing both), waits for that build and compiles the same two
+stages for the step with cuDNN's attention, which the next runs use, so that they start
+warm.
 
 Uncompiled and compiled steps compute the same functions, so the losses agree within
 float rounding.
@@ -127,12 +129,20 @@ def start(cfg: GPTConfig, tc: TrainConfig, sig: dict[str, Any]) -> Warmup | None
         return None
     logs = cache.shared / ".warmup"
     logs.mkdir(parents=True, exist_ok=True)
+    job = {"model": cfg.to_dict(), "training": tc.to_dict(), "signature": sig}
+    proc, log = _spawn(logs, job)
+    if cuda.building() and sig["ops"].get("attention") == "mlx":
+        # this run computes attention with MLX's operations while cuDNN's is built in the
+        # background: a second child, beside the first (NVRTC compiles one module at a
+        # time per process), waits for the build and compiles the step the next runs use
+        _spawn(logs, {**job, "cudnn": True})
+    return Warmup(proc, cache, log, sig)
+
+
+def _spawn(logs: Path, job: dict[str, Any]) -> tuple[subprocess.Popen, Path]:
+    """A child `python -m mlx_model.warmup` doing `job`, its stderr in a new log under
+    `logs`."""
     log = logs / f"{os.getpid()}-{os.urandom(4).hex()}.log"
-    job = {"model": cfg.to_dict(), "training": tc.to_dict(), "signature": sig, "log": str(log)}
-    # this run computes attention with MLX's operations while cuDNN's is built in the
-    # background: the child then also compiles the step the next runs will use
-    job["then_cudnn"] = cuda.building() and sig["ops"].get("attention") == "mlx"
-    job = json.dumps(job)
     here = str(Path(__file__).resolve().parents[1])  # the child imports this mlx_model
     env = {
         **os.environ,
@@ -147,9 +157,9 @@ def start(cfg: GPTConfig, tc: TrainConfig, sig: dict[str, Any]) -> Warmup | None
             env=env,
             start_new_session=True,  # a terminal's Ctrl-C goes to the run alone
         )
-    proc.stdin.write(job.encode())
+    proc.stdin.write(json.dumps({**job, "log": str(log)}).encode())
     proc.stdin.close()
-    return Warmup(proc, cache, log, sig)
+    return proc, log
 
 
 def compile_kernels(cfg: GPTConfig, tc: TrainConfig, compiled: bool = True) -> None:
@@ -177,19 +187,19 @@ def main() -> int:
     """The child: compile the uncompiled steps' kernels, publish, record that stage; then
     the compiled step's, publish, record the signature as warm. One child per signature
     compiles at a time (a lock in the cache); another waits for it, then finds the
-    kernels cached and only copies them in. After a run that used MLX's attention while
-    cuDNN's was being built, it then waits for that build and does the same for the step
-    with cuDNN's attention, which the next runs use."""
+    kernels cached and only copies them in. The second child of a run that uses MLX's
+    attention while cuDNN's is being built (`"cudnn"` in its job) waits for that build
+    and does the same for the step with cuDNN's attention, which the next runs use."""
     job = json.loads(sys.stdin.read())
     cfg, tc = GPTConfig.from_dict(job["model"]), TrainConfig.from_dict(job["training"])
     cache = kernel_cache.active()
     if cache is None:
         compile_kernels(cfg, tc)
         return 0
-    sig = job["signature"]
-    _compile_into(cache, cfg, tc, sig)
-    if job.get("then_cudnn"):
-        _then_cudnn(cache, cfg, tc, sig)
+    if job.get("cudnn"):
+        _cudnn_step(cache, cfg, tc, job["signature"])
+    else:
+        _compile_into(cache, cfg, tc, job["signature"])
     # the log (this process's stderr) is read by the run only on a failure; a child that
     # outlived its run would otherwise leave it behind
     if "log" in job:
@@ -218,7 +228,7 @@ def _compile_into(
             _say(f"{attention}: compiled step's kernels at {time.monotonic() - start:.1f} s")
 
 
-def _then_cudnn(
+def _cudnn_step(
     cache: kernel_cache.KernelCache, cfg: GPTConfig, tc: TrainConfig, sig: dict[str, Any]
 ) -> None:
     """Once cuDNN attention's background build is done, the kernels of the same step with

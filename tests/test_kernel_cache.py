@@ -331,3 +331,37 @@ def test_turning_compilation_off_for_a_call_keeps_the_users_setting(monkeypatch)
     assert wrapped(1) == 2 and calls == ["off", "on"]
     monkeypatch.setenv("MLX_DISABLE_COMPILE", "1")
     assert wrapped(1) == 2 and calls == ["off", "on"]  # nothing turned on
+
+
+def test_while_cudnn_attention_builds_a_second_child_compiles_its_step_beside_the_first(
+    fresh_cache, monkeypatch
+):
+    """A run computing attention with MLX's operations while cuDNN's builds starts two
+    children: one for its own step (the one it waits for), one that waits for the build
+    and compiles the step with cuDNN's attention for the next runs, at the same time."""
+    import io
+    import json
+
+    from mlx_model import warmup
+    from mlx_model.ops import cuda
+
+    jobs = []
+
+    class Recorder:
+        def __init__(self, command, stdin, **kwargs):
+            self.stdin = io.BytesIO()
+            self.stdin.close = lambda: jobs.append(json.loads(self.stdin.getvalue()))
+
+    monkeypatch.setattr(warmup.subprocess, "Popen", Recorder)
+    kc.install("9.9.9")
+    cfg, tc = _tiny()
+    sig = {"ops": {"attention": "mlx"}, "world_size": 1}
+    monkeypatch.setattr(cuda, "building", lambda: True)
+    started = warmup.start(cfg, tc, sig)
+    assert [job.get("cudnn", False) for job in jobs] == [False, True]
+    assert all(job["signature"] == sig for job in jobs)
+    assert str(started.log) == jobs[0]["log"] != jobs[1]["log"]
+    jobs.clear()
+    monkeypatch.setattr(cuda, "building", lambda: False)  # cuDNN built, or not to be
+    warmup.start(cfg, tc, sig)
+    assert [job.get("cudnn", False) for job in jobs] == [False]
