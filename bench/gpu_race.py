@@ -28,7 +28,8 @@ MFU: tok/s times nanoGPT's FLOPs per token (6N + 12 L C T), over the GPU's dense
 peak (`--peak-tflops`, 989 for an H100 or H200 SXM).
 
 Prints a line per run, then one JSON line with every run and the summary. Each run's
-output is kept in `--out` as `<side>-<cache>-<round>.log`.
+output is kept in `--out` as `<side>-<cache>-<round>.log`, the cold run's kernel warm-up
+children's logs (each stage's time) in `--out`'s `warm-up-logs/`.
 
 `--cli` times `shakespeare-gpt run --preset P` itself on the project's side (every stage,
 a temporary Prefect server unless `PREFECT_API_URL` names one, a new artifact folder per
@@ -173,18 +174,27 @@ def measure(run: Run, cmd: list[str], env: dict, args, flops: float) -> Run:
     return run
 
 
-def wait_for_warm_up(mlx_cache: Path, timeout: float) -> float | None:
+def wait_for_warm_up(mlx_cache: Path, timeout: float, keep: Path | None = None) -> float | None:
     """After the project's cold run: wait until its kernel warm-up child (which goes on
     compiling in the background after a short run, and after a run that built cuDNN
     attention in the background, compiles the step with it too) has finished: it has
     recorded a compiled step as warm in `mlx_cache/.warm` (its first stage's marker does
     not count) and removed its log from `.warmup` (a child removes it when it succeeds).
     Returns the seconds waited; None when no warm-up was started (no `.warmup` folder: a
-    CPU, or warm-up turned off) or it did not finish in `timeout`."""
+    CPU, or warm-up turned off) or it did not finish in `timeout`. With `keep`, each
+    child's log (where its time went) is copied there as it grows, since a child removes
+    it when it succeeds."""
     if not (mlx_cache / ".warmup").is_dir():
         return None
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            for log in (mlx_cache / ".warmup").glob("*.log"):
+                try:
+                    (keep / log.name).write_bytes(log.read_bytes())
+                except OSError:  # removed meanwhile: its child succeeded
+                    pass
         warm = any(_compiled_step_marker(m) for m in (mlx_cache / ".warm").glob("*"))
         if warm and not any((mlx_cache / ".warmup").glob("*.log")):
             return round(time.perf_counter() - t0, 1)
@@ -432,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
         if (side, cache) == ("project", "cold") and (caches / "mlx" / ".warmup").is_dir():
             # warm means the cache holds every kernel: the cold run's warm-up child may
             # still be compiling (it outlives a short run); the next run waits for it here
-            warm_up_wait = wait_for_warm_up(caches / "mlx", args.timeout)
+            warm_up_wait = wait_for_warm_up(caches / "mlx", args.timeout, out / "warm-up-logs")
             done = "did not finish" if warm_up_wait is None else f"{warm_up_wait} s"
             print(f"project's kernel warm-up after its cold run: {done}", flush=True)
     report = {

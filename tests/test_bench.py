@@ -150,9 +150,12 @@ def test_the_race_waits_for_the_cold_runs_warm_up_before_warm_rounds(tmp_path):
     timer.start()
     assert gpu_race.wait_for_warm_up(cache, timeout=3) is None
     timer.join()
+    log.write_text("warm-up mlx: compiled step's kernels at 95.0 s\n")
     threading.Timer(1.0, log.unlink).start()
-    waited = gpu_race.wait_for_warm_up(cache, timeout=30)
+    waited = gpu_race.wait_for_warm_up(cache, timeout=30, keep=tmp_path / "kept")
     assert waited is not None and 0.5 <= waited < 30
+    # the child removed its log when it succeeded; the race kept a copy
+    assert "95.0 s" in (tmp_path / "kept" / "123-ab.log").read_text()
 
 
 def test_the_profile_groups_kernels_and_counts_them_per_step():
