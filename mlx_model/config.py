@@ -122,6 +122,12 @@ class GPTConfig(Serializable):
     def head_dim(self) -> int:
         return self.n_emb // self.n_head
 
+    @property
+    def attention_p(self) -> float:
+        """The dropout probability on the attention weights in training: `dropout`, or 0
+        with `attention_dropout` off."""
+        return self.dropout if self.attention_dropout else 0.0
+
 
 @dataclass(frozen=True)
 class TrainConfig(Serializable):

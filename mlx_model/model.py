@@ -51,7 +51,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
-        self.attention_dropout = cfg.dropout if cfg.attention_dropout else 0.0
+        self.attention_dropout = cfg.attention_p
         self.c_attn = Linear(cfg.n_emb, 3 * cfg.n_emb, cfg.bias)  # q, k, v in one product
         self.c_proj = Linear(cfg.n_emb, cfg.n_emb, cfg.bias, std=proj_std)
 

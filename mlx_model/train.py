@@ -299,11 +299,9 @@ class StepFunctions:
 
     def __init__(self, model, optimizer, tc: TrainConfig, dtype, group, compile_now=None):
         world = group.size() if group is not None else 1
-        cfg = model.config  # its attention's shape decides whether cuDNN's runs
+        cfg = model.config  # its attention decides whether cuDNN's runs
         self.signature = {
-            **warmup.signature(
-                cfg, tc, ops.signature(tc.compute_dtype, attention=(cfg.block_size, cfg.head_dim))
-            ),
+            **warmup.signature(cfg, tc, ops.signature(tc.compute_dtype, model=cfg)),
             "world_size": world,
         }
         self.warmup = None

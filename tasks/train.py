@@ -89,13 +89,12 @@ def train_model(
             "building the native CPU kernels with the C++ compiler (once for this MLX "
             "install; 10 to 30 s on 2 cores)"
         )
-    attention = (cfg.block_size, cfg.head_dim)  # cuDNN's attention takes some shapes only
-    if ops.cuda_build_pending(training.compute_dtype, attention):
+    if ops.cuda_build_pending(training.compute_dtype, cfg):
         stage_logger().info(
             "building cuDNN attention with the C++ compiler (once for this MLX install; about 25 s)"
         )
     with ops.use(lanes=rank_lanes(parallel)):
-        signature = ops.signature(training.compute_dtype, attention=attention)
+        signature = ops.signature(training.compute_dtype, model=cfg)
     if cuda.building():
         stage_logger().info(
             "building cuDNN attention in the background for the next runs (once for this "
@@ -122,7 +121,9 @@ def train_model(
                 train_ids, val_ids = read_tokens(train_path)[0], read_tokens(val_path)[0]
                 result = train(cfg, training, train_ids, val_ids, directory, callback=report)
         shutil.copyfile(vocab.file(VOCAB), directory / VOCAB)
-        metrics = {**dataclasses.asdict(result), "runtime": runtime}
+        # the attention that ran: a resumed run keeps the one its checkpoint began with
+        ran = {"attention": result.attention} if result.attention else {}
+        metrics = {**dataclasses.asdict(result), "runtime": {**runtime, **ran}}
         write_text_atomic(directory / METRICS, json.dumps(metrics, indent=2))
         return {k: v for k, v in metrics.items() if k not in ("history", "train_log")}
 

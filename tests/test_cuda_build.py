@@ -141,15 +141,39 @@ def test_cudnn_attention_takes_only_sequences_it_runs_correctly(t, fused):
     assert not cuda.supports(mx.zeros((2, t, 3 * 6 * 64), mx.float32), 6)
 
 
-def test_a_model_whose_attention_cudnn_does_not_take_builds_nothing_and_records_mlx(gpu_like):
-    """A context of 64 (not a multiple of 128) runs attention as MLX operations, so the run
-    records "mlx" and starts no build; a context of 256 with the same heads starts it."""
+def _model(**fields):
+    from mlx_model.config import GPTConfig
+
+    return GPTConfig(**{"block_size": 256, "n_head": 6, "n_emb": 384, "dropout": 0.2, **fields})
+
+
+def test_a_model_whose_attention_cudnn_does_not_run_builds_nothing_and_records_mlx(gpu_like):
+    """cuDNN's attention runs for dropout on the attention weights and a context that is
+    a multiple of 128; for other models the run records "mlx" and starts no build."""
+    others = [_model(block_size=64), _model(dropout=0.0), _model(attention_dropout=False)]
     with ops.use("gpu"):
-        assert ops.signature("bfloat16", attention=(64, 64))["attention"] == "mlx"
-        assert not ops.cuda_build_pending("bfloat16", (64, 64))
+        for model in others:
+            assert ops.signature("bfloat16", model=model)["attention"] == "mlx"
         assert not _Popen.calls and not cuda.building()
-        assert ops.signature("bfloat16", attention=(256, 64))["attention"] == "mlx"
+        ops.signature("bfloat16", model=_model())  # not built yet: MLX's, build started
     assert _Popen.calls == [[sys.executable, "-m", "mlx_model.ops.cuda"]]
+
+
+def test_with_the_library_built_the_run_records_the_attention_that_runs(gpu_like, monkeypatch):
+    monkeypatch.setattr(cuda, "load", lambda: object())
+    gpu_like.write_text("")
+    with ops.use("gpu"):
+        assert ops.signature("bfloat16", model=_model())["attention"] == "cudnn"
+        assert ops.signature("bfloat16", model=_model(block_size=64))["attention"] == "mlx"
+        assert ops.signature("bfloat16", model=_model(dropout=0.0))["attention"] == "mlx"
+
+
+def test_the_wait_for_the_build_is_announced_only_for_a_model_it_serves(gpu_like, monkeypatch):
+    monkeypatch.setenv(cuda.ENV, "cudnn")
+    monkeypatch.setattr(cuda, "needs_build", lambda: True)
+    assert ops.cuda_build_pending("bfloat16", _model())
+    assert not ops.cuda_build_pending("bfloat16", _model(block_size=64))
+    assert not ops.cuda_build_pending("bfloat16", _model(attention_dropout=False))
 
 
 def test_auto_with_the_library_runs_it(gpu_like, monkeypatch):

@@ -88,3 +88,23 @@ def test_corrupted_artifact_is_recomputed(stages):
     again = tokenize.fn(store, corpus, vocab, DataConfig(0.1))
     assert not again.cached
     assert again.digest("val.arrow") == tokens.digest("val.arrow")
+
+
+def test_the_stages_metrics_name_the_attention_that_ran(stages, monkeypatch):
+    """A resumed run keeps the attention its checkpoint began with, which may differ from
+    the one this process would choose: the metrics record the one that ran."""
+    import dataclasses
+
+    import tasks.train as stage
+
+    store, _, vocab, tokens = stages
+    signature, real_train = stage.ops.signature, stage.train
+    monkeypatch.setattr(
+        stage.ops, "signature", lambda *a, **k: {**signature(*a, **k), "attention": "cudnn"}
+    )
+    monkeypatch.setattr(
+        stage, "train", lambda *a, **k: dataclasses.replace(real_train(*a, **k), attention="mlx")
+    )
+    model = train_model.fn(store, tokens, vocab, TINY.model, TINY.train, force=True)
+    metrics = json.loads(model.file("metrics.json").read_text())
+    assert metrics["attention"] == metrics["runtime"]["attention"] == "mlx"

@@ -32,13 +32,16 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 from mlx.utils import tree_map
 
 from ..runtime.lanes import cpu_lanes
 from . import cuda, native
+
+if TYPE_CHECKING:
+    from ..config import GPTConfig
 from .cpu import Cpu
 from .gpu import Gpu
 from .reference import Reference, merge_heads, split_heads
@@ -102,14 +105,14 @@ def _choose(on_cpu: bool, float32: bool, training: bool, setting: str, lanes: in
     return native.Native(training, lanes, ext) if ext is not None else Cpu(training, lanes)
 
 
-def cuda_build_pending(dtype: str, attention: tuple[int, int] | None = None) -> bool:
-    """Whether choosing the backend for `dtype` here, for a model whose attention has
-    (sequence length, head_dim) `attention`, will first build cuDNN attention and wait for
-    it (`SHAKESPEARE_GPT_ATTENTION=cudnn`; 20.0 to 34.8 s on an H200 host, once per MLX
-    install): worth a line before it starts. Under `auto` it builds in the background."""
+def cuda_build_pending(dtype: str, model: GPTConfig | None = None) -> bool:
+    """Whether choosing the backend for `dtype` here, to train `model`, will first build
+    cuDNN attention and wait for it (`SHAKESPEARE_GPT_ATTENTION=cudnn`; 20.0 to 34.8 s on an
+    H200 host, once per MLX install): worth a line before it starts. Under `auto` it builds
+    in the background."""
     return (
         dtype in ("bfloat16", "float16")
-        and (attention is None or cuda.takes(*attention))
+        and (model is None or cuda.trains(model))
         and _setting()[0] in ("auto", "gpu")
         and cuda.choice() == "cudnn"
         and cuda.needs_build()
@@ -128,12 +131,10 @@ def native_build_pending(dtype: str) -> bool:
     )
 
 
-def signature(
-    dtype: str, training: bool = True, attention: tuple[int, int] | None = None
-) -> dict[str, Any]:
+def signature(dtype: str, training: bool = True, model: GPTConfig | None = None) -> dict[str, Any]:
     """What decides the numbers a run computes: MLX's version, device, backend, lane count,
-    and on a GPU which attention runs for a model whose attention has (sequence length,
-    head_dim) `attention` (building cuDNN's the first time, see `ops.cuda`)."""
+    and on a GPU which attention runs in training `model` (building cuDNN's the first time,
+    see `ops.cuda`)."""
     chosen = backend(getattr(mx, dtype), training)
     device = str(mx.default_device())
     return {
@@ -141,7 +142,7 @@ def signature(
         "device": device,
         "backend": chosen.name,
         "lanes": chosen.lanes,
-        **chosen.signature(getattr(mx, dtype), attention),
+        **chosen.signature(getattr(mx, dtype), model),
     }
 
 

@@ -43,11 +43,15 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from ..files import locked
 from ..runtime.build import built, load_extension, plan_mlx_extension, unbuilt
+
+if TYPE_CHECKING:
+    from ..config import GPTConfig
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "cuda_attention.cpp"
@@ -209,6 +213,13 @@ def supports(qkv: mx.array, n_head: int) -> bool:
     `takes(T, head_dim)`."""
     head_dim = qkv.shape[-1] // 3 // n_head
     return qkv.dtype in (mx.bfloat16, mx.float16) and takes(qkv.shape[1], head_dim)
+
+
+def trains(model: GPTConfig) -> bool:
+    """Whether training `model` would run its attention as the fused kernel: dropout on
+    its attention weights (without it MLX's own fused attention runs) and a shape the
+    kernel `takes`."""
+    return model.attention_p > 0 and takes(model.block_size, model.head_dim)
 
 
 def takes(seq_len: int, head_dim: int) -> bool:

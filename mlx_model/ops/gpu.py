@@ -18,11 +18,15 @@ LM head (2 V C FLOPs a token), so larger vocabularies keep the gathers.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from . import cuda
 from .reference import Reference
+
+if TYPE_CHECKING:
+    from ..config import GPTConfig
 
 ONE_HOT_MAX_VOCAB = 1024  # above this, the one-hot products cost more than they save
 _unplanned: set[tuple[int, ...]] = set()  # shapes cuDNN found no plan for, warned once
@@ -38,16 +42,14 @@ class Gpu(Reference):
 
     name = "gpu"
 
-    def signature(
-        self, dtype: mx.Dtype, attention: tuple[int, int] | None = None
-    ) -> dict[str, str]:
+    def signature(self, dtype: mx.Dtype, model: GPTConfig | None = None) -> dict[str, str]:
         """Which attention runs in training (`ops.cuda.for_run`): cuDNN's fused kernel
-        (its dropout masks differ from MLX's) or MLX's operations. `attention`, the
-        model's (sequence length, head_dim), leaves cuDNN's out (and unbuilt) where it
-        does not take that shape (`ops.cuda.takes`)."""
+        (its dropout masks differ from MLX's) or MLX's operations. For a `model` whose
+        attention the kernel would not run (`ops.cuda.trains`), MLX's, and nothing is
+        built."""
         fused = (
             dtype in (mx.bfloat16, mx.float16)
-            and (attention is None or cuda.takes(*attention))
+            and (model is None or cuda.trains(model))
             and cuda.for_run() is not None
         )
         return {"attention": "cudnn" if fused else "mlx"}

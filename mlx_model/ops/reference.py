@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
+
+if TYPE_CHECKING:
+    from ..config import GPTConfig
 
 
 def split_heads(qkv: mx.array, n_head: int) -> tuple[mx.array, mx.array, mx.array]:
@@ -40,12 +44,9 @@ class Reference:
     def __init__(self, training: bool):
         self.training = training
 
-    def signature(
-        self, dtype: mx.Dtype, attention: tuple[int, int] | None = None
-    ) -> dict[str, str]:
-        """What else decides the numbers this backend computes in `dtype` for a model
-        whose attention has (sequence length, head_dim) `attention` (see
-        `mlx_model.ops.signature`)."""
+    def signature(self, dtype: mx.Dtype, model: GPTConfig | None = None) -> dict[str, str]:
+        """What else decides the numbers this backend computes in `dtype` when it trains
+        `model` (see `mlx_model.ops.signature`)."""
         return {}
 
     def layer_norm(self, x, weight, bias, eps):
