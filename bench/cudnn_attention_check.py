@@ -8,11 +8,11 @@ next shape must not inherit a broken CUDA context. The extension's own sequence 
 lifted in the child (`SHAKESPEARE_GPT_CUDNN_ANY_T=1`), so that shapes it refuses can be
 tried. Per shape it prints one JSON line:
 
-- `mask_agree`: the share of weights that the forward and the backward both keep or both
-  drop. The forward's dropped and scaled weights are read out of its output with values
-  that are identity rows (64 key columns at a time); the backward's out of v's gradient
-  with a cotangent that is identity rows (v's gradient is the weights' transpose times
-  the cotangent).
+- `mask_agree`: the share of causal weights (the rest are always 0) that the forward and
+  the backward both keep or both drop. The forward's dropped and scaled weights are read
+  out of its output with values that are identity rows (64 key columns at a time); the
+  backward's out of v's gradient with a cotangent that is identity rows (v's gradient is
+  the weights' transpose times the cotangent).
 - `weights_err`: the largest difference between those two weight matrices.
 - `dq_err`, `dk_err`, `dv_err`: the largest difference of each gradient from MLX's
   attention on the forward's mask, over the largest gradient value.
@@ -94,8 +94,10 @@ def check(b: int, t: int, h: int, p: float) -> dict:
 
     fused = mx.grad(lambda x: (attend(x) * ct).sum())(qkv).astype(mx.float32)
     ref = mx.grad(reference)(qkv)
+    causal = mx.tril(mx.ones((t, t), dtype=mx.bool_))  # above it both are always 0
+    agree = mx.logical_and(keep == (w_b != 0), causal)
     out = {
-        "mask_agree": mx.mean(keep == (w_b != 0)).item(),
+        "mask_agree": mx.sum(agree).item() / (b * h * t * (t + 1) / 2),
         "weights_err": mx.max(mx.abs(w_f - w_b)).item(),
         "kept": mx.sum(keep).item() / (b * h * t * (t + 1) / 2),
     }
@@ -137,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
             lines = run.stdout.strip().splitlines()
-            result = json.loads(lines[-1]) if run.returncode == 0 and lines else None
+            try:
+                result = json.loads(lines[-1]) if run.returncode == 0 and lines else None
+            except ValueError:
+                result = None
             if result is None:
                 tail = (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1]
                 result = {"error": tail}

@@ -175,30 +175,30 @@ def measure(run: Run, cmd: list[str], env: dict, args, flops: float) -> Run:
 
 
 def wait_for_warm_up(mlx_cache: Path, timeout: float, keep: Path | None = None) -> float | None:
-    """After the project's cold run: wait until its kernel warm-up child (which goes on
-    compiling in the background after a short run, and after a run that built cuDNN
-    attention in the background, compiles the step with it too) has finished: it has
-    recorded a compiled step as warm in `mlx_cache/.warm` (its first stage's marker does
-    not count) and removed its log from `.warmup` (a child removes it when it succeeds).
-    Returns the seconds waited; None when no warm-up was started (no `.warmup` folder: a
-    CPU, or warm-up turned off) or it did not finish in `timeout`. With `keep`, each
-    child's log (where its time went) is copied there as it grows, since a child removes
-    it when it succeeds."""
+    """After the project's cold run: wait until its kernel warm-up children (which go on
+    compiling in the background after a short run; after a run that built cuDNN attention
+    in the background, a second one compiles the step with it) have finished: one has
+    recorded a compiled step as warm in `mlx_cache/.warm` (the first stage's marker does
+    not count) and none has a log left in `.warmup` (a child moves or removes its log when
+    it ends). Returns the seconds waited; None when no warm-up was started (no `.warmup`
+    folder: a CPU, or warm-up turned off) or it did not finish in `timeout`. The logs of
+    children still running then are copied into `keep` (finished ones went there
+    themselves: `mlx_model.warmup.LOGS_ENV`)."""
     if not (mlx_cache / ".warmup").is_dir():
         return None
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
-        if keep is not None:
-            keep.mkdir(parents=True, exist_ok=True)
-            for log in (mlx_cache / ".warmup").glob("*.log"):
-                try:
-                    (keep / log.name).write_bytes(log.read_bytes())
-                except OSError:  # removed meanwhile: its child succeeded
-                    pass
         warm = any(_compiled_step_marker(m) for m in (mlx_cache / ".warm").glob("*"))
         if warm and not any((mlx_cache / ".warmup").glob("*.log")):
             return round(time.perf_counter() - t0, 1)
         time.sleep(0.5)
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        for log in (mlx_cache / ".warmup").glob("*.log"):
+            try:
+                (keep / log.name).write_bytes(log.read_bytes())
+            except OSError:  # it ended meanwhile, and moved or removed its log
+                pass
     return None
 
 
@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
         "TRITON_CACHE_DIR": str(caches / "triton"),
         "CUDA_CACHE_PATH": str(caches / "nv"),  # the driver's own (PTX compiled to SASS)
+        "SHAKESPEARE_GPT_WARMUP_LOGS": str(out / "warm-up-logs"),  # where each child's time went
     }
     if caches.exists() and any(caches.iterdir()):
         print(

@@ -45,6 +45,7 @@ from .ops import cuda
 from .runtime import kernel_cache
 
 ENV = "SHAKESPEARE_GPT_COMPILE_WARMUP"  # "0": compile in the run itself, as before
+LOGS_ENV = "SHAKESPEARE_GPT_WARMUP_LOGS"  # a folder children move their logs to at the end
 WINDOWS = 2  # sequences per warm-up batch: shapes do not change the kernels
 CUDNN_BUILD_WAIT_S = 600  # how long the child waits for cuDNN attention's build
 
@@ -196,15 +197,40 @@ def main() -> int:
     if cache is None:
         compile_kernels(cfg, tc)
         return 0
-    if job.get("cudnn"):
-        _cudnn_step(cache, cfg, tc, job["signature"])
-    else:
+    log = Path(job["log"]) if "log" in job else None
+    if not job.get("cudnn"):
         _compile_into(cache, cfg, tc, job["signature"])
+    else:
+        try:
+            _cudnn_step(cache, cfg, tc, job["signature"])
+        except BaseException:
+            # no run reads this child's log: keep it, named as failed, for whoever looks
+            # (the traceback still goes to it, through this process's stderr)
+            if log is not None:
+                _retire(log, failed=True)
+            raise
     # the log (this process's stderr) is read by the run only on a failure; a child that
     # outlived its run would otherwise leave it behind
-    if "log" in job:
-        Path(job["log"]).unlink(missing_ok=True)
+    if log is not None:
+        _retire(log)
     return 0
+
+
+def _retire(log: Path, failed: bool = False) -> None:
+    """A child's log at its end: moved into $SHAKESPEARE_GPT_WARMUP_LOGS where that is set
+    (a benchmark reading where the time went), else removed, or kept as `<log>.failed`."""
+    keep = os.environ.get(LOGS_ENV)
+    name = log.name + (".failed" if failed else "")
+    try:
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            os.replace(log, Path(keep) / name)
+        elif failed:
+            os.replace(log, log.with_name(name))
+        else:
+            log.unlink(missing_ok=True)
+    except OSError:  # gone already (the run removed it); nothing to keep
+        pass
 
 
 def _compile_into(
@@ -222,6 +248,7 @@ def _compile_into(
                 cache.publish()
                 cache.mark_warm(eager_signature(sig))
                 _say(f"{attention}: uncompiled steps' kernels at {time.monotonic() - start:.1f} s")
+            cache.refresh()  # what another child published meanwhile loads, not compiles
             compile_kernels(cfg, tc)
             cache.publish()
             cache.mark_warm(sig)

@@ -365,3 +365,38 @@ def test_while_cudnn_attention_builds_a_second_child_compiles_its_step_beside_th
     monkeypatch.setattr(cuda, "building", lambda: False)  # cuDNN built, or not to be
     warmup.start(cfg, tc, sig)
     assert [job.get("cudnn", False) for job in jobs] == [False]
+
+
+def test_a_childs_log_is_removed_kept_where_asked_and_kept_as_failed(tmp_path, monkeypatch):
+    """A child that succeeds removes its log, or moves it where SHAKESPEARE_GPT_WARMUP_LOGS
+    says (a benchmark reads where the time went); the second child, whose log no run
+    reads, keeps it named as failed when it fails, and the traceback still reaches it."""
+    import io
+    import json
+
+    from mlx_model import warmup
+
+    cfg, tc = _tiny()
+    log = tmp_path / "1-a.log"
+    job = {"model": cfg.to_dict(), "training": tc.to_dict(), "signature": {}, "log": str(log)}
+    monkeypatch.setattr(warmup.kernel_cache, "active", lambda: object())
+    monkeypatch.setattr(warmup, "_compile_into", lambda *args: None)
+
+    def run(**extra):
+        log.write_text("warm-up mlx: compiled step's kernels at 1.0 s\n")
+        monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({**job, **extra})))
+        return warmup.main()
+
+    monkeypatch.delenv(warmup.LOGS_ENV, raising=False)
+    assert run() == 0 and not log.exists()
+    monkeypatch.setenv(warmup.LOGS_ENV, str(tmp_path / "kept"))
+    assert run() == 0 and "1.0 s" in (tmp_path / "kept" / "1-a.log").read_text()
+
+    def fail(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(warmup, "_cudnn_step", fail)
+    monkeypatch.delenv(warmup.LOGS_ENV)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(cudnn=True)
+    assert not log.exists() and (tmp_path / "1-a.log.failed").exists()
