@@ -194,6 +194,8 @@ def test_bad_input_is_named(ext):
             ext.causal_attention(qkv, _seed(1), H, SCALE, p)
     with pytest.raises(ValueError, match="head_dim must be a multiple of 8 up to 128, got 36"):
         ext.causal_attention(qkv[..., : 3 * 3 * 36], _seed(1), 3, SCALE, 0.1)
+    with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
+        ext.causal_attention(mx.zeros((0, T, 3 * C), mx.bfloat16), _seed(1), H, SCALE, 0.1)
     for t in (64, 192):  # where cuDNN 9.14's backward read out of bounds
         with pytest.raises(ValueError, match=f"sequence length must be a multiple of 128, got {t}"):
             ext.causal_attention(mx.zeros((B, t, 3 * C), mx.bfloat16), _seed(1), H, SCALE, 0.1)

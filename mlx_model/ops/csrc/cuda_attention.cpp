@@ -385,7 +385,9 @@ mx::array causal_attention(const mx::array& qkv_in, const mx::array& seed_in, in
         << qkv_in.shape();
   } else if (qkv_in.dtype() != mx::bfloat16 && qkv_in.dtype() != mx::float16) {
     bad << "qkv must be bfloat16 or float16, got " << qkv_in.dtype();
-  } else if (int D = C3 / 3 / heads; D % 8 != 0 || D > 128) {
+  } else if (qkv_in.shape(0) < 1) {
+    bad << "batch must be >= 1, got " << qkv_in.shape(0);
+  } else if (int D = C3 / 3 / heads; D < 8 || D % 8 != 0 || D > 128) {
     bad << "head_dim must be a multiple of 8 up to 128, got " << D;
   } else if ((qkv_in.shape(1) < kSequenceMultiple || qkv_in.shape(1) % kSequenceMultiple != 0) &&
              !std::getenv("SHAKESPEARE_GPT_CUDNN_ANY_T")) {  // bench/cudnn_attention_check.py
