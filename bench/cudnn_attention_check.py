@@ -34,6 +34,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import mlx_model  # noqa: E402, F401, I001  (before MLX: the kernel cache and the BLAS)
+import mlx.core as mx  # noqa: E402
+
 D = 64
 SHAPES = ["2x64x3", "2x128x3", "2x128x6", "2x192x6", "2x256x3", "2x320x6", "2x512x6"]
 SHAPES += ["8x256x12", "64x256x6"]
@@ -50,12 +55,51 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return b, t, h
 
 
+def _heads(x: mx.array, heads: int) -> mx.array:
+    """(B, T, C) -> (B, H, T, head_dim), in float32."""
+    b, t, c = x.shape
+    return x.astype(mx.float32).reshape(b, t, heads, c // heads).transpose(0, 2, 1, 3)
+
+
+def _identity_block(shape: tuple[int, ...], heads: int, j: int, dtype: mx.Dtype) -> mx.array:
+    """(B, T, C): in every head, row t is the unit vector e_(t - d j) for t in block j of
+    d = head_dim rows, else zeros. As values it reads columns d j.. of the weights out of
+    the output; as the output's cotangent, rows d j.. of the weights out of v's gradient."""
+    b, t, c = shape
+    d = c // heads
+    e = (mx.arange(t)[:, None] == mx.arange(d)[None, :] + d * j).astype(dtype)  # (T, d)
+    return mx.broadcast_to(e[None, :, None, :], (b, t, heads, d)).reshape(b, t, c)
+
+
+def forward_weights(ext, qkv: mx.array, seed: mx.array, heads: int, p: float) -> mx.array:
+    """The forward kernel's dropped and scaled weights (B, H, T, T) for qkv's q and k
+    (qkv (B, T, 3C), T a multiple of head_dim)."""
+    c = qkv.shape[-1] // 3
+    scale, blocks = 1 / math.sqrt(c // heads), []
+    for j in range(qkv.shape[1] // (c // heads)):
+        v = _identity_block((*qkv.shape[:2], c), heads, j, qkv.dtype)
+        x = mx.concatenate([qkv[..., : 2 * c], v], axis=-1)
+        blocks.append(_heads(ext.causal_attention(x, seed, heads, scale, p), heads))
+    return mx.concatenate(blocks, axis=-1)
+
+
+def backward_weights(ext, qkv: mx.array, seed: mx.array, heads: int, p: float) -> mx.array:
+    """The backward kernel's dropped and scaled weights (B, H, T, T): v's gradient is the
+    weights' transpose times the cotangent."""
+    c = qkv.shape[-1] // 3
+    scale, rows = 1 / math.sqrt(c // heads), []
+    for j in range(qkv.shape[1] // (c // heads)):
+        ct = _identity_block((*qkv.shape[:2], c), heads, j, mx.float32)
+
+        def loss(x, ct=ct):
+            return (ext.causal_attention(x, seed, heads, scale, p).astype(mx.float32) * ct).sum()
+
+        rows.append(_heads(mx.grad(loss)(qkv)[..., 2 * c :], heads).transpose(0, 1, 3, 2))
+    return mx.concatenate(rows, axis=2)
+
+
 def check(b: int, t: int, h: int, p: float) -> dict:
     """The child: the figures above for one shape."""
-    sys.path.insert(0, str(ROOT))
-    import mlx_model  # noqa: F401, I001  (before MLX: the kernel cache and the BLAS)
-    import mlx.core as mx
-
     from mlx_model.ops import cuda
     from mlx_model.ops.reference import attention_weights, merge_heads, split_heads
 
@@ -65,25 +109,8 @@ def check(b: int, t: int, h: int, p: float) -> dict:
     c, scale = h * D, 1 / math.sqrt(D)
     seed = mx.array([5, 9], dtype=mx.int64)
     qkv = mx.random.normal((b, t, 3 * c), key=mx.random.key(1)).astype(mx.bfloat16)
-
-    def attend(x):
-        return ext.causal_attention(x, seed, h, scale, p).astype(mx.float32)
-
-    def heads(x):  # (B, T, C) -> (B, H, T, D)
-        return x.astype(mx.float32).reshape(b, t, h, D).transpose(0, 2, 1, 3)
-
-    def identity_block(j, dtype):  # rows t of block j are unit vectors, in every head
-        e = (mx.arange(t)[:, None] == mx.arange(D)[None, :] + D * j).astype(dtype)
-        return mx.broadcast_to(e[None, :, None, :], (b, t, h, D)).reshape(b, t, c)
-
-    forward, backward = [], []
-    for j in range(t // D):
-        v = identity_block(j, mx.bfloat16)
-        forward.append(heads(attend(mx.concatenate([qkv[..., : 2 * c], v], axis=-1))))
-        ct = identity_block(j, mx.float32)
-        grad = mx.grad(lambda x, ct=ct: (attend(x) * ct).sum())(qkv)
-        backward.append(heads(grad[..., 2 * c :]).transpose(0, 1, 3, 2))
-    w_f, w_b = mx.concatenate(forward, axis=-1), mx.concatenate(backward, axis=2)
+    w_f = forward_weights(ext, qkv, seed, h, p)
+    w_b = backward_weights(ext, qkv, seed, h, p)
     keep = w_f != 0
     ct = mx.random.normal((b, t, c), key=mx.random.key(3))
 
@@ -92,7 +119,10 @@ def check(b: int, t: int, h: int, p: float) -> dict:
         w = mx.where(keep, attention_weights(q, k, scale) / (1 - p), 0.0)
         return (merge_heads(w @ v) * ct).sum()
 
-    fused = mx.grad(lambda x: (attend(x) * ct).sum())(qkv).astype(mx.float32)
+    def fused(x):
+        return (ext.causal_attention(x, seed, h, scale, p).astype(mx.float32) * ct).sum()
+
+    fused_grad = mx.grad(fused)(qkv).astype(mx.float32)
     ref = mx.grad(reference)(qkv)
     causal = mx.tril(mx.ones((t, t), dtype=mx.bool_))  # above it both are always 0
     agree = mx.logical_and(keep == (w_b != 0), causal)
@@ -102,7 +132,7 @@ def check(b: int, t: int, h: int, p: float) -> dict:
         "kept": mx.sum(keep).item() / (b * h * t * (t + 1) / 2),
     }
     for i, name in enumerate(("dq_err", "dk_err", "dv_err")):
-        a, r = fused[..., i * c : (i + 1) * c], ref[..., i * c : (i + 1) * c]
+        a, r = fused_grad[..., i * c : (i + 1) * c], ref[..., i * c : (i + 1) * c]
         out[name] = round(mx.max(mx.abs(a - r)).item() / max(1e-6, mx.max(mx.abs(r)).item()), 4)
     import ctypes
 

@@ -308,3 +308,33 @@ def test_the_cudnn_check_names_a_bad_shape_and_reports_each_shape_alone(capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["shape"] for line in lines] == [[1, 64, 1], [1, 128, 1]]
     assert all("needs MLX on an NVIDIA GPU" in line["error"] for line in lines)
+
+
+def test_the_cudnn_checks_read_outs_recover_a_kernels_dropped_weights_both_ways():
+    """With a stand-in kernel (MLX's attention with a known dropout mask), the forward
+    read-out (identity values) and the backward one (v's gradient under an identity
+    cotangent) both give back exactly the weights it used, 64 columns or rows at a time."""
+    import mlx.core as mx
+
+    from mlx_model.ops.reference import attention_weights, merge_heads, split_heads
+
+    b, t, heads, p = 2, 128, 3, 0.25
+    keep = mx.random.bernoulli(1 - p, (b, heads, t, t), key=mx.random.key(4))
+
+    def weights(qkv, scale):
+        q, k, _ = split_heads(qkv, heads)
+        return mx.where(keep, attention_weights(q, k, scale) / (1 - p), 0.0)
+
+    class StandIn:
+        @staticmethod
+        def causal_attention(qkv, seed, n_head, scale, p_):
+            assert (n_head, p_) == (heads, p)
+            return merge_heads(weights(qkv, scale) @ split_heads(qkv, heads)[2])
+
+    qkv = mx.random.normal((b, t, 3 * heads * 64), key=mx.random.key(1))
+    expected = weights(qkv, 1 / 8)
+    seed = mx.array([1, 2])
+    forward = cudnn_attention_check.forward_weights(StandIn, qkv, seed, heads, p)
+    backward = cudnn_attention_check.backward_weights(StandIn, qkv, seed, heads, p)
+    assert mx.allclose(forward, expected, atol=1e-5).item()
+    assert mx.allclose(backward, expected, atol=1e-5).item()

@@ -17,11 +17,16 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the checkout's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import mlx_model  # noqa: E402, F401, I001  (before MLX: the kernel cache and the BLAS)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# the read-outs of the kernel's dropped weights, shared with the per-shape check
+from cudnn_attention_check import backward_weights, forward_weights  # noqa: E402
 
 from mlx_model import ops  # noqa: E402
 from mlx_model.ops import cuda  # noqa: E402
@@ -58,42 +63,6 @@ def _reference(qkv: mx.array, keep: mx.array | None, p: float) -> mx.array:
     return merge_heads(w @ v)
 
 
-def _identity_block(j: int, dtype: mx.Dtype) -> mx.array:
-    """(B, T, C): in every head, row t is the unit vector e_(t - D j) for t in block j of D
-    rows, else zeros. As values it reads columns D j.. of the weights out of the output;
-    as the output's cotangent it reads rows D j.. of the weights out of v's gradient."""
-    e = (mx.arange(T)[:, None] == mx.arange(D)[None, :] + D * j).astype(dtype)  # (T, D)
-    return mx.broadcast_to(e[None, :, None, :], (B, T, H, D)).reshape(B, T, C)
-
-
-def _heads(x: mx.array) -> mx.array:
-    """(B, T, C) -> (B, H, T, D), in float32."""
-    return x.astype(mx.float32).reshape(B, T, H, D).transpose(0, 2, 1, 3)
-
-
-def _weights_read_out(ext, qkv: mx.array, seed: mx.array, p: float) -> mx.array:
-    """The forward kernel's dropped and scaled weights (B, H, T, T) for qkv's q and k."""
-    blocks = []
-    for j in range(T // D):
-        v = _identity_block(j, qkv.dtype)
-        x = mx.concatenate([qkv[..., : 2 * C], v], axis=-1)
-        blocks.append(_heads(ext.causal_attention(x, seed, H, SCALE, p)))
-    return mx.concatenate(blocks, axis=-1)
-
-
-def _backward_weights_read_out(ext, qkv: mx.array, seed: mx.array, p: float) -> mx.array:
-    """The backward kernel's dropped and scaled weights (B, H, T, T): v's gradient is the
-    weights' transpose times the cotangent."""
-    rows = []
-    for j in range(T // D):
-        ct = _identity_block(j, mx.float32)
-        grad = mx.grad(lambda x, ct=ct: (ext.causal_attention(x, seed, H, SCALE, p) * ct).sum())(
-            qkv
-        )
-        rows.append(_heads(grad[..., 2 * C :]).transpose(0, 1, 3, 2))  # (B, H, D, T)
-    return mx.concatenate(rows, axis=2)
-
-
 def _close(a: mx.array, b: mx.array, tol: float) -> float:
     err = mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
     scale = max(1.0, mx.abs(b.astype(mx.float32)).max().item())
@@ -103,7 +72,7 @@ def _close(a: mx.array, b: mx.array, tol: float) -> float:
 
 def test_dropout_drops_the_share_p_scales_the_rest_and_follows_the_seed(ext):
     p, qkv = 0.2, _qkv(2)
-    dropped = _weights_read_out(ext, qkv, _seed(11), p)
+    dropped = forward_weights(ext, qkv, _seed(11), H, p)
     full = attention_weights(*split_heads(qkv.astype(mx.float32), H)[:2], SCALE)
     causal = np.tril(np.ones((T, T), bool))[None, None]
     kept = np.array(dropped) != 0
@@ -112,16 +81,16 @@ def test_dropout_drops_the_share_p_scales_the_rest_and_follows_the_seed(ext):
     scaled = np.array(full)[kept] / (1 - p)
     assert np.allclose(np.array(dropped)[kept], scaled, rtol=2e-2, atol=1e-3)
     assert not kept[~np.broadcast_to(causal, kept.shape)].any()  # the future stays masked
-    again = _weights_read_out(ext, qkv, _seed(11), p)
-    other = _weights_read_out(ext, qkv, _seed(12), p)
+    again = forward_weights(ext, qkv, _seed(11), H, p)
+    other = forward_weights(ext, qkv, _seed(12), H, p)
     assert mx.array_equal(dropped, again).item()
     assert not mx.array_equal(dropped, other).item()
 
 
 def test_the_backward_drops_the_weights_the_forward_dropped(ext):
     p, qkv, seed = 0.2, _qkv(3), _seed(5)
-    forward = _weights_read_out(ext, qkv, seed, p)
-    backward = _backward_weights_read_out(ext, qkv, seed, p)
+    forward = forward_weights(ext, qkv, seed, H, p)
+    backward = backward_weights(ext, qkv, seed, H, p)
     assert mx.array_equal(forward != 0, backward != 0).item()
     _close(backward, forward, 2e-2)
 
@@ -130,7 +99,7 @@ def test_with_dropout_the_output_and_gradients_are_the_function_of_its_mask(ext)
     """The mask does not depend on the values: read it out with identity values, then
     compare the kernel on real values (forward and backward) with MLX on that mask."""
     p, qkv, seed = 0.2, _qkv(4), _seed(21)
-    keep = _weights_read_out(ext, qkv, seed, p) != 0
+    keep = forward_weights(ext, qkv, seed, H, p) != 0
     ct = mx.random.normal((B, T, C), key=mx.random.key(5))
 
     def fused(x):
