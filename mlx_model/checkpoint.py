@@ -144,7 +144,9 @@ def load_train_state(
 ) -> dict[str, Any] | None:
     """Restore a checkpoint written by `save_train_state` into `model` and `optimizer`.
 
-    Returns its state dict, or None when there is no complete checkpoint.
+    Returns its state dict, or None when there is no complete checkpoint. Raises
+    CorruptCheckpointError when a file differs from the digest `state.json` recorded, or
+    the optimizer's state does not fit `optimizer` (another optimizer or model wrote it).
     """
     directory = Path(directory)
     recover(directory)
@@ -162,6 +164,9 @@ def load_train_state(
     restored = load_model(directory)
     model.update(restored.parameters())
     opt_state = mx.load(str(directory / OPTIMIZER))
-    optimizer.state = tree_unflatten(list(opt_state.items()))
+    try:
+        optimizer.state = tree_unflatten(list(opt_state.items()))
+    except ValueError as err:  # another optimizer's layout (`mlx_model.optimizer`)
+        raise CorruptCheckpointError(f"{directory / OPTIMIZER} does not fit: {err}") from None
     mx.eval(model.parameters(), optimizer.state)
     return state

@@ -11,8 +11,11 @@ step runs op by op while a warm-up child compiles the fused kernels
 (`mlx_model.warmup`). A comparison with `arange`, a matrix product and an element-wise
 product are kernels MLX ships compiled, so the op-by-op step compiles nothing.
 
-It pays only for a small vocabulary: the one-hot product costs as much arithmetic as the
-LM head (2 V C FLOPs a token), so larger vocabularies keep the gathers.
+Training on it takes one optimizer update over all parameters at once
+(`mlx_model.optimizer.FlatOptimizer`), for the same reason: fewer operations to launch.
+
+The one-hot products pay only for a small vocabulary: each costs as much arithmetic as the LM
+head (2 V C FLOPs a token), so larger vocabularies keep the gathers.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Gpu(Reference):
     """The reference, with no gather or scatter for vocabularies up to ONE_HOT_MAX_VOCAB."""
 
     name = "gpu"
+    joined_optimizer = True  # launch-bound: one update over all parameters (see make_optimizer)
 
     def signature(self, dtype: mx.Dtype, model: GPTConfig | None = None) -> dict[str, str]:
         """Which attention runs in training (`ops.cuda.for_run`): cuDNN's fused kernel

@@ -40,6 +40,8 @@ class Reference:
 
     name = "reference"
     lanes = 1
+    # train with one optimizer update over all parameters (`mlx_model.train.make_optimizer`)
+    joined_optimizer = False
 
     def __init__(self, training: bool):
         self.training = training

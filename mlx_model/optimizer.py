@@ -1,0 +1,225 @@
+"""The training's optimizer as one update over all parameters at once.
+
+AdamW with decoupled weight decay on matrices only (Loshchilov and Hutter, "Decoupled
+Weight Decay Regularization", 2019; nanoGPT's grouping), or Muon (Jordan et al., 2024:
+Nesterov momentum, then five Newton-Schulz steps towards the orthogonal factor) on the
+blocks' weight matrices with that AdamW on the rest; the global gradient norm clipped
+first, as `torch.nn.utils.clip_grad_norm_` and `mlx.optimizers.clip_grad_norm` do.
+
+MLX's optimizers update each parameter on its own (`Optimizer.apply_single` over the
+tree), and its `clip_grad_norm` takes one norm and one product per parameter: for
+nanogpt-char's 76 parameters about 2,100 of the uncompiled training step's 4,200 graph
+nodes (`mx.export_to_dot`, MLX 0.32.4). A step run op by op (a GPU's first run, while its
+fused kernels compile: `mlx_model.warmup`) pays for every node, and a compiled one
+launches a kernel per parameter for each norm and update. Here the gradients are joined
+into one float32 vector, clipped by one norm, and AdamW moves one vector of all its
+parameters with moments kept as flat vectors (`m`, `v`); Muon's momentum is one flat
+vector too, and its Newton-Schulz steps run batched over the matrices of one shape in the
+compute dtype. PyTorch's fused AdamW does the same with one kernel over a list of tensors.
+
+Per element the arithmetic is MLX's (`AdamW.apply_single`, `Adam.apply_single` without
+bias correction, `Muon.apply_single`), so without clipping the parameters move exactly as
+MLX's optimizers move them; with it, the norm's float32 sum runs in another order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic iteration (Jordan et al.)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one parameter lies in its group's flat vector."""
+
+    path: str
+    shape: tuple[int, ...]
+    size: int
+
+
+def newton_schulz(x: mx.array, steps: int) -> mx.array:
+    """Muon's quintic iteration towards the orthogonal factor: (N, rows, cols) -> the same,
+    for a stack of wide matrices (rows <= cols) of Frobenius norm at most 1."""
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        gram = x @ x.swapaxes(1, 2)  # (N, rows, rows)
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x
+
+
+class FlatOptimizer(optim.Optimizer):
+    """AdamW over every parameter (decay on matrices only), or with `muon_learning_rate`,
+    Muon on the parameters `for_muon(path, array)` picks and AdamW on the rest; gradients
+    clipped to global norm `grad_clip` first (0: no clipping). Learning rates are floats or
+    schedules of the step, as MLX's optimizers take them.
+
+    State (`state`, what a checkpoint keeps): `step`, the learning rates, and float32
+    vectors `m` and `v` (AdamW's moments, its parameters in order) and `momentum`
+    (Muon's). Setting `state` checks those lengths against the parameters and raises
+    ValueError naming the key that does not fit.
+    """
+
+    def __init__(
+        self,
+        learning_rate: float | Callable[[mx.array], mx.array],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        grad_clip: float = 0.0,
+        muon_learning_rate: float | Callable[[mx.array], mx.array] | None = None,
+        for_muon: Callable[[str, mx.array], bool] | None = None,
+        muon_dtype: mx.Dtype = mx.float32,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+    ):
+        super().__init__()
+        if grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {grad_clip!r}")
+        if (muon_learning_rate is None) != (for_muon is None):
+            raise ValueError("muon_learning_rate and for_muon go together")
+        self._maybe_schedule("learning_rate", learning_rate)
+        if muon_learning_rate is not None:
+            self._maybe_schedule("muon_learning_rate", muon_learning_rate)
+        self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
+        self.grad_clip, self.for_muon, self.muon_dtype = grad_clip, for_muon, muon_dtype
+        self.momentum, self.ns_steps = momentum, ns_steps
+        self._adamw: list[Slot] = []
+        self._muon: list[Slot] = []
+        self._decay: mx.array | None = None  # (A,) bool: AdamW's elements of matrices
+
+    def init(self, parameters: dict) -> None:
+        """Lay the parameters out (tree order) and make zero moments where none are set."""
+        self._adamw, self._muon, decay = [], [], []
+        for path, p in tree_flatten(parameters):
+            slot = Slot(path, tuple(p.shape), p.size)
+            if self.for_muon is not None and self.for_muon(path, p):
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes matrices; {path} has shape {p.shape}")
+                self._muon.append(slot)
+            else:
+                self._adamw.append(slot)
+                decay.append(np.full(p.size, p.ndim >= 2))
+        self._decay = mx.array(np.concatenate(decay)) if decay else None
+        for key, length in self._lengths().items():
+            if key not in self._state:
+                self._state[key] = mx.zeros((length,), mx.float32)
+        self._check(self._state)
+        self._initialized = True
+
+    def _lengths(self) -> dict[str, int]:
+        lengths = {"m": sum(s.size for s in self._adamw), "v": sum(s.size for s in self._adamw)}
+        if self.for_muon is not None:
+            lengths["momentum"] = sum(s.size for s in self._muon)
+        return lengths
+
+    def _check(self, state: dict) -> None:
+        for key, length in self._lengths().items():
+            value = state.get(key)
+            if not isinstance(value, mx.array) or value.shape != (length,):
+                found = "none" if value is None else getattr(value, "shape", type(value).__name__)
+                raise ValueError(
+                    f"optimizer state {key!r} should be a vector of {length}, found {found}"
+                )
+
+    @property
+    def state(self) -> dict:
+        return self._state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        """Replace the state in place (a compiled step holds this dict), checked against
+        the layout when it is known (after `init`)."""
+        if self._initialized:
+            self._check(state)
+        self._state.clear()
+        self._state.update(state)
+
+    def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
+        if not self._initialized:
+            self.init(gradients)
+        for name, scheduler in self._schedulers.items():
+            self._state[name] = scheduler(self.step)
+        self._state["step"] = self.step + 1
+        grads = dict(tree_flatten(gradients))
+        params = dict(tree_flatten(parameters))
+        slots = self._adamw + self._muon
+        if set(grads) != {s.path for s in slots}:
+            raise ValueError(
+                f"gradients for {sorted(set(grads) ^ {s.path for s in slots})} do not match "
+                "the parameters the optimizer was initialised with"
+            )
+        g = _join([grads[s.path] for s in slots])  # (A + M,) float32
+        if self.grad_clip > 0:
+            norm = mx.sqrt(mx.square(g).sum())
+            g = g * mx.minimum(self.grad_clip / (norm + 1e-6), 1.0)
+        size = sum(s.size for s in self._adamw)
+        updates = self._adamw_update(g[:size], params) if self._adamw else {}
+        if self._muon:
+            updates.update(self._muon_update(g[size:], params))
+        return tree_unflatten([(path, updates[path]) for path, _ in tree_flatten(gradients)])
+
+    def _adamw_update(self, g: mx.array, params: dict) -> dict:
+        """AdamW on the flat (A,) gradient; the new parameters by path."""
+        b1, b2 = self.betas
+        lr = self.learning_rate.astype(mx.float32)
+        p = _join([params[s.path] for s in self._adamw])
+        if self.weight_decay != 0:
+            p = mx.where(self._decay, p * (1 - lr * self.weight_decay), p)
+        m = b1 * self._state["m"] + (1 - b1) * g
+        v = b2 * self._state["v"] + (1 - b2) * mx.square(g)
+        self._state["m"], self._state["v"] = m, v
+        p = p - lr * m / (mx.sqrt(v) + self.eps)
+        return _split(p, self._adamw, params)
+
+    def _muon_update(self, g: mx.array, params: dict) -> dict:
+        """Muon on the flat (M,) gradient; the new matrices by path."""
+        mu = self.momentum
+        v = mu * self._state["momentum"]
+        v = v + (1 - mu) * g
+        self._state["momentum"] = v
+        u = g * (1 - mu) + v * mu  # Nesterov
+        groups = defaultdict(list)  # wide shape -> [(slot, tall, wide matrix)]
+        for slot, piece in zip(self._muon, _pieces(u, self._muon), strict=True):
+            tall = slot.shape[0] > slot.shape[1]
+            groups[piece.T.shape if tall else piece.shape].append(
+                (slot, tall, piece.T if tall else piece)
+            )
+        lr = self.state["muon_learning_rate"]
+        updates = {}
+        for members in groups.values():
+            x = mx.stack([w for *_, w in members]).astype(mx.float32)  # (N, rows, cols)
+            x = x / (mx.sqrt((x * x).sum(axis=(1, 2), keepdims=True)) + 1e-7)
+            x = newton_schulz(x.astype(self.muon_dtype), self.ns_steps)
+            for (slot, tall, _), o in zip(members, x, strict=True):
+                p = params[slot.path]
+                step = (o.T if tall else o).astype(p.dtype)
+                scale = max(1, slot.shape[0] / slot.shape[1]) ** 0.5
+                updates[slot.path] = p - (lr.astype(p.dtype) * scale) * step
+        return updates
+
+
+def _join(arrays: list[mx.array]) -> mx.array:
+    """The arrays flattened and joined, as one float32 vector."""
+    return mx.concatenate([a.reshape(-1) for a in arrays]).astype(mx.float32)
+
+
+def _pieces(flat: mx.array, slots: list[Slot]) -> list[mx.array]:
+    """`flat` cut back into the slots' shapes."""
+    offsets = np.cumsum([s.size for s in slots])[:-1].tolist()
+    return [piece.reshape(s.shape) for s, piece in zip(slots, mx.split(flat, offsets), strict=True)]
+
+
+def _split(flat: mx.array, slots: list[Slot], params: dict) -> dict:
+    """`flat` cut back into the slots' shapes, in their parameters' dtypes, by path."""
+    return {
+        s.path: piece.astype(params[s.path].dtype)
+        for s, piece in zip(slots, _pieces(flat, slots), strict=True)
+    }
