@@ -32,6 +32,8 @@ float rounding.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -52,7 +54,8 @@ CUDNN_BUILD_WAIT_S = 600  # how long the child waits for cuDNN attention's build
 
 def signature(cfg: GPTConfig, tc: TrainConfig, ops_signature: dict[str, Any]) -> dict[str, Any]:
     """What decides the compiled step's kernels: the configurations (the schedule's
-    numbers are constants in them), the ops backend and MLX's version."""
+    numbers are constants in them), the ops backend, MLX's version and the project's code
+    (`code_digest`: a marker written by other code is not taken as warm)."""
     import mlx.core as mx
 
     return {
@@ -60,7 +63,21 @@ def signature(cfg: GPTConfig, tc: TrainConfig, ops_signature: dict[str, Any]) ->
         "training": tc.to_dict(),
         "ops": ops_signature,
         "mlx": mx.__version__,
+        "code": code_digest(),
     }
+
+
+@functools.cache
+def code_digest(root: Path = Path(__file__).parent) -> str:
+    """SHA-256 (first 16 hex digits) of the package's sources under `root` (`.py`, and the
+    extensions' C++): what the step's operations come from. A warm marker records it, so a
+    run of other code (an upgrade that changed the optimizer's operations, say) does not
+    take the cache as warm and compile for minutes in its first compiled step."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".py", ".cpp", ".h") and "__pycache__" not in path.parts:
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def eager_signature(sig: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +101,7 @@ class Warmup:
         self.cache = cache
         self.log = log
         self.failed: str | None = None
+        self._ended = False
         self._sig = sig
         self._eager = eager_signature(sig)
         self._eager_ready = False
@@ -104,6 +122,8 @@ class Warmup:
         copied in; the child may go on to the step with cuDNN attention) or has ended; a
         failed child also reads as ready (the run then compiles for itself) and sets
         `failed`."""
+        if self._ended:
+            return True
         code = self.proc.poll()
         if code is None:
             if not self.cache.is_warm(self._sig):
@@ -111,9 +131,14 @@ class Warmup:
             self.cache.refresh()
             return True
         if code != 0:
-            self.failed = self.log.read_text(errors="replace")[-2000:] or f"exit code {code}"
+            try:
+                tail = self.log.read_text(errors="replace")[-2000:]
+            except OSError:  # moved by the child ($SHAKESPEARE_GPT_WARMUP_LOGS) or gone
+                tail = ""
+            self.failed = tail or f"exit code {code}"
         self.log.unlink(missing_ok=True)
         self.cache.refresh()
+        self._ended = True  # asked again (at the run's end), it has nothing left to read
         return True
 
     def close(self) -> bool:

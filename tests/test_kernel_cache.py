@@ -400,3 +400,55 @@ def test_a_childs_log_is_removed_kept_where_asked_and_kept_as_failed(tmp_path, m
     with pytest.raises(RuntimeError, match="out of memory"):
         run(cudnn=True)
     assert not log.exists() and (tmp_path / "1-a.log.failed").exists()
+
+
+def test_a_warm_marker_names_the_code_that_wrote_it(tmp_path):
+    """The marker's signature carries the package's source digest: after an edit (an
+    upgrade), the cache is not taken as warm for the changed step."""
+    import shutil
+
+    from mlx_model import warmup
+    from mlx_model.config import TINY
+
+    same, edited = tmp_path / "same" / "mlx_model", tmp_path / "edited" / "mlx_model"
+    for copy in (same, edited):
+        shutil.copytree(Path(warmup.__file__).parent, copy, ignore=shutil.ignore_patterns("*.pyc"))
+    (edited / "optimizer.py").write_text((edited / "optimizer.py").read_text() + "# edited\n")
+    assert warmup.code_digest(same) == warmup.code_digest()
+    assert warmup.code_digest(edited) != warmup.code_digest()
+    assert warmup.signature(TINY.model, TINY.train, {})["code"] == warmup.code_digest()
+    cache = kc.KernelCache(tmp_path / "shared", tmp_path / "private", 0)
+    sig = warmup.signature(TINY.model, TINY.train, {})
+    cache.mark_warm(sig)
+    assert cache.is_warm(sig) and not cache.is_warm({**sig, "code": warmup.code_digest(edited)})
+
+
+def test_a_module_named_to_the_file_systems_limit_is_published(fresh_cache):
+    """MLX names a fused kernel after its ops; one of nanogpt-char-fast's step with cuDNN
+    attention ran to 240 characters, and a temporary name built on it failed to open."""
+    cache = kc.install("9.9.9", {})
+    name = "fused_" + "BroadcastMultiplyAsType" * 10  # 236 characters, 240 with ".ptx"
+    write_module(cache.private, name, b"P" * 10)
+    assert cache.publish() == 1
+    assert (cache.shared / f"{name}.ptx").read_bytes() == b"P" * 10
+
+
+def test_a_failed_warm_up_is_read_once_and_asked_again_without_error(tmp_path, monkeypatch):
+    """The run asks whether its warm-up is done at each estimate and at its end; a child
+    that failed is reported once, and its log gone (moved by the child, or read and
+    removed) breaks no later question. (A run ended with FileNotFoundError so.)"""
+    import subprocess
+
+    from mlx_model import warmup
+
+    cache = kc.KernelCache(tmp_path / "shared", tmp_path / "private", 0)
+    log = tmp_path / "child.log"
+    log.write_text("Traceback ...\nOSError: the reason\n")
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    proc.wait()
+    child = warmup.Warmup(proc, cache, log, {"model": {}})
+    assert child.ready() and child.failed.endswith("OSError: the reason\n")
+    assert not log.exists()
+    assert child.ready() and child.close() is False
+    moved = warmup.Warmup(proc, cache, tmp_path / "moved-away.log", {"model": {}})
+    assert moved.ready() and moved.failed == "exit code 3"

@@ -133,7 +133,9 @@ def _place(source: Path, target: Path) -> None:
     A copy, not a hard link: MLX rewrites a module's files in place when it recompiles
     one (a module whose read failed), which through a link would tear the other copy."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{target.name}"
+    # not named after the module: MLX's names run up to the file system's limit (a fused
+    # kernel's ops spelt out), and a prefix on one pushed it over (ENAMETOOLONG)
+    tmp = target.parent / f".tmp-{os.getpid()}-{os.urandom(8).hex()}"
     shutil.copy2(source, tmp)  # with its time: when the module was compiled
     os.replace(tmp, target)
 
