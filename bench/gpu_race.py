@@ -225,7 +225,7 @@ def commands(args, sections: dict[str, str] | None = None) -> dict[str, list[str
     if args.cli:
         source = Path(args.corpus).resolve().as_uri()
         project = [py, "-m", "flows", "run", "--preset", args.preset, "--source", source]
-        project += ["--artifacts", ARTIFACTS]
+        project += ["--artifacts", ARTIFACTS] + (["--verbose"] if args.verbose else [])
         for item in args.set:
             project += ["--set", f"{(sections or {})[item.partition('=')[0]]}.{item}"]
     else:
@@ -337,11 +337,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "bench/train_preset.py (training alone)",
     )
     p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="with --cli, the command's --verbose: Prefect's own lines (each stage's start "
+        "and end), which say where the seconds before training go",
+    )
+    p.add_argument(
         "--smoke", action="store_true", help="check the plumbing on the CPU: tiny preset, target 10"
     )
     args = p.parse_args(argv)
     if args.rounds < 0:
         p.error(f"--rounds must be >= 0, got {args.rounds}")
+    if args.verbose and not args.cli:
+        p.error("--verbose goes with --cli (bench/train_preset.py has no Prefect lines)")
     if args.throughput_steps < 0:
         p.error(f"--throughput-steps must be >= 0, got {args.throughput_steps}")
     if not Path(args.corpus).is_file():

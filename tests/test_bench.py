@@ -265,7 +265,11 @@ def test_the_clis_log_lines_give_the_same_figures(tmp_path):
     cmd = gpu_race.commands(args, info["sections"])["project"]
     assert cmd[1:4] == ["-m", "flows", "run"] and gpu_race.ARTIFACTS in cmd
     assert cmd[-4:] == ["--set", "model.dropout=0.0", "--set", "training.max_iters=5"]
-    assert corpus.resolve().as_uri() in cmd
+    assert corpus.resolve().as_uri() in cmd and "--verbose" not in cmd
+    verbose = gpu_race.parse_args(["--corpus", str(corpus), "--cli", "--verbose"])
+    assert "--verbose" in gpu_race.commands(verbose, info["sections"])["project"]
+    with pytest.raises(SystemExit):
+        gpu_race.parse_args(["--corpus", str(corpus), "--verbose"])  # without --cli
 
 
 def test_a_cold_race_starts_every_cache_empty_under_out(tmp_path, monkeypatch):
