@@ -12,8 +12,9 @@ fused AdamW), on the same batches, the same model shape and the same estimate sc
 
 Cold means empty caches, as on a fresh machine: MLX's kernel cache (`MLX_PTX_CACHE_DIR`),
 the project's built libraries (`XDG_CACHE_HOME`: cuDNN attention, built by the first run),
-`torch.compile`'s (`TORCHINDUCTOR_CACHE_DIR`, `TRITON_CACHE_DIR`) and the CUDA driver's
-(`CUDA_CACHE_PATH`) point to new folders under `--out`. Warm rounds reuse those folders.
+`torch.compile`'s (`TORCHINDUCTOR_CACHE_DIR`, `TRITON_CACHE_DIR`), the CUDA driver's
+(`CUDA_CACHE_PATH`) and Prefect's home (`PREFECT_HOME`: its database, which the first
+`--cli` run creates) point to new folders under `--out`. Warm rounds reuse those folders.
 Order: project cold, then a wait until the project's kernel warm-up child (which outlives
 a short cold run) has finished, reference cold, then `--rounds` rounds of project warm,
 reference warm (alternating, so a slow spell of the machine falls on both sides).
@@ -413,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
         "TRITON_CACHE_DIR": str(caches / "triton"),
         "CUDA_CACHE_PATH": str(caches / "nv"),  # the driver's own (PTX compiled to SASS)
+        "PREFECT_HOME": str(caches / "prefect"),  # --cli: a new machine has no Prefect database
         "SHAKESPEARE_GPT_WARMUP_LOGS": str(out / "warm-up-logs"),  # where each child's time went
     }
     if caches.exists() and any(caches.iterdir()):

@@ -289,7 +289,7 @@ def test_a_cold_race_starts_every_cache_empty_under_out(tmp_path, monkeypatch):
     argv = ["--corpus", str(corpus), "--smoke", "--project-only", "--rounds", "0"]
     gpu_race.main(argv + ["--throughput-steps", "0", "--out", str(out)])
     names = ("MLX_PTX_CACHE_DIR", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
-    names += ("CUDA_CACHE_PATH",)
+    names += ("CUDA_CACHE_PATH", "PREFECT_HOME")
     assert Path(seen[0]["SHAKESPEARE_GPT_WARMUP_LOGS"]) == out / "warm-up-logs"
     folders = [Path(seen[0][name]) for name in names]
     assert all(f.parent == out / "caches" for f in folders)
