@@ -149,10 +149,11 @@ def test_the_gpu_backend_trains_with_it_compiled_and_not(ext):
             optimizer.init(model.trainable_parameters())
             model.train()
             step = make_step(model, optimizer, tc, mx.bfloat16, compiled=compiled)
+            before = np.array(model.h[0].attn.c_attn.weight)
             mx.random.seed(9)  # the same dropout seeds both ways
             losses[compiled] = [step(x, y).item() for _ in range(3)]
+            assert not np.array_equal(np.array(model.h[0].attn.c_attn.weight), before)
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-2)
-    assert losses[True][2] < losses[True][0]  # it trains
 
 
 def test_bad_input_is_named(ext):
