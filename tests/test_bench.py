@@ -342,3 +342,18 @@ def test_the_cudnn_checks_read_outs_recover_a_kernels_dropped_weights_both_ways(
     backward = cudnn_attention_check.backward_weights(StandIn, qkv, seed, heads, p)
     assert mx.allclose(forward, expected, atol=1e-5).item()
     assert mx.allclose(backward, expected, atol=1e-5).item()
+
+
+def test_step_time_reports_the_step_the_backend_trains_with(monkeypatch, capsys):
+    """bench/step_time.py: the gpu backend (named, here on the CPU) trains with the joined
+    optimizer, and the report gives three positive rounds; a bad value is named."""
+    import step_time
+
+    monkeypatch.setenv("SHAKESPEARE_GPT_OPS", "gpu")
+    report = step_time.main(["--preset", "tiny", "--steps", "2"])
+    assert report["optimizer"] == "FlatOptimizer" and report["backend"] == "gpu"
+    assert len(report["ms_per_step"]) == 3 and all(ms > 0 for ms in report["ms_per_step"])
+    assert json.loads(capsys.readouterr().out) == report
+    with pytest.raises(SystemExit):
+        step_time.main(["--steps", "0"])
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
