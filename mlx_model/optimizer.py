@@ -143,11 +143,7 @@ class FlatOptimizer(optim.Optimizer):
         self._state.update(state)
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
-        if not self._initialized:
-            self.init(gradients)
-        for name, scheduler in self._schedulers.items():
-            self._state[name] = scheduler(self.step)
-        self._state["step"] = self.step + 1
+        begin_step(self, gradients)
         grads = dict(tree_flatten(gradients))
         params = dict(tree_flatten(parameters))
         slots = self._adamw + self._muon
@@ -204,6 +200,17 @@ class FlatOptimizer(optim.Optimizer):
                 scale = max(1, slot.shape[0] / slot.shape[1]) ** 0.5
                 updates[slot.path] = p - (lr.astype(p.dtype) * scale) * step
         return updates
+
+
+def begin_step(optimizer: optim.Optimizer, gradients: dict) -> None:
+    """What MLX's `Optimizer.apply_gradients` does before its per-parameter updates: state
+    made on first use, the scheduled values (learning rates) at this step, the step
+    counted."""
+    if not optimizer._initialized:
+        optimizer.init(gradients)
+    for name, scheduler in optimizer._schedulers.items():
+        optimizer.state[name] = scheduler(optimizer.step)
+    optimizer.state["step"] = optimizer.step + 1
 
 
 def _join(arrays: list[mx.array]) -> mx.array:

@@ -43,7 +43,7 @@ from .data import file_sha256, fixed_windows, get_batch, train_batch
 from .files import write_text_atomic
 from .model import GPT
 from .ops import cuda
-from .optimizer import FlatOptimizer, newton_schulz
+from .optimizer import FlatOptimizer, begin_step, newton_schulz
 from .runtime import kernel_cache
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -132,11 +132,7 @@ class BatchedMuon(optim.Muon):
         self.dtype = dtype
 
     def apply_gradients(self, gradients: dict, parameters: dict):
-        if not self._initialized:
-            self.init(gradients)
-        for name, scheduler in self._schedulers.items():
-            self.state[name] = scheduler(self.step)
-        self.state["step"] = self.step + 1
+        begin_step(self, gradients)
         params = dict(tree_flatten(parameters))
         states = dict(tree_flatten(self.state, is_leaf=lambda n: isinstance(n, dict) and "v" in n))
         updates, groups = {}, defaultdict(list)
