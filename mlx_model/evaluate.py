@@ -7,18 +7,23 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from . import ops
 from .data import sequential_windows
 from .model import GPT
 from .train import make_loss_sum
 
 
-def evaluate(model: GPT, ids: np.ndarray, batch_size: int = 64) -> dict[str, float]:
+def evaluate(
+    model: GPT, ids: np.ndarray, batch_size: int = 64, compiled: bool | None = None
+) -> dict[str, float]:
     """Mean next-token loss over non-overlapping context-length windows covering `ids`.
 
     Every token after the first is predicted exactly once. Batches of full windows go
-    through one compiled function and are summed on the device; the host reads the
-    total once. Returns the loss (nats), its perplexity, bits per character and the
-    number of predicted tokens.
+    through one function, compiled if `compiled`, by default where the backend compiles
+    inference (`ops.compiles_inference`: not on MLX's CUDA backend, where compiling cost a
+    fresh machine 19 s), and are summed on the device; the host reads the total once. Returns
+    the loss (nats), its perplexity, bits per character and the number of predicted
+    tokens.
     """
     if len(ids) < 2:
         raise ValueError(f"validation split has {len(ids)} tokens; need at least 2")
@@ -27,7 +32,9 @@ def evaluate(model: GPT, ids: np.ndarray, batch_size: int = 64) -> dict[str, flo
     windows = list(sequential_windows(ids, block))
     full = [w for w in windows if len(w[0]) == block]
     tail = [w for w in windows if len(w[0]) != block]
-    loss_sum = make_loss_sum(model)
+    compiled = ops.compiles_inference() if compiled is None else compiled
+    loss_sum = make_loss_sum(model, compiled=compiled)
+    loss_sum = loss_sum if compiled else ops.op_by_op(loss_sum)
     total = mx.zeros(())
     for i in range(0, len(full), batch_size):
         x = mx.array(np.stack([w[0] for w in full[i : i + batch_size]]))

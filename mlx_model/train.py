@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -278,24 +277,6 @@ def make_loss_sum(model: GPT, dtype=mx.float32, compiled: bool = True):
     return mx.compile(loss_sum, inputs=model.state) if compiled else loss_sum
 
 
-def _without_compile(fn: Callable) -> Callable:
-    """`fn` with MLX's compilation off while it builds its graph: the functions MLX compiles
-    in its own layers (`nn.gelu_approx`) then run op by op. An uncompiled loss estimate
-    otherwise compiled a fused GELU of its own in the run, about 8 s of a cold run's first
-    estimate on an H200 (its training steps had compiled only their gradient's)."""
-
-    def run(*args: Any) -> Any:
-        if os.environ.get("MLX_DISABLE_COMPILE", "0") not in ("", "0"):
-            return fn(*args)  # off already, and enable_compile would override the user's choice
-        mx.disable_compile()
-        try:
-            return fn(*args)
-        finally:
-            mx.enable_compile()
-
-    return run
-
-
 class StepFunctions:
     """The training step and the loss estimate, run op by op until `compile_now()` first
     returns True and compiled from then on (both compute the same functions).
@@ -329,9 +310,9 @@ class StepFunctions:
                 make_loss_sum(model, dtype),
             ),
             # no warm-up child: the step compiles MLX's layers in the run, the estimate not
-            "uncompiled": (step, _without_compile(loss_sum)),
+            "uncompiled": (step, ops.op_by_op(loss_sum)),
             # until the warm-up child has cached the kernels of MLX's own compiled layers
-            "plain": (_without_compile(step), _without_compile(loss_sum)),
+            "plain": (ops.op_by_op(step), ops.op_by_op(loss_sum)),
             # after: the uncompiled step and estimate with those layers compiled (loaded)
             "layers": (step, loss_sum),
         }

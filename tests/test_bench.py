@@ -357,3 +357,29 @@ def test_step_time_reports_the_step_the_backend_trains_with(monkeypatch, capsys)
     with pytest.raises(SystemExit):
         step_time.main(["--steps", "0"])
     assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_inference_time_times_each_item_in_order(corpus_path, capsys):
+    """bench/inference_time.py on the CPU: one line per item, in the order given, with
+    its seconds; a bad item is named before any work."""
+    import inference_time
+
+    order = ["eval-op", "sample-c", "sample-op"]
+    reports = inference_time.main(
+        [
+            "--corpus",
+            str(corpus_path),
+            "--preset",
+            "tiny",
+            "--tokens",
+            "5",
+            "--order",
+            ",".join(order),
+        ]
+    )
+    assert [r["item"] for r in reports] == order
+    assert [r["compiled"] for r in reports] == [False, True, False]
+    assert all(r["seconds"] > 0 for r in reports)
+    with pytest.raises(SystemExit):
+        inference_time.main(["--corpus", str(corpus_path), "--order", "eval-op,evaluate"])
+    assert "--order has 'evaluate'" in capsys.readouterr().err

@@ -322,12 +322,12 @@ def test_turning_compilation_off_for_a_call_keeps_the_users_setting(monkeypatch)
     an uncompiled call must not turn it back on after."""
     import mlx.core as mx
 
-    from mlx_model.train import _without_compile
+    from mlx_model.ops import op_by_op
 
     calls = []
     monkeypatch.setattr(mx, "disable_compile", lambda: calls.append("off"))
     monkeypatch.setattr(mx, "enable_compile", lambda: calls.append("on"))
-    wrapped = _without_compile(lambda x: x + 1)
+    wrapped = op_by_op(lambda x: x + 1)
     assert wrapped(1) == 2 and calls == ["off", "on"]
     monkeypatch.setenv("MLX_DISABLE_COMPILE", "1")
     assert wrapped(1) == 2 and calls == ["off", "on"]  # nothing turned on

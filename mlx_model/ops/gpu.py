@@ -45,6 +45,7 @@ class Gpu(Reference):
 
     name = "gpu"
     joined_optimizer = True  # launch-bound: one update over all parameters (see make_optimizer)
+    compiles_inference = False  # NVRTC's first compile costs more than fusion saves them
 
     def signature(self, dtype: mx.Dtype, model: GPTConfig | None = None) -> dict[str, str]:
         """Which attention runs in training (`ops.cuda.for_run`): cuDNN's fused kernel

@@ -42,6 +42,7 @@ class Reference:
     lanes = 1
     # train with one optimizer update over all parameters (`mlx_model.train.make_optimizer`)
     joined_optimizer = False
+    compiles_inference = True  # evaluation and generation compiled (ops.compiles_inference)
 
     def __init__(self, training: bool):
         self.training = training
