@@ -21,8 +21,8 @@ running every migration of Prefect's schema, 116 for SQLite in Prefect 3.9: 7.2 
 2-core AMD EPYC, the largest part of a fresh machine's first command. So an empty
 database already migrated (`TEMPLATE`, 16 KB compressed, made by `make_template` with
 Prefect's own migrations) is put in place first (`seed_database`); the server then runs
-only the migrations of a newer Prefect, if any. An existing database, another database
-(a connection URL set), or a Prefect that does not know the template's revision is left
+only the migrations of a newer Prefect, if any. An existing database, settings that may
+name another database, or a Prefect that does not know the template's revision is left
 to Prefect.
 """
 
@@ -61,6 +61,8 @@ DATABASE_URL_SETTINGS = (
     "PREFECT_API_DATABASE_CONNECTION_URL",
     "PREFECT_SERVER_DATABASE_CONNECTION_URL",
 )
+# files where Prefect's settings may name another database (beside the environment)
+SETTINGS_FILES = ("prefect.toml", ".env", "pyproject.toml")
 
 
 def _migrations() -> Path:
@@ -71,30 +73,38 @@ def _migrations() -> Path:
 def seed_database(env: dict[str, str]) -> Path | None:
     """Put the migrated empty database (`TEMPLATE`) where Prefect will look for its SQLite
     database (`$PREFECT_HOME/prefect.db`, `~/.prefect` by default) when there is none yet;
-    returns its path, or None when it was left to Prefect: a database exists, a connection
-    URL is set (environment or `profiles.toml`), or the installed Prefect has no migration
-    of the template's revision (an older Prefect). Never replaces a file: a database that
-    another command made meanwhile stays."""
-    if any(env.get(name) for name in DATABASE_URL_SETTINGS):
+    returns its path, or None when it was left to Prefect: a database exists, the installed
+    Prefect has no migration of the template's revision (an older Prefect), the settings
+    may name another database (a `PREFECT_*DATABASE*` variable, or "database" in the
+    profiles file, `prefect.toml`, `.env` or `pyproject.toml` of this folder), or the
+    folder cannot take it (a file, read-only: Prefect then says what is wrong). Never
+    replaces a file: a database that another command made meanwhile stays."""
+    if any(k.startswith("PREFECT_") and "DATABASE" in k for k, v in env.items() if v):
         return None
     home = Path(env.get("PREFECT_HOME") or "~/.prefect").expanduser()
     database = home / "prefect.db"
-    profiles = home / "profiles.toml"
-    if database.exists() or not any(_migrations().glob(f"*_{TEMPLATE_REVISION}_*.py")):
+    if database.exists() or database.is_symlink():
         return None
-    with contextlib.suppress(OSError):
-        if "DATABASE_CONNECTION_URL" in profiles.read_text():
-            return None
-    home.mkdir(parents=True, exist_ok=True)
+    if not any(_migrations().glob(f"*_{TEMPLATE_REVISION}_*.py")):
+        return None
+    profiles = Path(env.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    for settings in (profiles, *map(Path, SETTINGS_FILES)):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = settings.read_text().lower()
+            prefect_part = settings.name != "pyproject.toml" or "tool.prefect" in text
+            if prefect_part and "database" in text:
+                return None
     tmp = home / f".prefect.db.{os.getpid()}.tmp"
     try:
+        home.mkdir(parents=True, exist_ok=True)
         with gzip.open(TEMPLATE) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.link(tmp, database)  # whole, and never over another's
     except OSError:
         return None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this
+            tmp.unlink(missing_ok=True)
     return database
 
 

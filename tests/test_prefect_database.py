@@ -101,8 +101,8 @@ def test_the_template_is_an_empty_database_at_its_revision(tmp_path):
 
 @pytest.mark.slow
 def test_a_first_command_on_a_new_machine_seeds_and_runs(tmp_path, corpus_path, corpus_sha):
-    """`shakespeare-gpt stage vocab` with a new PREFECT_HOME and no API: the temporary
-    server starts on the seeded database and the run is recorded in it."""
+    """`shakespeare-gpt stage vocab` with a new PREFECT_HOME and no API: the server runs
+    on the database the command put there (checked above), and records the run in it."""
     home = tmp_path / "prefect"
     args = ["stage", "vocab", "--preset", "tiny", "--artifacts", str(tmp_path / "art")]
     args += ["--source", str(corpus_path), "--sha256", corpus_sha]
@@ -118,3 +118,39 @@ def test_a_first_command_on_a_new_machine_seeds_and_runs(tmp_path, corpus_path, 
     db = sqlite3.connect(home / "prefect.db")
     assert db.execute("SELECT COUNT(*) FROM flow_run").fetchone()[0] == 1
     db.close()
+
+
+def test_settings_that_may_name_another_database_or_a_home_that_cannot_take_it_seed_nothing(
+    tmp_path, monkeypatch
+):
+    """Any PREFECT_*DATABASE* setting, "database" in the profiles file (its path set or
+    not) or in ./prefect.toml, and a PREFECT_HOME that is a file or lies under one: None,
+    nothing written, no error (Prefect then reports what is wrong in its own words)."""
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "home"
+    assert ts.seed_database({**prefect_env(home), "PREFECT_SERVER_DATABASE_DRIVER": "x"}) is None
+    profiles = tmp_path / "elsewhere.toml"
+    profiles.write_text('[profiles.p]\nPREFECT_API_DATABASE_NAME = "x"\n')
+    assert ts.seed_database({**prefect_env(home), "PREFECT_PROFILES_PATH": str(profiles)}) is None
+    (tmp_path / "prefect.toml").write_text('[server.database]\nname = "x"\n')
+    assert ts.seed_database(prefect_env(home)) is None
+    assert not home.exists()
+    (tmp_path / "prefect.toml").unlink()
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert ts.seed_database(prefect_env(afile)) is None
+    assert ts.seed_database(prefect_env(afile / "below")) is None
+    assert afile.read_text() == "not a folder"
+    assert ts.seed_database(prefect_env(home)) == home / "prefect.db"  # and now it seeds
+
+
+def test_the_temporary_server_starts_on_the_seeded_database(tmp_path):
+    """The database is in place before the server's process starts (which takes seconds
+    to import before it could make one of its own)."""
+    home = tmp_path / "home"
+    server = ts.TemporaryServer({**prefect_env(home), **ts.EPHEMERAL})
+    try:
+        seeded = (home / "prefect.db").read_bytes()
+    finally:
+        server.stop()
+    assert seeded == gzip.decompress(ts.TEMPLATE.read_bytes())
