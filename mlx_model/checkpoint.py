@@ -139,6 +139,25 @@ def recover(directory: Path) -> None:
             return
 
 
+def _check_fits(path: Path, loaded: dict[str, mx.array], optimizer: optim.Optimizer) -> None:
+    """Raise CorruptCheckpointError unless `loaded` has the arrays (names and shapes) of
+    `optimizer`'s state, where that is initialised (it holds more than scalars): MLX's
+    optimizers take any dict, and moments of another layout would be kept beside zero
+    ones (a joined optimizer's checkpoint resumed by the per-parameter one did so)."""
+    expected = {k: v.shape for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}
+    if not any(shape for shape in expected.values()):
+        return
+    found = {k: v.shape for k, v in loaded.items()}
+    if found != expected:
+        differ = sorted(set(found) ^ set(expected)) or sorted(
+            k for k in found if found[k] != expected[k]
+        )
+        raise CorruptCheckpointError(
+            f"{path} does not fit: its optimizer state differs in {differ[:3]}"
+            + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+        )
+
+
 def load_train_state(
     directory: Path, model: GPT, optimizer: optim.Optimizer
 ) -> dict[str, Any] | None:
@@ -164,6 +183,7 @@ def load_train_state(
     restored = load_model(directory)
     model.update(restored.parameters())
     opt_state = mx.load(str(directory / OPTIMIZER))
+    _check_fits(directory / OPTIMIZER, opt_state, optimizer)
     try:
         optimizer.state = tree_unflatten(list(opt_state.items()))
     except ValueError as err:  # another optimizer's layout (`mlx_model.optimizer`)

@@ -24,6 +24,8 @@ MLX's optimizers move them; with it, the norm's float32 sum runs in another orde
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,10 +63,11 @@ class FlatOptimizer(optim.Optimizer):
     clipped to global norm `grad_clip` first (0: no clipping). Learning rates are floats or
     schedules of the step, as MLX's optimizers take them.
 
-    State (`state`, what a checkpoint keeps): `step`, the learning rates, and float32
-    vectors `m` and `v` (AdamW's moments, its parameters in order) and `momentum`
-    (Muon's). Setting `state` checks those lengths against the parameters and raises
-    ValueError naming the key that does not fit.
+    State (`state`, what a checkpoint keeps): `step`, the learning rates, float32 vectors
+    `m` and `v` (AdamW's moments, its parameters in order) and `momentum` (Muon's), and
+    `layout`, a digest of the parameters' paths and shapes in that order. Setting `state`
+    checks it against the parameters and raises ValueError naming the key that does not
+    fit; a gradient of another shape than its parameter raises ValueError too.
     """
 
     def __init__(
@@ -111,8 +114,18 @@ class FlatOptimizer(optim.Optimizer):
         for key, length in self._lengths().items():
             if key not in self._state:
                 self._state[key] = mx.zeros((length,), mx.float32)
+        self._state.setdefault("layout", self._layout())
         self._check(self._state)
         self._initialized = True
+
+    def _layout(self) -> mx.array:
+        """(8,) uint32: SHA-256 of the flat vectors' layout (each slot's group, path and
+        shape, in order), kept in the state: a checkpoint of the same total size laid out
+        otherwise (parameters renamed or reordered) is refused, not resumed shuffled."""
+        slots = [("adamw", s.path, s.shape) for s in self._adamw]
+        slots += [("muon", s.path, s.shape) for s in self._muon]
+        digest = hashlib.sha256(json.dumps(slots).encode()).digest()
+        return mx.array(np.frombuffer(digest, dtype=np.uint32))
 
     def _lengths(self) -> dict[str, int]:
         lengths = {"m": sum(s.size for s in self._adamw), "v": sum(s.size for s in self._adamw)}
@@ -121,6 +134,9 @@ class FlatOptimizer(optim.Optimizer):
         return lengths
 
     def _check(self, state: dict) -> None:
+        layout = state.get("layout")
+        if layout is None or not np.array_equal(np.array(layout), np.array(self._layout())):
+            raise ValueError("optimizer state 'layout' was written for other parameters")
         for key, length in self._lengths().items():
             value = state.get(key)
             if not isinstance(value, mx.array) or value.shape != (length,):
@@ -152,6 +168,12 @@ class FlatOptimizer(optim.Optimizer):
                 f"gradients for {sorted(set(grads) ^ {s.path for s in slots})} do not match "
                 "the parameters the optimizer was initialised with"
             )
+        for s in slots:
+            if tuple(grads[s.path].shape) != s.shape:
+                raise ValueError(
+                    f"the gradient of {s.path} has shape {tuple(grads[s.path].shape)}, "
+                    f"its parameter {s.shape}"
+                )
         g = _join([grads[s.path] for s in slots])  # (A + M,) float32
         if self.grad_clip > 0:
             norm = mx.sqrt(mx.square(g).sum())

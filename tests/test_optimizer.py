@@ -181,13 +181,33 @@ def test_training_with_it_learns_and_resumes_exactly(splits, tmp_path, recipe):
     assert [h["val_loss"] for h in second.history] == [h["val_loss"] for h in full.history]
 
 
-def test_a_checkpoint_of_the_per_parameter_layout_restarts_the_run(splits, tmp_path):
-    """A checkpoint whose optimizer state another layout wrote (the CPU's per-parameter
-    moments) is not resumed into the joined optimizer: the run warns and starts over."""
+@pytest.mark.parametrize("first, then", [("reference", "gpu"), ("gpu", "reference")])
+def test_a_checkpoint_of_the_other_layout_restarts_the_run(splits, tmp_path, first, then):
+    """A checkpoint whose optimizer state the other layout wrote is not resumed: the run
+    warns and starts over. (MLX's per-parameter AdamW had taken the joined one's state and
+    resumed with zero moments beside the saved ones.)"""
     train_ids, val_ids = splits
     cfg = TINY.model.replace(vocab_size=65)
-    with ops.use("reference"):
+    with ops.use(first):
         train(cfg, TINY.train, train_ids, val_ids, tmp_path / "run", stop_after=20)
-    with ops.use("gpu"), pytest.warns(UserWarning, match=r"optimizer.safetensors does not fit"):
+    with ops.use(then), pytest.warns(UserWarning, match=r"optimizer.safetensors does not fit"):
         again = train(cfg, TINY.train, train_ids, val_ids, tmp_path / "run")
     assert again.resumed_from is None
+
+
+def test_a_gradient_of_another_shape_or_a_state_laid_out_otherwise_is_refused():
+    """Joined into one vector, a (3, 4) gradient for a (4, 3) matrix would move the
+    matrix shuffled, and moments saved for parameters renamed or reordered (the same
+    total size) would land on the wrong ones: both are refused, naming what differs."""
+    params = {"a": mx.zeros((4, 3)), "b": mx.zeros((3,))}
+    ours = FlatOptimizer(0.1)
+    ours.init(params)
+    with pytest.raises(
+        ValueError, match=r"gradient of a has shape \(3, 4\), its parameter \(4, 3\)"
+    ):
+        ours.apply_gradients({"a": mx.zeros((3, 4)), "b": mx.zeros((3,))}, params)
+    other = FlatOptimizer(0.1)
+    other.init({"b": mx.zeros((3,)), "c": mx.zeros((4, 3))})  # 15 elements too
+    assert other.state["m"].shape == ours.state["m"].shape
+    with pytest.raises(ValueError, match="'layout' was written for other parameters"):
+        ours.state = dict(other.state)
