@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bad = [item for item in order if item not in ITEMS]
     if bad:
         p.error(f"--order has {bad[0]!r}; choose from {list(ITEMS)}")
+    if not Path(args.corpus).is_file():
+        p.error(f"--corpus: no such file: {args.corpus}")
     if args.tokens < 1:
         p.error(f"--tokens must be >= 1, got {args.tokens}")
 

@@ -1,9 +1,11 @@
 """ms per training step of a preset at its own shape, compiled or op by op.
 
     python bench/step_time.py --preset nanogpt-char-fast [--uncompiled] [--steps 30]
+        [--joined auto|yes|no]
 
 One process builds the preset's model, optimizer (`make_optimizer`: the ops backend
-decides which) and training step (`make_step`) on one batch of random tokens, runs 5
+decides which unless `--joined` says: one update over all parameters, or MLX's
+per-parameter optimizers) and training step (`make_step`) on one batch of random tokens, runs 5
 steps, then times 3 rounds of `--steps` steps and prints one JSON line: the optimizer,
 the ops backend, the first 5 steps' seconds (kernel compilation, on a cold cache), ms/step
 and tok/s per round. `--uncompiled` turns MLX's compilation off (the step a GPU's first
@@ -29,6 +31,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default="nanogpt-char-fast", help="a preset (mlx_model.config)")
     p.add_argument("--uncompiled", action="store_true", help="MLX's compilation off")
     p.add_argument("--steps", type=int, default=30, help="steps per timed round (default 30)")
+    p.add_argument(
+        "--joined",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="the joined optimizer: the backend's choice (auto), or yes/no",
+    )
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
@@ -50,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.uncompiled:
         mx.disable_compile()
     mx.random.seed(0)
-    model, optimizer = GPT(cfg), make_optimizer(tc)
+    joined = {"auto": None, "yes": True, "no": False}[args.joined]
+    model, optimizer = GPT(cfg), make_optimizer(tc, joined=joined)
     optimizer.init(model.trainable_parameters())
     model.train()
     dtype = DTYPES[tc.compute_dtype]

@@ -354,6 +354,11 @@ def test_step_time_reports_the_step_the_backend_trains_with(monkeypatch, capsys)
     assert report["optimizer"] == "FlatOptimizer" and report["backend"] == "gpu"
     assert len(report["ms_per_step"]) == 3 and all(ms > 0 for ms in report["ms_per_step"])
     assert json.loads(capsys.readouterr().out) == report
+    monkeypatch.delenv("SHAKESPEARE_GPT_OPS")
+    assert step_time.main(["--preset", "tiny", "--steps", "1", "--joined", "yes"])["optimizer"] == (
+        "FlatOptimizer"
+    )
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         step_time.main(["--steps", "0"])
     assert "--steps must be >= 1, got 0" in capsys.readouterr().err
@@ -383,3 +388,6 @@ def test_inference_time_times_each_item_in_order(corpus_path, capsys):
     with pytest.raises(SystemExit):
         inference_time.main(["--corpus", str(corpus_path), "--order", "eval-op,evaluate"])
     assert "--order has 'evaluate'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        inference_time.main(["--corpus", str(corpus_path.parent / "missing.txt")])
+    assert "--corpus: no such file: " in capsys.readouterr().err
