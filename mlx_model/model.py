@@ -148,7 +148,8 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             x = ops.embed(idx, self.wte.weight, self.wpe.weight, self.training, dtype)
         else:
-            x = self.wte(idx) + self.wpe(cache[0].positions(T))
+            pos = cache[0].positions(T)  # (T,)
+            x = ops.embed(idx, self.wte.weight, self.wpe.weight, self.training, dtype, pos)
         return ops.dropout(x.astype(dtype), self.config.dropout, self.training)  # (B, T, C)
 
     def head(self, x: mx.array) -> mx.array:

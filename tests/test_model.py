@@ -349,3 +349,57 @@ def test_on_the_gpu_backend_evaluation_and_sampling_run_op_by_op(monkeypatch):
         assert evaluate(model, ids)["val_loss"] == pytest.approx(loss, rel=1e-6)
     for a, b in zip(compiled, op_by_op, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "gpu"])
+def test_cache_writes_at_known_and_array_offsets_agree(backend):
+    """The KV cache's three writes (fixed positions where the filled count is known, a
+    select for one position at an array offset on the gpu backend, MLX's slice_update
+    otherwise) give the same buffers."""
+    from mlx_model.cache import KVCache
+
+    rng = np.random.default_rng(0)
+    buffer = mx.array(rng.normal(size=(2, 3, 8, 4)).astype(np.float32))
+    for start, length in ((0, 5), (5, 1), (7, 1), (2, 3)):
+        new = mx.array(rng.normal(size=(2, 3, length, 4)).astype(np.float32))
+        expected = np.array(buffer)
+        expected[:, :, start : start + length] = np.array(new)
+        offset = mx.array([start], mx.int32)
+        with ops.use(backend):
+            known = KVCache(buffer, buffer, offset, filled=start)
+            rebuilt = KVCache(buffer, buffer, offset)  # as a compiled step rebuilds it
+            for cache in (known, rebuilt):
+                keys, _ = cache.update_and_fetch(new, new)
+                np.testing.assert_array_equal(np.array(keys), expected)
+                assert cache.offset.item() == start + length
+        assert known.filled == start + length and rebuilt.filled is None
+
+
+def test_the_gpu_backends_cached_embedding_is_the_lookup():
+    """Continuing a cache, the gpu backend's one-hot products pick the rows a lookup
+    picks (float32 on the CPU: exactly)."""
+    mx.random.seed(1)
+    wte, wpe = mx.random.normal((11, 16)), mx.random.normal((12, 16))
+    ids, pos = mx.array([[3, 7, 1]]), mx.array([4, 5, 6], mx.int32)
+    with ops.use("reference"):
+        looked_up = ops.embed(ids, wte, wpe, False, positions=pos)
+    with ops.use("gpu"):
+        picked = ops.embed(ids, wte, wpe, False, positions=pos)
+    np.testing.assert_array_equal(np.array(picked), np.array(looked_up))
+    np.testing.assert_array_equal(np.array(looked_up), np.array(wte[ids] + wpe[pos]))
+
+
+@pytest.mark.parametrize("backend", ["gpu", "auto"])
+def test_cached_generation_on_each_backend_is_the_references(backend):
+    """Within the context, cached equals recomputed; past it (the cache re-encodes its
+    last half), the same tokens as the reference backend's cached generation."""
+    mx.random.seed(0)
+    model = GPT(CFG)
+    prompt = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int32)
+    with ops.use("reference"):
+        past = generate(model, prompt, 30, temperature=1.0, seed=3)
+    with ops.use(backend):
+        a = generate(model, prompt, 9, temperature=1.0, seed=3, use_cache=True)
+        b = generate(model, prompt, 9, temperature=1.0, seed=3, use_cache=False)
+        np.testing.assert_array_equal(generate(model, prompt, 30, temperature=1.0, seed=3), past)
+    np.testing.assert_array_equal(a, b)

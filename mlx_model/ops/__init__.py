@@ -175,11 +175,23 @@ def compiles_inference() -> bool:
 
 
 def embed(
-    ids: mx.array, wte: mx.array, wpe: mx.array, training: bool, dtype: mx.Dtype = mx.float32
+    ids: mx.array,
+    wte: mx.array,
+    wpe: mx.array,
+    training: bool,
+    dtype: mx.Dtype = mx.float32,
+    positions: mx.array | None = None,
 ) -> mx.array:
-    """GPT-2's input, token plus position embedding: wte[ids] + wpe[:T] for ids (B, T),
-    (B, T, C) in `dtype`."""
-    return backend(wte.dtype, training).embed(ids, wte, wpe, dtype)
+    """GPT-2's input, token plus position embedding: wte[ids] + wpe[positions] for ids
+    (B, T), (B, T, C) in `dtype`; positions (T,) int32, 0..T-1 unless given (a sequence
+    that continues a KV cache)."""
+    return backend(wte.dtype, training).embed(ids, wte, wpe, dtype, positions)
+
+
+def cache_write(buffer: mx.array, new: mx.array, offset: mx.array) -> mx.array:
+    """`buffer` (B, H, L, D) with positions offset..offset+T replaced by `new` (B, H, T, D);
+    `offset` an int32 array (1,)."""
+    return backend(buffer.dtype, False).cache_write(buffer, new, offset)
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array | None, eps: float, training: bool):

@@ -75,16 +75,26 @@ class Gpu(Reference):
                     )
         return super().causal_attention(qkv, n_head, dropout)
 
-    def embed(self, ids, wte, wpe, dtype):
-        """wte[ids] + wpe[:T] as one_hot(ids) @ wte in `dtype`: the product picks each
-        row exactly (one term, accumulated in float32), then rounds it to `dtype`; in
-        float32 on a GPU, MLX's matrix products round to TF32 (as the blocks' do) unless
-        MLX_ENABLE_TF32=0."""
+    def embed(self, ids, wte, wpe, dtype, positions=None):
+        """wte[ids] + wpe[positions] as one_hot(ids) @ wte in `dtype` (and positions given,
+        one_hot(positions) @ wpe): the product picks each row exactly (one term,
+        accumulated in float32), then rounds it to `dtype`; in float32 on a GPU, MLX's
+        matrix products round to TF32 (as the blocks' do) unless MLX_ENABLE_TF32=0."""
         vocab = wte.shape[0]
-        if vocab > ONE_HOT_MAX_VOCAB:
-            return super().embed(ids, wte, wpe, dtype)
+        if vocab > ONE_HOT_MAX_VOCAB or wpe.shape[0] > ONE_HOT_MAX_VOCAB:
+            return super().embed(ids, wte, wpe, dtype, positions)
         tok = one_hot(ids, vocab, dtype) @ wte.astype(dtype)  # (B, T, C)
-        return tok + wpe[: ids.shape[1]].astype(dtype)
+        if positions is None:
+            return tok + wpe[: ids.shape[1]].astype(dtype)
+        return tok + one_hot(positions, wpe.shape[0], dtype) @ wpe.astype(dtype)  # (T, C)
+
+    def cache_write(self, buffer, new, offset):
+        """One position (a generation step): a select against the positions (kernels MLX
+        ships compiled); more: the reference's write at an array offset."""
+        if new.shape[2] != 1:
+            return super().cache_write(buffer, new, offset)
+        here = mx.arange(buffer.shape[2], dtype=offset.dtype)[:, None] == offset  # (L, 1)
+        return mx.where(here, new, buffer)
 
     def cross_entropy(self, logits, targets):
         """logsumexp(logits) - logits[target], the target's logit as a sum of products

@@ -125,7 +125,9 @@ class Native(cpu.Cpu):
     def gelu(self, x):
         return self.ext.gelu(x) if self.training else super().gelu(x)
 
-    def embed(self, ids, wte, wpe, dtype):
+    def embed(self, ids, wte, wpe, dtype, positions=None):
+        if positions is not None:  # continuing a cache: the primitive starts at position 0
+            return super().embed(ids, wte, wpe, dtype, positions)
         return self.ext.embed(ids.astype(mx.int32), wte, wpe).astype(dtype)
 
     def cross_entropy(self, logits, targets):

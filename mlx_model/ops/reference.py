@@ -65,8 +65,12 @@ class Reference:
         keep = mx.random.bernoulli(1.0 - p, x.shape)
         return mx.where(keep, x * (1.0 / (1.0 - p)), mx.array(0.0, x.dtype))
 
-    def embed(self, ids, wte, wpe, dtype):
-        return (wte[ids] + wpe[: ids.shape[1]]).astype(dtype)
+    def embed(self, ids, wte, wpe, dtype, positions=None):
+        pos = wpe[: ids.shape[1]] if positions is None else wpe[positions]
+        return (wte[ids] + pos).astype(dtype)
+
+    def cache_write(self, buffer, new, offset):
+        return mx.slice_update(buffer, new, offset, axes=(2,))
 
     def cross_entropy(self, logits, targets):
         return nn.losses.cross_entropy(logits, targets, reduction="none")
