@@ -169,8 +169,8 @@ def compiles_inference() -> bool:
     for float32 outside training (`Reference.compiles_inference`): not on MLX's CUDA
     backend, where NVRTC compiles each fused kernel at its first use. On a fresh H200,
     compiled, evaluating nanogpt-char on the validation split took 19.3 s and sampling
-    500 tokens 24.5 s; op by op 0.52 s and 4.95 s (0.12 s and 1.10 s warm, against
-    0.054 s and 0.667 s compiled; docs/BENCHMARKS.md)."""
+    500 tokens 24.5 s; op by op 0.20 s and 2.04 s, compiling nothing (warm: 0.13 s and
+    1.44 s, against 0.054 s and 0.667 s compiled; docs/BENCHMARKS.md)."""
     return backend(mx.float32, training=False).compiles_inference
 
 
