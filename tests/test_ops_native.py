@@ -311,6 +311,25 @@ def test_decode_step_runs_inside_generation_and_leaves_the_inputs_intact(ext):
     assert not mx.array_equal(cache[0].keys, before).item()
 
 
+def test_a_cache_the_fused_step_advanced_takes_more_tokens_at_the_right_place(ext):
+    """The fused step writes one token into a cache whose filled count this process
+    knows (a prefilled one): the count moves with it, so a further chunk of tokens lands
+    after that token, as on the reference backend."""
+    cfg = GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_emb=16)
+    mx.random.seed(9)
+    model = GPT(cfg)
+    model.eval()
+    whole = np.array(model(mx.array([[1, 2, 3, 4, 5]])))[:, 3:]  # no cache
+    for backend in ("native", "reference"):
+        cache = model.make_cache(1)
+        with ops.use(backend):
+            model(mx.array([[1, 2]]), cache)
+            model.decode(mx.array([3], dtype=mx.int32), cache)
+            assert cache[0].filled == 3 and cache[0].offset.item() == 3
+            chunk = np.array(model(mx.array([[4, 5]]), cache))
+        np.testing.assert_allclose(chunk, whole, atol=1e-5, err_msg=backend)
+
+
 def test_decode_step_names_bad_inputs(ext):
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_emb=8)
     model = GPT(cfg)

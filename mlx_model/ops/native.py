@@ -143,6 +143,8 @@ class Native(cpu.Cpu):
         )  # fmt: skip
         for cache, k, v in zip(caches, out[2 : 2 + L], out[2 + L :], strict=True):
             cache.keys, cache.values, cache.offset = k, v, out[1]
+            if cache.filled is not None:  # one token per sequence, written by the kernel
+                cache.filled += 1
         return out[0]
 
     def causal_attention(self, qkv, n_head, dropout):
