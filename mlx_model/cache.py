@@ -65,4 +65,5 @@ class KVCache:
 def _write_at(buffer: mx.array, new: mx.array, start: int) -> mx.array:
     """`buffer` (B, H, L, D) with positions start..start+T replaced by `new` (B, H, T, D)."""
     end = start + new.shape[2]
-    return mx.concatenate([buffer[:, :, :start], new, buffer[:, :, end:]], axis=2)
+    parts = [buffer[:, :, :start], new.astype(buffer.dtype), buffer[:, :, end:]]
+    return mx.concatenate(parts, axis=2)

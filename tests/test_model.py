@@ -360,17 +360,22 @@ def test_cache_writes_at_known_and_array_offsets_agree(backend):
 
     rng = np.random.default_rng(0)
     buffer = mx.array(rng.normal(size=(2, 3, 8, 4)).astype(np.float32))
+    other = buffer + 100.0  # the values' buffer
     for start, length in ((0, 5), (5, 1), (7, 1), (2, 3)):
-        new = mx.array(rng.normal(size=(2, 3, length, 4)).astype(np.float32))
-        expected = np.array(buffer)
-        expected[:, :, start : start + length] = np.array(new)
+        new_k, new_v = (
+            mx.array(rng.normal(size=(2, 3, length, 4)).astype(np.float32)) for _ in range(2)
+        )
+        want_k, want_v = np.array(buffer), np.array(other)
+        want_k[:, :, start : start + length] = np.array(new_k)
+        want_v[:, :, start : start + length] = np.array(new_v)
         offset = mx.array([start], mx.int32)
         with ops.use(backend):
-            known = KVCache(buffer, buffer, offset, filled=start)
-            rebuilt = KVCache(buffer, buffer, offset)  # as a compiled step rebuilds it
+            known = KVCache(buffer, other, offset, filled=start)
+            rebuilt = KVCache(buffer, other, offset)  # as a compiled step rebuilds it
             for cache in (known, rebuilt):
-                keys, _ = cache.update_and_fetch(new, new)
-                np.testing.assert_array_equal(np.array(keys), expected)
+                keys, values = cache.update_and_fetch(new_k, new_v)
+                np.testing.assert_array_equal(np.array(keys), want_k)
+                np.testing.assert_array_equal(np.array(values), want_v)
                 assert cache.offset.item() == start + length
         assert known.filled == start + length and rebuilt.filled is None
 
@@ -403,3 +408,19 @@ def test_cached_generation_on_each_backend_is_the_references(backend):
         b = generate(model, prompt, 9, temperature=1.0, seed=3, use_cache=False)
         np.testing.assert_array_equal(generate(model, prompt, 30, temperature=1.0, seed=3), past)
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_long_context_keeps_the_one_hot_lookup_in_training(monkeypatch):
+    """The position table's size matters only where positions are looked up (a cached
+    forward): a context over 1024 still trains without the gather (and its scatter)."""
+    from mlx_model.ops.reference import Reference
+
+    def gather(*args, **kwargs):
+        raise AssertionError("fell back to the gather")
+
+    wte, wpe, ids = mx.zeros((65, 8)), mx.zeros((2048, 8)), mx.zeros((1, 4), mx.int32)
+    monkeypatch.setattr(Reference, "embed", gather)
+    with ops.use("gpu"):
+        assert ops.embed(ids, wte, wpe, True).shape == (1, 4, 8)
+        with pytest.raises(AssertionError, match="fell back"):
+            ops.embed(ids, wte, wpe, False, positions=mx.arange(4, dtype=mx.int32))

@@ -79,9 +79,12 @@ class Gpu(Reference):
         """wte[ids] + wpe[positions] as one_hot(ids) @ wte in `dtype` (and positions given,
         one_hot(positions) @ wpe): the product picks each row exactly (one term,
         accumulated in float32), then rounds it to `dtype`; in float32 on a GPU, MLX's
-        matrix products round to TF32 (as the blocks' do) unless MLX_ENABLE_TF32=0."""
+        matrix products round their inputs to TF32 (as the blocks' do) unless
+        MLX_ENABLE_TF32=0, so in sampling's cached forward the position rows are rounded
+        so too, where the uncached forward adds them exactly."""
         vocab = wte.shape[0]
-        if vocab > ONE_HOT_MAX_VOCAB or wpe.shape[0] > ONE_HOT_MAX_VOCAB:
+        big_context = positions is not None and wpe.shape[0] > ONE_HOT_MAX_VOCAB
+        if vocab > ONE_HOT_MAX_VOCAB or big_context:
             return super().embed(ids, wte, wpe, dtype, positions)
         tok = one_hot(ids, vocab, dtype) @ wte.astype(dtype)  # (B, T, C)
         if positions is None:
@@ -94,7 +97,7 @@ class Gpu(Reference):
         if new.shape[2] != 1:
             return super().cache_write(buffer, new, offset)
         here = mx.arange(buffer.shape[2], dtype=offset.dtype)[:, None] == offset  # (L, 1)
-        return mx.where(here, new, buffer)
+        return mx.where(here, new.astype(buffer.dtype), buffer)
 
     def cross_entropy(self, logits, targets):
         """logsumexp(logits) - logits[target], the target's logit as a sum of products
