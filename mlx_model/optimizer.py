@@ -8,7 +8,7 @@ first, as `torch.nn.utils.clip_grad_norm_` and `mlx.optimizers.clip_grad_norm` d
 
 MLX's optimizers update each parameter on its own (`Optimizer.apply_single` over the
 tree), and its `clip_grad_norm` takes one norm and one product per parameter: for
-nanogpt-char's 76 parameters about 2,100 of the uncompiled training step's 4,200 graph
+nanogpt-char-fast's 76 parameters about 2,100 of the uncompiled training step's 4,200 graph
 nodes (`mx.export_to_dot`, MLX 0.32.4). A step run op by op (a GPU's first run, while its
 fused kernels compile: `mlx_model.warmup`) pays for every node, and a compiled one
 launches a kernel per parameter for each norm and update. Here the gradients are joined
