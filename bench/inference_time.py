@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import numpy as np
 
     from mlx_model.config import get_preset
-    from mlx_model.data import Vocab
+    from mlx_model.data import Vocab, split_tokens
     from mlx_model.evaluate import evaluate
     from mlx_model.generate import generate
     from mlx_model.model import GPT
@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(str(err))
     text = Path(args.corpus).read_text()
     vocab = Vocab.from_text(text)
-    ids = vocab.encode(text)
-    val = ids[int(0.9 * len(ids)) :]
+    _, val = split_tokens(vocab.encode(text), 0.1)
     mx.random.seed(0)
     model = GPT(preset.model.replace(vocab_size=vocab.size))
     mx.eval(model.parameters())

@@ -57,12 +57,13 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # an empty Prefect database migrated to TEMPLATE_REVISION (Prefect 3.9.1's head)
 TEMPLATE = Path(__file__).with_name("prefect-database.sqlite.gz")
 TEMPLATE_REVISION = "27d8f4e1a6c9"
-DATABASE_URL_SETTINGS = (
-    "PREFECT_API_DATABASE_CONNECTION_URL",
-    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
-)
 # files where Prefect's settings may name another database (beside the environment)
 SETTINGS_FILES = ("prefect.toml", ".env", "pyproject.toml")
+
+
+def _names_database(setting: str) -> bool:
+    """Whether an environment variable is one of Prefect's database settings."""
+    return setting.startswith("PREFECT_") and "DATABASE" in setting
 
 
 def _migrations() -> Path:
@@ -79,7 +80,7 @@ def seed_database(env: dict[str, str]) -> Path | None:
     profiles file, `prefect.toml`, `.env` or `pyproject.toml` of this folder), or the
     folder cannot take it (a file, read-only: Prefect then says what is wrong). Never
     replaces a file: a database that another command made meanwhile stays."""
-    if any(k.startswith("PREFECT_") and "DATABASE" in k for k, v in env.items() if v):
+    if any(_names_database(k) for k, v in env.items() if v):
         return None
     home = Path(env.get("PREFECT_HOME") or "~/.prefect").expanduser()
     database = home / "prefect.db"
@@ -122,7 +123,7 @@ def make_template(out: Path) -> None:
             "from prefect.server.database import provide_database_interface\n"
             "asyncio.run(provide_database_interface().create_db())\n"
         )
-        env = {k: v for k, v in os.environ.items() if k not in DATABASE_URL_SETTINGS}
+        env = {k: v for k, v in os.environ.items() if not _names_database(k)}
         env["PREFECT_HOME"] = home
         subprocess.run([sys.executable, "-c", create], env=env, check=True)
         import sqlite3
