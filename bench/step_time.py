@@ -1,7 +1,7 @@
 """ms per training step of a preset at its own shape, compiled or op by op.
 
     python bench/step_time.py --preset nanogpt-char-fast [--uncompiled] [--steps 30]
-        [--joined auto|yes|no]
+        [--joined auto|yes|no] [--set FIELD=VALUE ...]
 
 One process builds the preset's model, optimizer (`make_optimizer`: the ops backend
 decides which unless `--joined` says: one update over all parameters, or MLX's
@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from gpu_race import doc_parser  # noqa: E402
+from train_preset import add_set_option, apply_sets  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
         default="auto",
         help="the joined optimizer: the backend's choice (auto), or yes/no",
     )
+    add_set_option(p)
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
@@ -54,7 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
         preset = get_preset(args.preset)
     except ValueError as err:
         p.error(str(err))
-    cfg, tc = preset.model.replace(vocab_size=65), preset.train
+    try:
+        cfg, tc = apply_sets(preset.model.replace(vocab_size=65), preset.train, args.set)
+    except ValueError as err:
+        p.error(str(err))
     if args.uncompiled:
         mx.disable_compile()
     mx.random.seed(0)
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = tc.batch_size * cfg.block_size
     report = {
         "preset": args.preset,
+        "set": args.set,
         "compiled": not args.uncompiled,
         "optimizer": type(optimizer).__name__,
         "backend": ops.backend(dtype, True).name,
