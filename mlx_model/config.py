@@ -150,7 +150,11 @@ class TrainConfig(Serializable):
         0.02, "peak Muon learning rate (optimizer muon); its floor scales as min_lr does"
     )
     eval_interval: int = option(250, "estimate train/val loss every this many steps")
-    eval_batches: int = option(20, "batches of fixed windows per loss estimate")
+    eval_batches: int = option(
+        20,
+        "batches of fixed windows per loss estimate (a split holding no more windows side "
+        "by side is estimated from all of them)",
+    )
     patience: int = option(
         0, "stop after this many evaluations in a row without a new best validation loss (0: never)"
     )

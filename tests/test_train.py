@@ -224,6 +224,31 @@ def test_compiled_estimate_equals_the_plain_mean_loss(splits):
     assert estimate == pytest.approx(sum(plain) / len(plain), rel=1e-5)
 
 
+def test_an_estimate_of_a_small_split_is_its_exact_loss_and_a_large_one_samples(splits):
+    from mlx_model.data import fixed_windows
+    from mlx_model.evaluate import evaluate
+    from mlx_model.model import GPT
+    from mlx_model.train import estimate_loss, make_loss_sum
+
+    train_ids, val_ids = splits
+    block = 16
+    val = val_ids[: 40 * block + 1]  # 40 windows side by side, no partial one
+    model = GPT(TINY.model.replace(vocab_size=65))
+    model.eval()
+    starts = fixed_windows(val, block, 64, 1)  # asks for more windows than the split holds
+    assert starts.tolist() == [k * block for k in range(40)]
+    exact = evaluate(model, val, batch_size=8)["val_loss"]
+    assert estimate_loss(make_loss_sum(model), val, starts, block, 8) == pytest.approx(
+        exact, rel=1e-5
+    )
+    assert fixed_windows(val, block, 40, 1).tolist() == starts.tolist()  # as many: all
+    sampled = fixed_windows(val, block, 39, 1)  # fewer than the split holds: seeded random
+    assert len(sampled) == 39 and sampled.tolist() == fixed_windows(val, block, 39, 1).tolist()
+    assert sampled.tolist() != starts[:39].tolist()
+    with pytest.raises(ValueError, match="shorter than block_size"):
+        fixed_windows(val[:block], block, 4, 1)
+
+
 def test_the_install_extras_keep_one_mlx_build():
     import tomllib
     from pathlib import Path
