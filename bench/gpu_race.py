@@ -18,7 +18,8 @@ the project's built libraries (`XDG_CACHE_HOME`: cuDNN attention, built by the f
 Order: project cold, then a wait until the project's kernel warm-up child (which outlives
 a short cold run) has finished, reference cold, then `--rounds` rounds of project warm,
 reference warm (alternating, so a slow spell of the machine falls on both sides).
-`--project-only` leaves the reference out.
+`--project-only` leaves the reference out. `--warm-only` skips the cold runs and reuses the
+caches an earlier call left under the same `--out` (its cold run and warm-up filled them).
 
 tok/s: the project's is the median of its log intervals (50 steps) that hold no estimate
 and are not its first; the reference's is its own steady figure (steps 20 to the end,
@@ -332,6 +333,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--project-only", action="store_true", help="time the project alone, no reference runs"
     )
     p.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="no cold runs: the warm rounds reuse the caches an earlier call left in --out",
+    )
+    p.add_argument(
         "--cli",
         action="store_true",
         help="the project's side runs `shakespeare-gpt run` (Prefect, every stage) instead of "
@@ -349,6 +355,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rounds < 0:
         p.error(f"--rounds must be >= 0, got {args.rounds}")
+    if args.warm_only and (args.out is None or args.rounds == 0):
+        p.error("--warm-only needs --out (an earlier call's, with its caches) and --rounds >= 1")
     if args.verbose and not args.cli:
         p.error("--verbose goes with --cli (bench/train_preset.py has no Prefect lines)")
     if args.throughput_steps < 0:
@@ -417,23 +425,29 @@ def main(argv: list[str] | None = None) -> None:
         "PREFECT_HOME": str(caches / "prefect"),  # --cli: a new machine has no Prefect database
         "SHAKESPEARE_GPT_WARMUP_LOGS": str(out / "warm-up-logs"),  # where each child's time went
     }
-    if caches.exists() and any(caches.iterdir()):
-        print(
-            f"error: {caches} is not empty: a cold run needs empty caches (give a new --out)",
-            file=sys.stderr,
+    filled = caches.exists() and any(caches.iterdir())
+    if filled != args.warm_only:
+        why = (
+            f"{caches} is empty: --warm-only reuses an earlier call's caches (its --out)"
+            if args.warm_only
+            else f"{caches} is not empty: a cold run needs empty caches (give a new --out)"
         )
+        print(f"error: {why}", file=sys.stderr)
         sys.exit(2)
     cmds = commands(args, info["sections"])
     if args.cli:  # plain log lines, no progress bar
         env["SHAKESPEARE_GPT_PROGRESS"] = "0"
     reference = () if args.project_only else ("reference",)
-    plan = [("project", "cold", 0)] + [(side, "cold", 0) for side in reference]
+    plan = [] if args.warm_only else [("project", "cold", 0)]
+    plan += [] if args.warm_only else [(side, "cold", 0) for side in reference]
     sides = ("project", *reference) + (("project-same-recipe",) if args.throughput_steps else ())
     plan += [(side, "warm", r) for r in range(1, args.rounds + 1) for side in sides]
     runs, warm_up_wait = [], None
     for side, cache, rnd in plan:
-        run = Run(side, cache, rnd, log=str(out / f"{side}-{cache}-{rnd}.log"))
-        artifacts = str(out / "artifacts" / f"{side}-{cache}-{rnd}")  # nothing cached
+        # a --warm-only call's runs get names of their own beside the earlier call's
+        name = f"{side}-{cache}-{rnd}" + (f"-{os.getpid()}" if args.warm_only else "")
+        run = Run(side, cache, rnd, log=str(out / f"{name}.log"))
+        artifacts = str(out / "artifacts" / name)  # nothing cached
         measure(run, [a.replace(ARTIFACTS, artifacts) for a in cmds[side]], env, args, flops)
         runs.append(run)
         if run.step_at_target is None:

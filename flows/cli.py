@@ -449,6 +449,16 @@ def import_flows(command: str) -> None:
         from . import pipeline  # noqa: F401
 
 
+def prepare(command: str) -> None:
+    """What a command that may train in this process loads from the GPU's libraries ahead
+    of its flow (`tasks.train.prepare_device`); a sweep trains in its workers, a server
+    does not train."""
+    if command in ("run", "stage", "sample", "export"):
+        from tasks.train import prepare_device
+
+        prepare_device()
+
+
 def execute(args: argparse.Namespace, params: dict[str, Any]) -> int:
     if args.command == "serve":
         return serve(args, params)
@@ -575,8 +585,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with sigterm_as_interrupt():
-            if server:
-                import_flows(args.command)  # on this core while the server boots on the other
+            if server:  # on this core while the server boots on the other:
+                import_flows(args.command)
+                prepare(args.command)
                 server.wait()
             return execute(args, params)
     except (KeyboardInterrupt, TerminationSignal) as err:

@@ -30,11 +30,21 @@ __all__ = [
     "TrainingDiverged",
     "TrainingInterrupted",
     "best_model",
+    "prepare_device",
     "train_model",
 ]
 
 METRICS = "metrics.json"
 WEIGHTS = f"{BEST}/{checkpoint.WEIGHTS}"  # the best model, which later stages load
+
+
+def prepare_device() -> None:
+    """Load the attention this process's training runs on a GPU (`ops.cuda.for_run`:
+    cuDNN's extension and its check, 0.4 s on an H200; on a fresh machine, its build is
+    started), so that a command can do it while it waits for something else: the CLI does
+    it while Prefect's temporary server boots. Nothing happens on a CPU. Raises ValueError
+    for a bad SHAKESPEARE_GPT_ATTENTION."""
+    cuda.for_run()
 
 
 def best_model(trained: StageOutput) -> Path:

@@ -4,6 +4,7 @@ the target in a timestamped log, the steady throughput, the ratios, the argument
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -228,6 +229,25 @@ def test_a_race_whose_runs_fail_exits_non_zero(tmp_path, capsys):
     out = capsys.readouterr()
     assert exit_.value.code == 1 and "1 of 1 runs failed" in out.err
     assert "failed: see" in out.out
+
+
+def test_a_warm_only_race_reuses_an_earlier_calls_caches_and_runs_no_cold_run(tmp_path, capsys):
+    corpus = tmp_path / "input.txt"
+    corpus.write_text("abc\n" * 100)
+    argv = ["--corpus", str(corpus), "--smoke", "--project-only", "--warm-only"]
+    with pytest.raises(SystemExit) as exit_:  # no --out: nothing to reuse
+        gpu_race.parse_args(argv)
+    assert exit_.value.code == 2 and "--warm-only needs --out" in capsys.readouterr().err
+    argv += ["--throughput-steps", "0", "--timeout", "0.01", "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as exit_:  # an --out without caches
+        gpu_race.main(argv)
+    assert exit_.value.code == 2 and "is empty: --warm-only reuses" in capsys.readouterr().err
+    (tmp_path / "r" / "caches" / "mlx").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_:  # the runs time out: each fails, none is cold
+        gpu_race.main(argv + ["--rounds", "1"])
+    assert exit_.value.code == 1 and "1 of 1 runs failed" in capsys.readouterr().err
+    logs = [p.name for p in (tmp_path / "r").glob("*.log")]
+    assert logs == [f"project-warm-1-{os.getpid()}.log"]
 
 
 # what `shakespeare-gpt run` logs with SHAKESPEARE_GPT_PROGRESS=0 (the race's --cli)

@@ -85,3 +85,26 @@ def test_export_command_trains_if_needed_then_writes_gpt2_layout(
         "tokenizer.json",
         "tokenizer_config.json",
     }
+
+
+def test_a_command_that_trains_loads_the_gpu_attention_while_the_server_boots(monkeypatch):
+    import flows.cli as cli
+    import flows.temporary_server as temporary_server
+    import tasks.train
+
+    calls = []
+    monkeypatch.delenv("DASK_DISTRIBUTED__WORKER__PRELOAD", raising=False)  # main sets it
+
+    class Booting:
+        def wait(self):
+            calls.append("server answers")
+
+    monkeypatch.setattr(temporary_server, "start_if_needed", lambda: Booting())
+    monkeypatch.setattr(cli, "import_flows", lambda command: calls.append("imports"))
+    monkeypatch.setattr(tasks.train, "prepare_device", lambda: calls.append("attention"))
+    monkeypatch.setattr(cli, "execute", lambda args, params: calls.append("flow") or 0)
+    assert main(["run", "--preset", "tiny"]) == 0
+    assert calls == ["imports", "attention", "server answers", "flow"]
+    calls.clear()
+    assert main(["sweep", "--preset", "tiny", "--grid", "training.learning_rate=1e-3"]) == 0
+    assert calls == ["imports", "server answers", "flow"]  # a sweep trains in its workers
