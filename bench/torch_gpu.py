@@ -37,6 +37,22 @@ from torch_vs_mlx import torch_model  # noqa: E402
 H100_BF16_FLOPS = 989e12  # dense bfloat16 peak of an H100 SXM
 
 
+IGNORED = -100  # a target that adds nothing to a loss (PyTorch's ignore_index)
+
+
+def mean_window_loss(loss_sum, ids: np.ndarray, starts: np.ndarray, block: int, batch: int):
+    """Mean next-token loss over the windows at `starts` (the project's `fixed_windows`: all
+    of a split that holds no more than the estimate asks for), `batch` windows at a time.
+    A short last batch is padded with IGNORED targets, so that every batch has the compiled
+    shape; `loss_sum(x, y)` (int32 arrays (batch, block)) sums the loss of the others."""
+    total = 0.0
+    for i in range(0, len(starts), batch):
+        x, y = get_batch(ids, starts[i : i + batch], block)
+        pad = ((0, batch - len(x)), (0, 0))
+        total = total + loss_sum(np.pad(x, pad), np.pad(y, pad, constant_values=IGNORED))
+    return float(total) / (len(starts) * block)
+
+
 def flops_per_token(cfg, n_params: int) -> float:
     """6N for the matrices plus the attention scores and values (nanoGPT's estimate)."""
     return 6 * n_params + 12 * cfg.n_layer * cfg.n_emb * cfg.block_size
@@ -79,10 +95,11 @@ def main() -> None:
     opt = torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.beta1, tc.beta2), fused=True)
     compiled = model if args.no_compile else torch.compile(model)
 
-    def loss_of(x, y):
+    def loss_of(x, y, reduction="mean"):
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             logits, _ = compiled(x)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+        flat = logits.float().view(-1, logits.size(-1))
+        return F.cross_entropy(flat, y.view(-1), reduction=reduction, ignore_index=IGNORED)
 
     def to_device(x, y):
         pinned = (torch.from_numpy(a.astype(np.int64)) for a in (x, y))
@@ -97,12 +114,12 @@ def main() -> None:
     @torch.no_grad()
     def estimate(split: str, ids: np.ndarray) -> float:
         model.eval()
-        total = torch.zeros((), device=dev)
-        for i in range(0, n_eval, tc.batch_size):
-            x, y = to_device(*get_batch(ids, windows[split][i : i + tc.batch_size], cfg.block_size))
-            total += loss_of(x, y)
+        loss = mean_window_loss(
+            lambda x, y: loss_of(*to_device(x, y), reduction="sum"),
+            ids, windows[split], cfg.block_size, tc.batch_size,
+        )  # fmt: skip
         model.train()
-        return (total / tc.eval_batches).item()
+        return loss
 
     history, reached, eval_seconds = [], None, 0.0
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -4,14 +4,17 @@ the target in a timestamped log, the steady throughput, the ratios, the argument
 from __future__ import annotations
 
 import json
+import math
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
 
 import cudnn_attention_check  # noqa: E402
 import gpu_profile  # noqa: E402
@@ -411,3 +414,34 @@ def test_inference_time_times_each_item_in_order(corpus_path, capsys):
     with pytest.raises(SystemExit):
         inference_time.main(["--corpus", str(corpus_path.parent / "missing.txt")])
     assert "--corpus: no such file: " in capsys.readouterr().err
+
+
+def test_the_pytorch_reference_estimates_a_small_split_whole_with_a_padded_last_batch(
+    tmp_path, corpus_path
+):
+    pytest.importorskip("torch")
+    import numpy as np
+    import torch_gpu
+
+    from mlx_model.data import fixed_windows, get_batch
+
+    ids = np.arange(201) % 7  # 12 windows of 16 side by side: fewer than the 16 asked for
+    starts = fixed_windows(ids, 16, 16, 0)
+    assert len(starts) == 12
+
+    def loss_sum(x, y):  # each target's own value as its "loss"; padding counts for nothing
+        assert x.shape == y.shape == (8, 16)  # every batch has the compiled shape
+        return float(np.where(y == torch_gpu.IGNORED, 0, y).sum())
+
+    expected = get_batch(ids, starts, 16)[1].mean()
+    assert torch_gpu.mean_window_loss(loss_sum, ids, starts, 16, 8) == pytest.approx(expected)
+    corpus = tmp_path / "input.txt"  # a validation split of 12 windows of the tiny preset
+    corpus.write_text(corpus_path.read_text()[:2000])
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "torch_gpu.py"), "--preset", "tiny", "--corpus", str(corpus),
+         "--device", "cpu", "--no-compile", "--max-iters", "10", "--target", "0"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (estimate,) = json.loads(proc.stdout.splitlines()[-1])["history"]
+    assert math.isfinite(estimate["val_loss"])
