@@ -19,7 +19,9 @@ Order: project cold, then a wait until the project's kernel warm-up child (which
 a short cold run) has finished, reference cold, then `--rounds` rounds of project warm,
 reference warm (alternating, so a slow spell of the machine falls on both sides).
 `--project-only` leaves the reference out. `--warm-only` skips the cold runs and reuses the
-caches an earlier call left under the same `--out` (its cold run and warm-up filled them).
+caches an earlier call's cold runs left under the same `--out` (MLX's kernels marked warm,
+the reference's `torch.compile` cache, with `--cli` Prefect's database); it refuses, naming
+them, where they are missing.
 
 tok/s: the project's is the median of its log intervals (50 steps) that hold no estimate
 and are not its first; the reference's is its own steady figure (steps 20 to the end,
@@ -355,8 +357,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rounds < 0:
         p.error(f"--rounds must be >= 0, got {args.rounds}")
-    if args.warm_only and (args.out is None or args.rounds == 0):
-        p.error("--warm-only needs --out (an earlier call's, with its caches) and --rounds >= 1")
+    if args.warm_only and args.out is None:
+        p.error("--warm-only needs --out: an earlier call's, with its caches")
+    if args.warm_only and args.rounds == 0:
+        p.error("--warm-only runs warm rounds alone: give --rounds 1 or more")
     if args.verbose and not args.cli:
         p.error("--verbose goes with --cli (bench/train_preset.py has no Prefect lines)")
     if args.throughput_steps < 0:
@@ -401,6 +405,24 @@ def preset_info(preset: str, sets: list[str] = ()) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def warm_gaps(caches: Path, args: argparse.Namespace) -> list[str]:
+    """What a warm round needs under `caches` and does not find: MLX's kernels marked warm
+    (on a GPU), the reference's `torch.compile` cache, and with `--cli` Prefect's database,
+    each left by a cold run of the same kind."""
+    gaps = []
+    marked = caches / "mlx" / ".warm"
+    if not args.smoke and not (marked.is_dir() and any(marked.iterdir())):
+        gaps.append(f"{marked} (MLX's kernels, marked warm by the project's cold run)")
+    inductor = caches / "inductor"
+    if not args.smoke and not args.project_only and not (
+        inductor.is_dir() and any(inductor.iterdir())
+    ):
+        gaps.append(f"{inductor} (the reference's torch.compile cache, from its cold run)")
+    if args.cli and not (caches / "prefect" / "prefect.db").is_file():
+        gaps.append(f"{caches / 'prefect' / 'prefect.db'} (Prefect's database, from a --cli run)")
+    return gaps
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu-race-"))
@@ -425,14 +447,18 @@ def main(argv: list[str] | None = None) -> None:
         "PREFECT_HOME": str(caches / "prefect"),  # --cli: a new machine has no Prefect database
         "SHAKESPEARE_GPT_WARMUP_LOGS": str(out / "warm-up-logs"),  # where each child's time went
     }
-    filled = caches.exists() and any(caches.iterdir())
-    if filled != args.warm_only:
-        why = (
-            f"{caches} is empty: --warm-only reuses an earlier call's caches (its --out)"
-            if args.warm_only
-            else f"{caches} is not empty: a cold run needs empty caches (give a new --out)"
+    if args.warm_only and (gaps := warm_gaps(caches, args)):
+        print(
+            f"error: --warm-only reuses the caches an earlier call's cold runs left in "
+            f"{out}, and these are missing: {'; '.join(gaps)}",
+            file=sys.stderr,
         )
-        print(f"error: {why}", file=sys.stderr)
+        sys.exit(2)
+    if not args.warm_only and caches.exists() and any(caches.iterdir()):
+        print(
+            f"error: {caches} is not empty: a cold run needs empty caches (give a new --out)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     cmds = commands(args, info["sections"])
     if args.cli:  # plain log lines, no progress bar

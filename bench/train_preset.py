@@ -82,7 +82,9 @@ def apply_sets(cfg, tc, items: list[str]):
         else:  # a float field takes an integer; an integer field only an integer
             fits = number and (isinstance(current, float) or isinstance(value, int))
         if not fits:
-            raise ValueError(f"--set {item!r}: {name} takes a {type(current).__name__}")
+            kind = type(current).__name__
+            article = "an" if kind == "int" else "a"
+            raise ValueError(f"--set {item!r}: {name} takes {article} {kind}")
         try:
             target = target.replace(**{name: value})
         except ValueError as err:

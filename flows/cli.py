@@ -451,8 +451,8 @@ def import_flows(command: str) -> None:
 
 def prepare(command: str) -> None:
     """What a command that may train in this process loads from the GPU's libraries ahead
-    of its flow (`tasks.train.prepare_device`); a sweep trains in its workers, a server
-    does not train."""
+    of its flow (`tasks.train.prepare_device`); a sweep trains in its Dask workers, `serve`
+    in the flow runs it starts, `api` not at all."""
     if command in ("run", "stage", "sample", "export"):
         from tasks.train import prepare_device
 

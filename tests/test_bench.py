@@ -205,6 +205,7 @@ def test_bench_settings_are_checked_before_any_run(tmp_path, capsys):
     for sets, words in (
         (["no_such=1"], "unknown field 'no_such'"),
         (["learning_rate=abc"], "learning_rate takes a float"),
+        (["n_layer=abc"], "n_layer takes an int"),
         (["n_layer"], "expected FIELD=VALUE"),
         (["n_layer=0"], "n_layer must be a positive integer, got 0"),
     ):
@@ -237,20 +238,29 @@ def test_a_race_whose_runs_fail_exits_non_zero(tmp_path, capsys):
 def test_a_warm_only_race_reuses_an_earlier_calls_caches_and_runs_no_cold_run(tmp_path, capsys):
     corpus = tmp_path / "input.txt"
     corpus.write_text("abc\n" * 100)
-    argv = ["--corpus", str(corpus), "--smoke", "--project-only", "--warm-only"]
+    argv = ["--corpus", str(corpus), "--project-only", "--warm-only"]
     with pytest.raises(SystemExit) as exit_:  # no --out: nothing to reuse
         gpu_race.parse_args(argv)
     assert exit_.value.code == 2 and "--warm-only needs --out" in capsys.readouterr().err
-    argv += ["--throughput-steps", "0", "--timeout", "0.01", "--out", str(tmp_path / "r")]
-    with pytest.raises(SystemExit) as exit_:  # an --out without caches
+    out = tmp_path / "r"
+    argv += ["--throughput-steps", "0", "--timeout", "0.01", "--out", str(out), "--rounds", "1"]
+    (out / "caches" / "mlx").mkdir(parents=True)  # a folder, but no kernels marked warm
+    with pytest.raises(SystemExit) as exit_:
         gpu_race.main(argv)
-    assert exit_.value.code == 2 and "is empty: --warm-only reuses" in capsys.readouterr().err
-    (tmp_path / "r" / "caches" / "mlx").mkdir(parents=True)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "mlx/.warm (MLX's kernels" in err
+    (out / "caches" / "mlx" / ".warm").mkdir()
+    (out / "caches" / "mlx" / ".warm" / "0123").write_text("{}")
+    for more, missing in (([], "inductor (the reference's"), (["--cli"], "prefect.db")):
+        flags = [a for a in argv if a != "--project-only"] if not more else argv + more
+        with pytest.raises(SystemExit) as exit_:
+            gpu_race.main(flags)
+        assert exit_.value.code == 2 and missing in capsys.readouterr().err
+    assert not list(out.glob("*.log"))  # refused before any run
     with pytest.raises(SystemExit) as exit_:  # the runs time out: each fails, none is cold
-        gpu_race.main(argv + ["--rounds", "1"])
+        gpu_race.main(argv)
     assert exit_.value.code == 1 and "1 of 1 runs failed" in capsys.readouterr().err
-    logs = [p.name for p in (tmp_path / "r").glob("*.log")]
-    assert logs == [f"project-warm-1-{os.getpid()}.log"]
+    assert [p.name for p in out.glob("*.log")] == [f"project-warm-1-{os.getpid()}.log"]
 
 
 # what `shakespeare-gpt run` logs with SHAKESPEARE_GPT_PROGRESS=0 (the race's --cli)

@@ -247,6 +247,8 @@ def test_an_estimate_of_a_small_split_is_its_exact_loss_and_a_large_one_samples(
     assert sampled.tolist() != starts[:39].tolist()
     with pytest.raises(ValueError, match="shorter than block_size"):
         fixed_windows(val[:block], block, 4, 1)
+    with pytest.raises(ValueError, match="count must be >= 0, got -1"):
+        fixed_windows(val, block, -1, 1)
 
 
 def test_the_install_extras_keep_one_mlx_build():
