@@ -414,8 +414,10 @@ def warm_gaps(caches: Path, args: argparse.Namespace) -> list[str]:
     if not args.smoke and not (marked.is_dir() and any(marked.iterdir())):
         gaps.append(f"{marked} (MLX's kernels, marked warm by the project's cold run)")
     inductor = caches / "inductor"
-    if not args.smoke and not args.project_only and not (
-        inductor.is_dir() and any(inductor.iterdir())
+    if (
+        not args.smoke
+        and not args.project_only
+        and not (inductor.is_dir() and any(inductor.iterdir()))
     ):
         gaps.append(f"{inductor} (the reference's torch.compile cache, from its cold run)")
     if args.cli and not (caches / "prefect" / "prefect.db").is_file():
