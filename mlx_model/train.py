@@ -374,6 +374,8 @@ class Progress:
     kind: str = "log"  # "log" every log_interval, "eval" after an evaluation, "done" at the
     # end, "resume" once before the first step of a run that resumes from a checkpoint
     start: int = 0  # the step this process started from (elapsed counts from there)
+    attention: str | None = None  # "resume" on a GPU: the attention the checkpoint began
+    # with ("cudnn" or "mlx"), which the resumed run keeps (its dropout masks differ)
 
 
 @dataclass
@@ -603,7 +605,8 @@ def train(
     spent = {"eval": 0.0, "checkpoints": 0.0}
     done = start
     if state is not None:
-        report(Progress(start, tc.max_iters, kind="resume", start=start))
+        began = state.get("attention")
+        report(Progress(start, tc.max_iters, kind="resume", start=start, attention=began))
     model.train()
     files = CheckpointWriter()  # rank 0 writes; checkpoints are on disk when this returns
     # several processes must stop at one step: under mlx.launch a signal ends them all

@@ -164,7 +164,10 @@ def training_reporter(max_iters: int, description: str) -> Iterator[Any]:
                     p.tokens_per_sec,
                 )
             elif p.kind == "resume":
-                logger.info("resuming from step %d (the latest checkpoint)", p.step)
+                # the "training on" line names this process's attention; a resumed run
+                # keeps the one its checkpoint began with
+                kept = f"; attention {p.attention}, as it began" if p.attention else ""
+                logger.info("resuming from step %d (the latest checkpoint)%s", p.step, kept)
             elif p.kind == "log":  # elapsed counts from the step this process started at
                 remaining = (p.max_iters - p.step) * (p.elapsed / max(p.step - p.start, 1))
                 logger.info(

@@ -93,7 +93,8 @@ def test_a_command_that_trains_loads_the_gpu_attention_while_the_server_boots(mo
     import tasks.train
 
     calls = []
-    monkeypatch.delenv("DASK_DISTRIBUTED__WORKER__PRELOAD", raising=False)  # main sets it
+    # main sets it where unset; set here, it is restored after the test
+    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__PRELOAD", '["flows.quiet_worker"]')
 
     class Booting:
         def wait(self):

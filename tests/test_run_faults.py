@@ -429,8 +429,43 @@ def test_a_resumed_run_says_so_and_estimates_its_time_left_from_its_own_steps(tm
             report(dataclasses.replace(logs[0], step=30, elapsed=10.0))  # 10 steps in 10 s
         finally:
             logger.removeHandler(handler)
-    assert lines[0] == "resuming from step 20 (the latest checkpoint)"
+    assert lines[0] == "resuming from step 20 (the latest checkpoint)"  # no GPU attention
     assert lines[1].endswith("~10 s left"), lines[1]  # 10 steps left at a step a second
+
+
+def test_a_resumed_run_names_the_attention_its_checkpoint_began_with(tmp_path, monkeypatch):
+    """On a GPU the "training on" line names this process's attention (cuDNN's, once
+    built), while a run resumed from a checkpoint begun with MLX's keeps MLX's."""
+    import json
+
+    from mlx_model.ops import cuda
+
+    monkeypatch.setenv(cuda.ENV, "auto")  # restored after: train() pins the checkpoint's
+    tc = TINY.train.replace(max_iters=30, eval_interval=10, checkpoint_interval=10)
+    train(CFG, tc, ids(), ids(), tmp_path, stop_after=10)
+    state_file = tmp_path / "latest" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["attention"] is None  # the CPU's backends record none
+    state["attention"] = "mlx"  # as a GPU run that began before cuDNN's was built
+    state_file.write_text(json.dumps(state))
+    seen = []
+    train(CFG, tc, ids(), ids(), tmp_path, callback=seen.append)
+    assert (seen[0].kind, seen[0].step, seen[0].attention) == ("resume", 10, "mlx")
+
+    from tasks.progress import training_reporter
+
+    lines = []
+    with training_reporter(30, "train") as report:
+        logger = logging.getLogger("shakespeare_gpt")
+        handler = logging.Handler()
+        handler.emit = lambda record: lines.append(record.getMessage())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            report(seen[0])
+        finally:
+            logger.removeHandler(handler)
+    assert lines == ["resuming from step 10 (the latest checkpoint); attention mlx, as it began"]
 
 
 def test_the_divergence_hint_names_only_settings_that_would_change_something():
