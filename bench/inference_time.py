@@ -48,19 +48,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import numpy as np
 
     from mlx_model.config import get_preset
-    from mlx_model.data import Vocab, split_tokens
     from mlx_model.evaluate import evaluate
     from mlx_model.generate import generate
     from mlx_model.model import GPT
     from mlx_model.runtime import kernel_cache
+    from train_preset import corpus_splits
 
     try:
         preset = get_preset(args.preset)
     except ValueError as err:
         p.error(str(err))
-    text = Path(args.corpus).read_text()
-    vocab = Vocab.from_text(text)
-    _, val = split_tokens(vocab.encode(text), 0.1)
+    vocab, _, val = corpus_splits(args.corpus)
     mx.random.seed(0)
     model = GPT(preset.model.replace(vocab_size=vocab.size))
     mx.eval(model.parameters())

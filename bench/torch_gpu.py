@@ -31,8 +31,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mlx_model.config import get_preset  # noqa: E402
-from mlx_model.data import Vocab, fixed_windows, get_batch, split_tokens, train_batch  # noqa: E402
+from mlx_model.data import fixed_windows, get_batch, train_batch  # noqa: E402
 from torch_vs_mlx import torch_model  # noqa: E402
+from train_preset import corpus_splits  # noqa: E402
 
 H100_BF16_FLOPS = 989e12  # dense bfloat16 peak of an H100 SXM
 
@@ -75,9 +76,7 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="eager mode, no torch.compile")
     args = p.parse_args()
     preset = get_preset(args.preset)
-    text = Path(args.corpus).read_text()
-    vocab = Vocab.from_text(text)
-    train_ids, val_ids = split_tokens(vocab.encode(text), 0.1)
+    vocab, train_ids, val_ids = corpus_splits(args.corpus)
     cfg, tc = preset.model.replace(vocab_size=vocab.size), preset.train
     max_iters = args.max_iters or tc.max_iters
     dev = torch.device(args.device)

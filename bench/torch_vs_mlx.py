@@ -33,10 +33,11 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlx_model.config import GPTConfig, TrainConfig, get_preset  # noqa: E402
-from mlx_model.data import Vocab, split_tokens, train_batch  # noqa: E402
+from mlx_model.data import train_batch  # noqa: E402
 from mlx_model.generate import generate  # noqa: E402
 from mlx_model.model import GPT  # noqa: E402
 from mlx_model.train import make_optimizer, make_step  # noqa: E402
+from train_preset import corpus_splits  # noqa: E402
 
 
 def timed_rounds(run, warmup: int, steps: int, tokens_per_step: int):
@@ -225,9 +226,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
-    text = Path(args.corpus).read_text()
-    vocab = Vocab.from_text(text)
-    train_ids, _ = split_tokens(vocab.encode(text), 0.1)
+    vocab, train_ids, _ = corpus_splits(args.corpus)
     cfg = preset.model.replace(vocab_size=vocab.size)
     if args.dropout is not None:
         cfg = cfg.replace(dropout=args.dropout)

@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx_model  # noqa: E402,F401,I001  (must come before mlx.core: it preloads OpenBLAS)
 
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 from mlx_model.checkpoint import load_model  # noqa: E402
-from mlx_model.config import get_preset  # noqa: E402
+from mlx_model.config import DataConfig, get_preset  # noqa: E402
 from mlx_model.data import Vocab, split_tokens  # noqa: E402
 from mlx_model.evaluate import evaluate  # noqa: E402
 from mlx_model.config import ParallelConfig  # noqa: E402
@@ -43,6 +44,14 @@ def flops_per_token(cfg) -> float:
     c, v = cfg, cfg.vocab_size
     n = v * c.n_emb + c.n_layer * (12 * c.n_emb * c.n_emb + 13 * c.n_emb) + 2 * c.n_emb
     return 6 * n + 12 * c.n_layer * c.n_emb * c.block_size
+
+
+def corpus_splits(path: str | Path) -> tuple[Vocab, np.ndarray, np.ndarray]:
+    """The corpus at `path`: its character vocabulary and its train and validation token
+    splits, held out as the pipeline holds them out (`DataConfig.val_fraction`)."""
+    text = Path(path).read_text()
+    vocab = Vocab.from_text(text)
+    return (vocab, *split_tokens(vocab.encode(text), DataConfig().val_fraction))
 
 
 def add_set_option(p: argparse.ArgumentParser) -> None:
@@ -115,9 +124,7 @@ def main() -> None:
         preset = get_preset(args.preset)
     except ValueError as err:
         p.error(str(err))
-    text = Path(args.corpus).read_text()
-    vocab = Vocab.from_text(text)
-    train_ids, val_ids = split_tokens(vocab.encode(text), 0.1)
+    vocab, train_ids, val_ids = corpus_splits(args.corpus)
     cfg = preset.model.replace(vocab_size=vocab.size)
     try:
         cfg, tc = apply_sets(cfg, preset.train, args.set)

@@ -404,6 +404,25 @@ def test_a_checkpoint_cut_short_by_a_kill_says_so_before_training_restarts(tmp_p
         assert train(CFG, tc, ids(), ids(), tmp_path).resumed_from is None
 
 
+def reported_lines(max_iters: int, progresses: list) -> list[str]:
+    """The lines the train stage's reporter logs for `progresses` (mlx_model.train.Progress)."""
+    from tasks.progress import training_reporter
+
+    lines = []
+    with training_reporter(max_iters, "train") as report:
+        logger = logging.getLogger("shakespeare_gpt")
+        handler = logging.Handler()
+        handler.emit = lambda record: lines.append(record.getMessage())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            for progress in progresses:
+                report(progress)
+        finally:
+            logger.removeHandler(handler)
+    return lines
+
+
 def test_a_resumed_run_says_so_and_estimates_its_time_left_from_its_own_steps(tmp_path):
     """After a resume the time left was the whole run's steps at the rate of the steps
     since the resume (~4 s left for some 100 s of work), and nothing said it resumed."""
@@ -415,20 +434,7 @@ def test_a_resumed_run_says_so_and_estimates_its_time_left_from_its_own_steps(tm
     logs = [p for p in seen if p.kind == "log"]
     assert logs and all(p.start == 20 for p in logs)
 
-    from tasks.progress import training_reporter
-
-    lines = []
-    with training_reporter(40, "train") as report:
-        logger = logging.getLogger("shakespeare_gpt")
-        handler = logging.Handler()
-        handler.emit = lambda record: lines.append(record.getMessage())
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        try:
-            report(seen[0])
-            report(dataclasses.replace(logs[0], step=30, elapsed=10.0))  # 10 steps in 10 s
-        finally:
-            logger.removeHandler(handler)
+    lines = reported_lines(40, [seen[0], dataclasses.replace(logs[0], step=30, elapsed=10.0)])
     assert lines[0] == "resuming from step 20 (the latest checkpoint)"  # no GPU attention
     assert lines[1].endswith("~10 s left"), lines[1]  # 10 steps left at a step a second
 
@@ -451,21 +457,8 @@ def test_a_resumed_run_names_the_attention_its_checkpoint_began_with(tmp_path, m
     seen = []
     train(CFG, tc, ids(), ids(), tmp_path, callback=seen.append)
     assert (seen[0].kind, seen[0].step, seen[0].attention) == ("resume", 10, "mlx")
-
-    from tasks.progress import training_reporter
-
-    lines = []
-    with training_reporter(30, "train") as report:
-        logger = logging.getLogger("shakespeare_gpt")
-        handler = logging.Handler()
-        handler.emit = lambda record: lines.append(record.getMessage())
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        try:
-            report(seen[0])
-        finally:
-            logger.removeHandler(handler)
-    assert lines == ["resuming from step 10 (the latest checkpoint); attention mlx, as it began"]
+    line = "resuming from step 10 (the latest checkpoint); attention mlx, as it began"
+    assert reported_lines(30, seen[:1]) == [line]
 
 
 def test_the_divergence_hint_names_only_settings_that_would_change_something():
