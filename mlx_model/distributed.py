@@ -12,9 +12,11 @@ it; the parent raises `RankFailedError` with that rank, and the latest checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -40,10 +42,41 @@ class RankFailedError(RuntimeError):
     """A rank of a data-parallel run died; the message names it."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+BIND_FAILED = "Couldn't bind socket"  # a ring rank's error when its port was taken
+LAUNCH_ATTEMPTS = 3  # launches on fresh ports when a rank could not bind its own
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes outgoing connections' ports from (Linux's file; IANA's
+    49152-65535 elsewhere, as macOS and Windows use)."""
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return 49152, 65535
+
+
+def port_block(count: int, rng: random.Random | None = None) -> int:
+    """The first of `count` consecutive TCP ports that are free on 127.0.0.1 now.
+
+    MLX's ring backend gives rank i the port `--starting-port` + i, so one free port is not
+    enough. The block lies below the ephemeral range, where no outgoing connection takes a
+    port meanwhile; the ports are bound to check them and closed again, so a process may
+    still take one before the ranks bind (`train_distributed` then launches again).
+    Raises RuntimeError when 200 random blocks were all partly taken."""
+    rng = rng or random.Random()
+    low = _ephemeral_ports()[0]
+    floor = 10000 if low - count > 10000 else 1024
+    for _ in range(200):
+        start = rng.randrange(floor, max(floor + 1, low - count))
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(start, start + count):
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return start
+    raise RuntimeError(f"no {count} consecutive free TCP ports on 127.0.0.1 below {low}")
 
 
 def backend(parallel: ParallelConfig) -> str:
@@ -68,7 +101,8 @@ def launch_command(parallel: ParallelConfig, spec: Path) -> list[str]:
     else:  # one host: this machine, its cores shared between the ranks
         cmd += ["--hosts", "127.0.0.1", "-n", str(parallel.processes)]
         cmd += ["--env", f"SHAKESPEARE_GPT_CPU_LANES={rank_lanes(parallel)}"]
-        cmd += ["--starting-port", str(_free_port()), "--nccl-port", str(_free_port())]
+        start = port_block(parallel.processes + 1)  # the ring's ports, then NCCL's
+        cmd += ["--starting-port", str(start), "--nccl-port", str(start + parallel.processes)]
     if os.environ.get(cuda.ENV):  # the attention this run chose, on every host's ranks
         cmd += ["--env", f"{cuda.ENV}={os.environ[cuda.ENV]}"]
     return [*cmd, "--python", sys.executable, "--", "-m", __name__, str(spec)]
@@ -85,8 +119,12 @@ def train_distributed(
     stop_after: int | None = None,
 ):
     """Train over `parallel.world_size` processes; return rank 0's `TrainResult`.
-    `stop_after` ends the run at that step, as `mlx_model.train.train`'s does."""
-    from .train import Progress, TrainingDiverged, TrainResult
+    `stop_after` ends the run at that step, as `mlx_model.train.train`'s does.
+
+    Raises the run's `TrainingDiverged`, or RankFailedError naming the rank that failed
+    first. On one host, a launch whose rank could not bind its port (taken after
+    `port_block` checked it) fails before any step and is made again on other ports, up
+    to `LAUNCH_ATTEMPTS` launches in all."""
 
     out_dir = Path(out_dir)
     spec = out_dir / SPEC
@@ -103,6 +141,25 @@ def train_distributed(
             }
         ),
     )
+    # a ring port taken between port_block's check and the ranks' bind fails the launch
+    # before any step: launch again on other ports (a hostfile's ports are the user's)
+    for _ in range(1 if parallel.hostfile else LAUNCH_ATTEMPTS):
+        result, diverged, errors, code, started = _launch(parallel, spec, callback)
+        if result is not None:
+            return result
+        if diverged is not None:
+            raise diverged
+        if started or not any(BIND_FAILED in e for e in errors):
+            break
+    raise RankFailedError(_failure(errors, parallel, out_dir, code))
+
+
+def _launch(parallel: ParallelConfig, spec: Path, callback: Callable | None):
+    """Run `mlx.launch` once; return rank 0's result or divergence (each None when it did
+    not come), the launcher's stderr lines, its exit status and whether a step was
+    reported."""
+    from .train import Progress, TrainingDiverged, TrainResult
+
     proc = subprocess.Popen(
         launch_command(parallel, spec),
         stdin=subprocess.DEVNULL,
@@ -115,20 +172,19 @@ def train_distributed(
     reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
     reader.start()
     result = diverged = None
+    started = False
     for line in proc.stdout:
-        if line.startswith(PROGRESS) and callback:
-            callback(Progress(**json.loads(line[len(PROGRESS) :])))
+        if line.startswith(PROGRESS):
+            started = True
+            if callback:
+                callback(Progress(**json.loads(line[len(PROGRESS) :])))
         elif line.startswith(RESULT):
             result = TrainResult(**json.loads(line[len(RESULT) :]))
         elif line.startswith(DIVERGED):
             diverged = TrainingDiverged(*json.loads(line[len(DIVERGED) :]))
     proc.wait()
     reader.join()
-    if result is None and diverged is not None:
-        raise diverged
-    if result is None:
-        raise RankFailedError(_failure(errors, parallel, out_dir, proc.returncode))
-    return result
+    return result, diverged, errors, proc.returncode, started
 
 
 def _failure(errors: list[str], parallel: ParallelConfig, out_dir: Path, code: int) -> str:

@@ -167,3 +167,64 @@ def test_a_diverging_loss_over_two_ranks_is_the_same_error_as_in_one(token_files
         )
     assert "training diverged at step" in str(two.value) and two.value.learning_rate == 1e4
     assert not math.isfinite(two.value.loss)
+
+
+class _Scripted:
+    """An rng whose randrange returns the given starts in turn."""
+
+    def __init__(self, *starts: int):
+        self.starts = list(starts)
+
+    def randrange(self, low: int, high: int) -> int:
+        start = self.starts.pop(0)
+        assert low <= start < high
+        return start
+
+
+def _listening(port: int):
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+def _free_block(count: int, below: int) -> int:
+    from mlx_model.distributed import port_block
+
+    start = port_block(count)
+    assert start + count <= below
+    return start
+
+
+def test_a_port_block_skips_a_block_with_one_port_taken():
+    from mlx_model.distributed import _ephemeral_ports, port_block
+
+    low = _ephemeral_ports()[0]
+    taken, free = _free_block(3, low), _free_block(3, low)
+    with _listening(taken + 2):  # only the last of the first block's ports
+        assert port_block(3, _Scripted(taken, free)) == free
+    # every port it gives is below the range outgoing connections take theirs from
+    assert all(port_block(3) + 3 <= low for _ in range(20))
+
+
+def test_a_rank_whose_port_was_taken_is_launched_again(token_files, tmp_path, monkeypatch):
+    from mlx_model import distributed
+
+    train_path, val_path, _, _ = token_files
+    low = distributed._ephemeral_ports()[0]
+    taken, free = _free_block(3, low), _free_block(3, low)
+    starts = []
+
+    def scripted(count, rng=None):
+        starts.append(taken if not starts else free)
+        return starts[-1]
+
+    monkeypatch.setattr(distributed, "port_block", scripted)
+    cfg, tc = TINY.model.replace(vocab_size=65), TINY.train
+    with _listening(taken), _listening(taken + 1):  # both ring ports of the first launch
+        result = train_distributed(
+            cfg, tc, ParallelConfig(processes=2), train_path, val_path, tmp_path, stop_after=5
+        )
+    assert starts == [taken, free] and result.final_step == 5
