@@ -174,3 +174,57 @@ def test_the_gpu_backends_embedding_rounds_once_to_the_compute_dtype():
     big = mx.zeros((2000, 8))  # above ONE_HOT_MAX_VOCAB: the gather, same values
     with ops.use("gpu"):
         assert mx.array_equal(ops.embed(ids, big, wpe, True), wpe[None]).item()
+
+
+def _bf16_ulp(x: np.ndarray) -> np.ndarray:
+    """bfloat16's spacing at |x| (8 significant bits)."""
+    return 2.0 ** (np.floor(np.log2(np.maximum(np.abs(x), 1e-30))) - 7)
+
+
+def test_column_sum_rounds_the_exact_sum_once():
+    """16,384 rows of bfloat16, as many as a nanogpt-char batch has tokens: within an
+    ulp of the exact sum on the default device (MLX's CUDA column reduction keeps its
+    running sums in bfloat16; a product with ones accumulates in float32)."""
+    from mlx_model.ops.gpu import column_sum
+
+    rng = np.random.default_rng(0)
+    a = mx.array(rng.normal(0.3, 1.0, (4, 4096, 96)).astype(np.float32)).astype(mx.bfloat16)
+    exact = np.array(a.astype(mx.float32), dtype=np.float64).reshape(-1, 96).sum(0)
+    got = column_sum(a)
+    assert got.shape == (96,) and got.dtype == mx.bfloat16
+    err = np.abs(np.array(got.astype(mx.float32), dtype=np.float64) - exact)
+    assert (err <= _bf16_ulp(exact)).all(), (err / _bf16_ulp(exact)).max()
+
+
+def test_the_gpu_backend_sums_parameter_gradients_as_products_in_half_precision():
+    """In bfloat16 training, the gpu backend's bias and layer-norm weight gradients are
+    products with ones, where the reference's add a Sum, and of the same values."""
+    mx.random.seed(0)
+    x = (mx.random.normal((3, 40, 24)) * 2).astype(mx.bfloat16)
+    w, b = mx.random.normal((48, 24)) * 0.2, mx.random.normal((48,))
+    lw, lb = mx.random.normal((24,)), mx.random.normal((24,))
+    mx.eval(x, w, b, lw, lb)
+
+    def layer(x, w, b, lw, lb):
+        return ops.linear(ops.layer_norm(x, lw, lb, 1e-5, True), w, b, True).astype(mx.float32)
+
+    def f(*args):
+        h = layer(*args)
+        return (h * mx.cos(h)).sum()
+
+    args = (x, w, b, lw, lb)
+    grads = {}
+    for name in ("reference", "gpu"):
+        with ops.use(name):
+            forward_sums = _primitives(layer(*args)).count('"Sum"')
+            grads[name] = mx.grad(f, argnums=tuple(range(5)))(*args)
+        # the bias's, the layer norm's weight's and bias's, before anything evaluates them
+        added = [_primitives(g).count('"Sum"') - forward_sums for g in grads[name][2:]]
+        assert added == ([0, 0, 0] if name == "gpu" else [1, 1, 1]), (name, added)
+    for g, r in zip(grads["gpu"], grads["reference"], strict=True):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        scale = mx.abs(r.astype(mx.float32)).max().item()
+        assert mx.abs((g - r).astype(mx.float32)).max().item() <= 2e-2 * scale
+    with ops.use("gpu"):  # float32, or outside training: the reference's operations
+        assert ops.linear(x.astype(mx.float32), w, b, True).dtype == mx.float32
+        assert mx.array_equal(ops.linear(x, w, b, False), ops.linear(x, w, b, True)).item()
