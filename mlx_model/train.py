@@ -321,12 +321,13 @@ class StepFunctions:
     def at(self, step: int) -> tuple[Callable, Callable]:
         """(step function, loss-sum function) for training step `step` (0-based).
 
-        Uncompiled, the functions MLX compiles inside its own layers (`nn.gelu_approx`)
-        run compiled once a warm-up child has cached their kernels, and op by op before:
-        compiling them in the run held its first steps back 4 to 5 s on an H200, and op by
-        op they ran 18% fewer tokens/s (docs/runs/gpu11-cold-warmup*.log). Without a
-        warm-up child (`compile_now` given), the step compiles them in the run and the
-        estimate does not (its own GELU kernel cost about 8 s of a cold run's first one)."""
+        Uncompiled, the functions compiled in their own right inside the layers (the
+        GELU's: `nn.gelu_approx`, or `ops.gpu`'s in half-precision training) run compiled
+        once a warm-up child has cached their kernels, and op by op before: compiling
+        them in the run held its first steps back 4 to 5 s on an H200, and op by op they
+        ran 18% fewer tokens/s (docs/runs/gpu11-cold-warmup*.log). Without a warm-up child
+        (`compile_now` given), the step compiles them in the run and the estimate does not
+        (its own GELU kernel cost about 8 s of a cold run's first one)."""
         if self.compiled_from is None and (self._compile_now is None or self._compile_now()):
             self.compiled_from = step
             if self.warmup is not None and self.warmup.failed:

@@ -12,10 +12,11 @@ same configuration and trains op by op meanwhile (MLX must not be used from two 
 at once, hence a process). The child works in two stages, each published into the shared
 kernel cache (`mlx_model.runtime.kernel_cache`) and recorded there:
 
-1. the few kernels MLX compiles inside its own layers (`nn.gelu_approx`, forward and
-   backward), by running the step and estimate once op by op. The run's uncompiled steps
-   run with MLX's compilation off until these are cached (compiling them in the run held
-   its first steps back 4 to 5 s on an H200), and with them after (18% more tokens/s);
+1. the few kernels of functions compiled in their own right inside the layers (the
+   GELU's, forward and backward: `nn.gelu_approx`, or `ops.gpu`'s in half precision), by
+   running the step and estimate once op by op. The run's uncompiled steps run with MLX's
+   compilation off until these are cached (compiling them in the run held its first
+   steps back 4 to 5 s on an H200), and with them after (18% more tokens/s);
 2. the whole compiled step and loss estimate; the run copies them in and switches to its
    compiled step, which then loads instead of compiling.
 
@@ -87,8 +88,9 @@ def eager_signature(sig: dict[str, Any]) -> dict[str, Any]:
 
 class Warmup:
     """A child process compiling the run's kernels into the shared cache, in two stages:
-    first the few kernels that MLX compiles inside its own layers (`nn.gelu_approx`), which
-    the run's uncompiled steps use; then the whole compiled step and loss estimate."""
+    first the few kernels of functions compiled in their own right inside the layers (the
+    GELU's), which the run's uncompiled steps use; then the whole compiled step and loss
+    estimate."""
 
     def __init__(
         self,

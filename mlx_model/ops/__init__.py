@@ -147,8 +147,8 @@ def signature(dtype: str, training: bool = True, model: GPTConfig | None = None)
 
 
 def op_by_op(fn: Callable) -> Callable:
-    """`fn` with MLX's compilation off while it builds its graph: the functions MLX compiles
-    in its own layers (`nn.gelu_approx`) then run op by op. An uncompiled loss estimate
+    """`fn` with MLX's compilation off while it builds its graph: the functions compiled in
+    their own right inside the layers (the GELU's) then run op by op. An uncompiled loss estimate
     otherwise compiled a fused GELU of its own in the run, about 8 s of a cold run's first
     estimate on an H200 (its training steps had compiled only their gradient's)."""
 

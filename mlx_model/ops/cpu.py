@@ -33,8 +33,8 @@ _EXP2_P = (
     1.525273380405984e-05,
 )
 _LOG2E = 1.4426950408889634
-_GELU_K = 0.7978845608028654  # sqrt(2 / pi)
-_GELU_C = 0.044715
+GELU_K = 0.7978845608028654  # sqrt(2 / pi)
+GELU_C = 0.044715
 
 
 def _estrin(x: mx.array, coeffs: tuple[float, ...]) -> mx.array:
@@ -71,13 +71,13 @@ def _gelu_and_sigmoid(x: mx.array) -> tuple[mx.array, mx.array]:
     """GPT-2's GELU 0.5 x (1 + tanh(u)), u = k (x + c x^3), as x * sigmoid(2u) (the same
     function: 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u))), and that sigmoid. One exp and one
     division instead of a rational tanh."""
-    s = 1.0 / (1.0 + exp(-2.0 * _GELU_K * (x + _GELU_C * x * x * x)))
+    s = 1.0 / (1.0 + exp(-2.0 * GELU_K * (x + GELU_C * x * x * x)))
     return x * s, s
 
 
 def _gelu_grad(x: mx.array, s: mx.array, cotangent: mx.array) -> mx.array:
     """d gelu / dx = s + x s (1 - s) 2 k (1 + 3 c x^2), reusing the forward's sigmoid s."""
-    d = s + x * s * (1.0 - s) * (2.0 * _GELU_K) * (1.0 + 3.0 * _GELU_C * x * x)
+    d = s + x * s * (1.0 - s) * (2.0 * GELU_K) * (1.0 + 3.0 * GELU_C * x * x)
     return cotangent * d
 
 
