@@ -7,7 +7,9 @@ loop (`mlx_model.train.train`), which finds its group through `mx.distributed.in
 Rank 0 prints its progress as marked JSON lines on stdout; the parent turns them back
 into `Progress` callbacks. When a rank dies, `mlx.launch` stops the others and names
 it; the parent raises `RankFailedError` with that rank, and the latest checkpoint
-(written by rank 0 only, atomically) stays usable for a rerun with the same layout.
+(written by rank 0 only, atomically) stays usable for a rerun with the same layout. On one
+host the ranks' ports are a block found free (`port_block`); a launch whose rank could not
+bind its port fails before any progress and is made again on another block.
 """
 
 from __future__ import annotations
@@ -42,32 +44,45 @@ class RankFailedError(RuntimeError):
     """A rank of a data-parallel run died; the message names it."""
 
 
-BIND_FAILED = "Couldn't bind socket"  # a ring rank's error when its port was taken
+BIND_FAILED = "Couldn't bind socket"  # MLX's error when a port a rank binds was taken
 LAUNCH_ATTEMPTS = 3  # launches on fresh ports when a rank could not bind its own
+MAX_PORTS = 1024  # the most ports one `port_block` takes (a process each, and NCCL's)
 
 
 def _ephemeral_ports() -> tuple[int, int]:
-    """The range the kernel takes outgoing connections' ports from (Linux's file; IANA's
-    49152-65535 elsewhere, as macOS and Windows use)."""
+    """The range the kernel takes outgoing connections' ports from: Linux's setting, or
+    its default 32768-60999 where that cannot be read; IANA's 49152-65535 elsewhere, as
+    macOS and Windows use."""
     with contextlib.suppress(OSError, ValueError):
         low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
         return int(low), int(high)
-    return 49152, 65535
+    return (32768, 60999) if sys.platform.startswith("linux") else (49152, 65535)
 
 
 def port_block(count: int, rng: random.Random | None = None) -> int:
     """The first of `count` consecutive TCP ports that are free on 127.0.0.1 now.
 
     MLX's ring backend gives rank i the port `--starting-port` + i, so one free port is not
-    enough. The block lies below the ephemeral range, where no outgoing connection takes a
-    port meanwhile; the ports are bound to check them and closed again, so a process may
-    still take one before the ranks bind (`train_distributed` then launches again).
-    Raises RuntimeError when 200 random blocks were all partly taken."""
+    enough. The block lies outside the ephemeral range (from port 10000 up to it, or above
+    it where it starts lower), where no outgoing connection takes a port meanwhile; the
+    ports are bound to check them and closed again, so a process may still take one
+    before the ranks bind (`train_distributed` then launches again).
+
+    Raises ValueError for a count outside 1..MAX_PORTS, and RuntimeError when no block
+    fits outside the ephemeral range or 200 random blocks were all partly taken."""
+    if not isinstance(count, int) or not 1 <= count <= MAX_PORTS:
+        raise ValueError(f"port_block takes 1 to {MAX_PORTS} ports, got {count!r}")
     rng = rng or random.Random()
-    low = _ephemeral_ports()[0]
-    floor = 10000 if low - count > 10000 else 1024
+    low, high = _ephemeral_ports()
+    spans = [(10000, low - count), (high + 1, 65536 - count)]  # starts, end excluded
+    spans = [(a, b) for a, b in spans if b > a]
+    if not spans:
+        raise RuntimeError(
+            f"no room for {count} consecutive ports outside the ephemeral range {low}-{high}"
+        )
     for _ in range(200):
-        start = rng.randrange(floor, max(floor + 1, low - count))
+        a, b = rng.choice(spans) if len(spans) > 1 else spans[0]
+        start = rng.randrange(a, b)
         with contextlib.ExitStack() as stack:
             try:
                 for port in range(start, start + count):
@@ -76,7 +91,7 @@ def port_block(count: int, rng: random.Random | None = None) -> int:
             except OSError:
                 continue
             return start
-    raise RuntimeError(f"no {count} consecutive free TCP ports on 127.0.0.1 below {low}")
+    raise RuntimeError(f"no {count} consecutive free TCP ports on 127.0.0.1 in 200 tries")
 
 
 def backend(parallel: ParallelConfig) -> str:
@@ -141,23 +156,28 @@ def train_distributed(
             }
         ),
     )
-    # a ring port taken between port_block's check and the ranks' bind fails the launch
-    # before any step: launch again on other ports (a hostfile's ports are the user's)
-    for _ in range(1 if parallel.hostfile else LAUNCH_ATTEMPTS):
+    # a port taken between port_block's check and the ranks' bind fails the launch before
+    # any progress: launch again on other ports (a hostfile's ports are the user's)
+    attempts, launches = (1 if parallel.hostfile else LAUNCH_ATTEMPTS), 0
+    while True:
         result, diverged, errors, code, started = _launch(parallel, spec, callback)
+        launches += 1
         if result is not None:
             return result
         if diverged is not None:
             raise diverged
-        if started or not any(BIND_FAILED in e for e in errors):
+        if started or launches == attempts or not any(BIND_FAILED in e for e in errors):
             break
-    raise RankFailedError(_failure(errors, parallel, out_dir, code))
+    message = _failure(errors, parallel, out_dir, code)
+    if launches > 1:
+        message += f" ({launches} launches, each on other ports)"
+    raise RankFailedError(message)
 
 
 def _launch(parallel: ParallelConfig, spec: Path, callback: Callable | None):
     """Run `mlx.launch` once; return rank 0's result or divergence (each None when it did
-    not come), the launcher's stderr lines, its exit status and whether a step was
-    reported."""
+    not come), the launcher's stderr lines, its exit status and whether rank 0 reported
+    any progress (a step, or the resume line before the first)."""
     from .train import Progress, TrainingDiverged, TrainResult
 
     proc = subprocess.Popen(

@@ -9,7 +9,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from mlx_model.config import TINY, ParallelConfig
@@ -153,7 +152,12 @@ def test_the_launch_line_uses_mlx_launch(tmp_path):
     assert "mlx._distributed_utils.launch" in cmd[2]
     assert cmd[cmd.index("--backend") + 1] == "ring" and cmd[cmd.index("-n") + 1] == "2"
     assert cmd[-3:] == ["-m", "mlx_model.distributed", str(tmp_path / "launch.json")]
-    assert np.isscalar(int(cmd[cmd.index("--starting-port") + 1]))
+    from mlx_model.distributed import _ephemeral_ports
+
+    start = int(cmd[cmd.index("--starting-port") + 1])  # the ring's ports: start, start + 1
+    assert int(cmd[cmd.index("--nccl-port") + 1]) == start + 2
+    low, high = _ephemeral_ports()
+    assert start + 2 < low or start > high
 
 
 def test_a_diverging_loss_over_two_ranks_is_the_same_error_as_in_one(token_files, tmp_path):
@@ -170,10 +174,13 @@ def test_a_diverging_loss_over_two_ranks_is_the_same_error_as_in_one(token_files
 
 
 class _Scripted:
-    """An rng whose randrange returns the given starts in turn."""
+    """An rng whose randrange returns the given starts in turn (choice: their span)."""
 
     def __init__(self, *starts: int):
         self.starts = list(starts)
+
+    def choice(self, spans):
+        return next((a, b) for a, b in spans if a <= self.starts[0] < b)
 
     def randrange(self, low: int, high: int) -> int:
         start = self.starts.pop(0)
@@ -190,31 +197,86 @@ def _listening(port: int):
     return sock
 
 
-def _free_block(count: int, below: int) -> int:
+def _two_blocks(count: int) -> tuple[int, int]:
+    """Two side-by-side blocks of `count` ports, free now."""
     from mlx_model.distributed import port_block
 
-    start = port_block(count)
-    assert start + count <= below
-    return start
+    start = port_block(2 * count)
+    return start, start + count
 
 
-def test_a_port_block_skips_a_block_with_one_port_taken():
-    from mlx_model.distributed import _ephemeral_ports, port_block
+def test_a_port_block_skips_a_block_with_one_port_taken(monkeypatch):
+    from mlx_model import distributed
+    from mlx_model.distributed import port_block
 
-    low = _ephemeral_ports()[0]
-    taken, free = _free_block(3, low), _free_block(3, low)
+    taken, free = _two_blocks(3)
     with _listening(taken + 2):  # only the last of the first block's ports
         assert port_block(3, _Scripted(taken, free)) == free
-    # every port it gives is below the range outgoing connections take theirs from
-    assert all(port_block(3) + 3 <= low for _ in range(20))
+    # every port it gives lies outside the range outgoing connections take theirs from
+    low, high = distributed._ephemeral_ports()
+    assert all(s + 3 <= low or s > high for s in (port_block(3) for _ in range(20)))
+    monkeypatch.setattr(distributed, "_ephemeral_ports", lambda: (1024, 60999))
+    assert all(port_block(3) > 60999 for _ in range(20))  # above a range that starts low
+    monkeypatch.setattr(distributed, "_ephemeral_ports", lambda: (1024, 65535))
+    with pytest.raises(RuntimeError, match="outside the ephemeral range 1024-65535"):
+        port_block(3)
+    for bad in (0, -1, 1025, 2.0):
+        with pytest.raises(ValueError, match=f"1 to 1024 ports, got {bad!r}"):
+            port_block(bad)
+
+
+def _canned(monkeypatch, outcomes: list[tuple]):
+    """`_launch` returning the given (errors, started) outcomes in turn, none a result;
+    the launches made so far."""
+    from mlx_model import distributed
+
+    made = []
+
+    def launch(parallel, spec, callback):
+        errors, started = outcomes[len(made)]
+        made.append(parallel)
+        return None, None, errors, 1, started
+
+    monkeypatch.setattr(distributed, "_launch", launch)
+    return made
+
+
+BIND = ["RuntimeError: [ring] Couldn't bind socket (error: 98)\n"]
+OTHER = ["RuntimeError: out of memory\n"]
+
+
+@pytest.mark.parametrize(
+    "outcomes, hostfile, launches",
+    [
+        ([(BIND, False)] * 3, False, 3),  # given up after three
+        ([(BIND, False), (OTHER, False)], False, 2),
+        ([(OTHER, False)], False, 1),  # another error: not again
+        ([(BIND, True)], False, 1),  # after progress: not again
+        ([(BIND, False)], True, 1),  # a hostfile's ports are the user's
+    ],
+)
+def test_only_a_port_taken_before_any_progress_launches_again(
+    monkeypatch, tmp_path, outcomes, hostfile, launches
+):
+    import json
+
+    made = _canned(monkeypatch, outcomes)
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "localhost", "ips": ["127.0.0.1"]}] * 2))
+    parallel = ParallelConfig(processes=2, hostfile=str(hosts) if hostfile else None)
+    cfg, tc = TINY.model.replace(vocab_size=65), TINY.train
+    with pytest.raises(RankFailedError) as err:
+        train_distributed(cfg, tc, parallel, tmp_path / "t", tmp_path / "v", tmp_path / "o")
+    assert len(made) == launches
+    assert (f"({launches} launches, each on other ports)" in str(err.value)) == (launches > 1)
+    assert outcomes[launches - 1][0][0].strip() in str(err.value)  # the last launch's error
 
 
 def test_a_rank_whose_port_was_taken_is_launched_again(token_files, tmp_path, monkeypatch):
     from mlx_model import distributed
 
     train_path, val_path, _, _ = token_files
-    low = distributed._ephemeral_ports()[0]
-    taken, free = _free_block(3, low), _free_block(3, low)
+    taken, free = _two_blocks(3)
     starts = []
 
     def scripted(count, rng=None):
@@ -228,3 +290,22 @@ def test_a_rank_whose_port_was_taken_is_launched_again(token_files, tmp_path, mo
             cfg, tc, ParallelConfig(processes=2), train_path, val_path, tmp_path, stop_after=5
         )
     assert starts == [taken, free] and result.final_step == 5
+
+
+def test_two_ranks_with_the_flat_master_compute_what_one_process_computes(
+    token_files, tmp_path, monkeypatch
+):
+    """The gpu backend's bfloat16 step (the parameters flat in the optimizer, one
+    all-reduce of the joined gradient) over two ring processes, against one process."""
+    train_path, val_path, train_ids, val_ids = token_files
+    monkeypatch.setenv("SHAKESPEARE_GPT_OPS", "gpu")  # the ranks' backend too
+    cfg = TINY.model.replace(vocab_size=65)
+    tc = TINY.train.replace(compute_dtype="bfloat16", optimizer="muon", muon_learning_rate=0.02)
+    one = train(cfg, tc, train_ids, val_ids, tmp_path / "one")
+    two = train_distributed(
+        cfg, tc, ParallelConfig(processes=2), train_path, val_path, tmp_path / "two"
+    )
+    for a, b in zip(one.history, two.history, strict=True):
+        assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 2e-2
+    assert two.final_step == tc.max_iters
+    assert one.history[-1]["val_loss"] < one.history[0]["val_loss"] - 0.1
