@@ -20,6 +20,13 @@ compute dtype. PyTorch's fused AdamW does the same with one kernel over a list o
 Per element the arithmetic is MLX's (`AdamW.apply_single`, `Adam.apply_single` without
 bias correction, `Muon.apply_single`), so without clipping the parameters move exactly as
 MLX's optimizers move them; with it, the norm's float32 sum runs in another order.
+
+The training step (`mlx_model.train.make_step`) keeps the parameters themselves flat too,
+in `master` (`bind`), rather than joining the model's each step: the model computes with
+views of it (`compute_leaves`), those the model uses in the compute dtype as they are (its
+Linear layers', `for_compute`) cast in one operation, and their gradients come back in
+that dtype, joined and cast once (`step_master`). The model's parameters after a step are
+float32 views of the new master. The numbers are the joined form's, bit for bit.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ class FlatOptimizer(optim.Optimizer):
         muon_dtype: mx.Dtype = mx.float32,
         momentum: float = 0.95,
         ns_steps: int = 5,
+        for_compute: Callable[[str, mx.array], bool] | None = None,
     ):
         super().__init__()
         if grad_clip < 0:
@@ -94,22 +102,32 @@ class FlatOptimizer(optim.Optimizer):
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.grad_clip, self.for_muon, self.muon_dtype = grad_clip, for_muon, muon_dtype
         self.momentum, self.ns_steps = momentum, ns_steps
+        self.for_compute = for_compute
         self._adamw: list[Slot] = []
         self._muon: list[Slot] = []
+        self._compute: set[str] = set()  # paths for_compute picked (see `compute_leaves`)
         self._decay: mx.array | None = None  # (A,) bool: AdamW's elements of matrices
+        self.master: dict[str, mx.array] = {}  # "flat": the parameters (`bind`)
+        self._bound: list[mx.array] = []  # the parameter arrays the master was last of
 
     def init(self, parameters: dict) -> None:
-        """Lay the parameters out (tree order) and make zero moments where none are set."""
-        self._adamw, self._muon, decay = [], [], []
+        """Lay the parameters out and make zero moments where none are set: AdamW's in
+        tree order with those `for_compute` picks last, then Muon's in tree order."""
+        self._adamw, self._muon, compute = [], [], []
         for path, p in tree_flatten(parameters):
             slot = Slot(path, tuple(p.shape), p.size)
+            picked = self.for_compute is not None and self.for_compute(path, p)
             if self.for_muon is not None and self.for_muon(path, p):
                 if p.ndim != 2:
                     raise ValueError(f"Muon takes matrices; {path} has shape {p.shape}")
+                if self.for_compute is not None and not picked:
+                    raise ValueError(f"Muon's {path} must be one for_compute picks")
                 self._muon.append(slot)
             else:
-                self._adamw.append(slot)
-                decay.append(np.full(p.size, p.ndim >= 2))
+                (compute if picked else self._adamw).append(slot)
+        self._adamw += compute
+        self._compute = {s.path for s in compute + self._muon} if self.for_compute else set()
+        decay = [np.full(s.size, len(s.shape) >= 2) for s in self._adamw]
         self._decay = mx.array(np.concatenate(decay)) if decay else None
         for key, length in self._lengths().items():
             if key not in self._state:
@@ -175,30 +193,34 @@ class FlatOptimizer(optim.Optimizer):
                     f"its parameter {s.shape}"
                 )
         g = _join([grads[s.path] for s in slots])  # (A + M,) float32
+        p = self._update(g, _join([params[s.path] for s in slots]))
+        new = _split(p, slots, params)
+        return tree_unflatten([(path, new[path]) for path, _ in tree_flatten(gradients)])
+
+    def _update(self, g: mx.array, p: mx.array) -> mx.array:
+        """The flat (A + M,) float32 parameters `p` moved by the flat gradient `g`."""
         if self.grad_clip > 0:
             norm = mx.sqrt(mx.square(g).sum())
             g = g * mx.minimum(self.grad_clip / (norm + 1e-6), 1.0)
         size = sum(s.size for s in self._adamw)
-        updates = self._adamw_update(g[:size], params) if self._adamw else {}
+        parts = [self._adamw_update(g[:size], p[:size])] if self._adamw else []
         if self._muon:
-            updates.update(self._muon_update(g[size:], params))
-        return tree_unflatten([(path, updates[path]) for path, _ in tree_flatten(gradients)])
+            parts.append(self._muon_update(g[size:], p[size:]))
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
-    def _adamw_update(self, g: mx.array, params: dict) -> dict:
-        """AdamW on the flat (A,) gradient; the new parameters by path."""
+    def _adamw_update(self, g: mx.array, p: mx.array) -> mx.array:
+        """AdamW on the flat (A,) gradient and parameters."""
         b1, b2 = self.betas
         lr = self.learning_rate.astype(mx.float32)
-        p = _join([params[s.path] for s in self._adamw])
         if self.weight_decay != 0:
             p = mx.where(self._decay, p * (1 - lr * self.weight_decay), p)
         m = b1 * self._state["m"] + (1 - b1) * g
         v = b2 * self._state["v"] + (1 - b2) * mx.square(g)
         self._state["m"], self._state["v"] = m, v
-        p = p - lr * m / (mx.sqrt(v) + self.eps)
-        return _split(p, self._adamw, params)
+        return p - lr * m / (mx.sqrt(v) + self.eps)
 
-    def _muon_update(self, g: mx.array, params: dict) -> dict:
-        """Muon on the flat (M,) gradient; the new matrices by path."""
+    def _muon_update(self, g: mx.array, p: mx.array) -> mx.array:
+        """Muon on the flat (M,) gradient and matrices."""
         mu = self.momentum
         v = mu * self._state["momentum"]
         v = v + (1 - mu) * g
@@ -210,18 +232,91 @@ class FlatOptimizer(optim.Optimizer):
             groups[piece.T.shape if tall else piece.shape].append(
                 (slot, tall, piece.T if tall else piece)
             )
-        lr = self.state["muon_learning_rate"]
-        updates = {}
+        lr = self.state["muon_learning_rate"].astype(mx.float32)
+        steps = {}
         for members in groups.values():
             x = mx.stack([w for *_, w in members]).astype(mx.float32)  # (N, rows, cols)
             x = x / (mx.sqrt((x * x).sum(axis=(1, 2), keepdims=True)) + 1e-7)
             x = newton_schulz(x.astype(self.muon_dtype), self.ns_steps)
             for (slot, tall, _), o in zip(members, x, strict=True):
-                p = params[slot.path]
-                step = (o.T if tall else o).astype(p.dtype)
                 scale = max(1, slot.shape[0] / slot.shape[1]) ** 0.5
-                updates[slot.path] = p - (lr.astype(p.dtype) * scale) * step
-        return updates
+                steps[slot.path] = (lr * scale) * (o.T if tall else o).astype(mx.float32)
+        return p - mx.concatenate([steps[s.path].reshape(-1) for s in self._muon])
+
+    # The training step's own form (`mlx_model.train.make_step`): the parameters live
+    # flat in `master`, not joined from the model's each step; the model computes with
+    # views of it, those `for_compute` picks cast to the compute dtype in one operation,
+    # and its gradients come back in that dtype, to be joined and cast once.
+
+    def bind(self, parameters: dict) -> None:
+        """Take `parameters` (the model's trainable ones, the tree `init` laid out) as the
+        flat float32 master the training step moves; `master` keeps its dict (a compiled
+        step holds it)."""
+        params = dict(tree_flatten(parameters))
+        slots = self._adamw + self._muon
+        self.master["flat"] = _join([params[s.path] for s in slots])
+        self._bound = [params[s.path] for s in slots]
+
+    @property
+    def paths(self) -> list[str]:
+        """The parameters' paths in the flat vectors' order."""
+        return [s.path for s in self._adamw + self._muon]
+
+    def is_bound(self, arrays: list[mx.array]) -> bool:
+        """Whether `arrays` (the model's parameters in `paths` order) are the ones the
+        master was last bound to or moved into, not replaced since (as loading a
+        checkpoint replaces them)."""
+        return len(arrays) == len(self._bound) and all(
+            a is b for a, b in zip(arrays, self._bound, strict=True)
+        )
+
+    def parameter_views(self, flat: mx.array) -> dict[str, mx.array]:
+        """The float32 parameters by path, as views of the flat vector (no copies)."""
+        slots = self._adamw + self._muon
+        return {s.path: piece for s, piece in zip(slots, _pieces(flat, slots), strict=True)}
+
+    def _compute_start(self) -> int:
+        """The index of the first slot `for_compute` picked (they are the layout's suffix);
+        the slot count if none."""
+        slots = self._adamw + self._muon
+        return next((i for i, s in enumerate(slots) if s.path in self._compute), len(slots))
+
+    def compute_leaves(self, flat: mx.array, dtype: mx.Dtype) -> dict[str, mx.array]:
+        """The parameters as the model computes with them, by path: those `for_compute`
+        picks (the suffix of the layout) cast to `dtype` in one operation, the rest float32
+        views."""
+        slots, start = self._adamw + self._muon, self._compute_start()
+        offset = sum(s.size for s in slots[:start])
+        leaves = {}
+        for part, chunk in ((slots[:start], flat[:offset]), (slots[start:], flat[offset:])):
+            if part:
+                chunk = chunk if part[0].path not in self._compute else chunk.astype(dtype)
+                leaves.update(
+                    {s.path: piece for s, piece in zip(part, _pieces(chunk, part), strict=True)}
+                )
+        return leaves
+
+    def mark(self, arrays: list[mx.array]) -> None:
+        """Record `arrays` (the model's parameters in `paths` order, after a step moved
+        them) as the ones the master holds, for `is_bound`."""
+        self._bound = list(arrays)
+
+    def step_master(self, gradients: dict, reduce: Callable | None = None) -> dict:
+        """One step of the master with `gradients` by path (those of `compute_leaves`, in
+        their dtypes): joined (the compute dtype's joined first, then cast once), passed
+        through `reduce` (the data-parallel average) if given, the update applied; returns
+        the new float32 parameters by path (`parameter_views`)."""
+        begin_step(self, gradients)
+        slots, start = self._adamw + self._muon, self._compute_start()
+        parts = [gradients[s.path].reshape(-1).astype(mx.float32) for s in slots[:start]]
+        if start < len(slots):
+            rest = mx.concatenate([gradients[s.path].reshape(-1) for s in slots[start:]])
+            parts.append(rest.astype(mx.float32))
+        g = mx.concatenate(parts)  # (A + M,) float32
+        if reduce is not None:
+            g = reduce(g)
+        self.master["flat"] = self._update(g, self.master["flat"])
+        return self.parameter_views(self.master["flat"])
 
 
 def begin_step(optimizer: optim.Optimizer, gradients: dict) -> None:

@@ -179,6 +179,17 @@ def _in_blocks(path: str, parameter: mx.array) -> bool:
     return path.startswith("h.") and parameter.ndim == 2
 
 
+LINEARS = ("c_attn", "c_proj", "c_fc", "lm_head")  # GPT-2's names of its Linear layers
+
+
+def _in_linears(path: str, parameter: mx.array) -> bool:
+    """The weights and biases of the Linear layers: what the model computes with in the
+    compute dtype as they are (`model.Linear`), so the training step can hand them over
+    cast already (`FlatOptimizer.compute_leaves`)."""
+    parts = path.split(".")
+    return len(parts) >= 2 and parts[-2] in LINEARS
+
+
 def make_optimizer(tc: TrainConfig, joined: bool | None = None) -> optim.Optimizer:
     """AdamW with decay on matrices; with `optimizer="muon"`, Muon (Nesterov momentum
     0.95, five Newton-Schulz steps in the compute dtype, no decay) on the blocks' weight
@@ -195,6 +206,7 @@ def make_optimizer(tc: TrainConfig, joined: bool | None = None) -> optim.Optimiz
         joined = ops.backend(DTYPES[tc.compute_dtype], training=True).joined_optimizer
     muon = tc.optimizer == "muon"
     if joined:
+        half = DTYPES[tc.compute_dtype] != mx.float32
         return FlatOptimizer(
             learning_rate=lr_schedule(tc),
             betas=(tc.beta1, tc.beta2),
@@ -203,6 +215,7 @@ def make_optimizer(tc: TrainConfig, joined: bool | None = None) -> optim.Optimiz
             muon_learning_rate=lr_schedule(tc, tc.muon_learning_rate) if muon else None,
             for_muon=_in_blocks if muon else None,
             muon_dtype=DTYPES[tc.compute_dtype],
+            for_compute=_in_linears if half else None,
         )
     adamw = AdamWMatrices(
         learning_rate=lr_schedule(tc),
@@ -234,10 +247,12 @@ def make_step(
     process's: reducing it in every step cost 4 ms a step on H100s (docs/BENCHMARKS.md),
     so the loop reduces the losses once per log interval instead.
     """
-    state = [model.state, optimizer.state, mx.random.state]
-    value_and_grad = nn.value_and_grad(model, partial(_mean_loss, dtype=dtype))
     world = group.size() if group is not None else 1
     exchange = dtype if tc.grad_exchange == "compute" else mx.float32
+    if isinstance(optimizer, FlatOptimizer) and optimizer.for_compute is not None:
+        return _master_step(model, optimizer, dtype, group, exchange, compiled)
+    state = [model.state, optimizer.state, mx.random.state]
+    value_and_grad = nn.value_and_grad(model, partial(_mean_loss, dtype=dtype))
 
     def step(x: mx.array, y: mx.array) -> mx.array:
         loss, grads = value_and_grad(model, x, y)
@@ -249,6 +264,68 @@ def make_step(
         return loss
 
     return mx.compile(step, inputs=state, outputs=state) if compiled else step
+
+
+def _master_step(model: GPT, optimizer: FlatOptimizer, dtype, group, exchange, compiled: bool):
+    """`make_step`'s step with the parameters kept flat in `optimizer.master`: the model
+    computes with `compute_leaves` (its Linear layers' weights and biases cast to `dtype`
+    in one operation), the gradients come back in their dtypes and are joined and cast once
+    (`step_master`), and the model's parameters become float32 views of the new master.
+    The same arithmetic as joining the model's parameters each step, without most of the
+    per-parameter casts and copies: the joins and casts of nanogpt-char's 76 parameters
+    were 303 of the 822 kernel launches of its step on an H200
+    (docs/runs/profile-char-h200-20261201i-1.txt).
+
+    Parameters replaced between steps (a checkpoint loaded into the model) are taken as
+    the master again before the next step."""
+    if not optimizer._initialized:  # MLX's optimizers lay out their state on first use
+        optimizer.init(model.trainable_parameters())
+    optimizer.bind(model.trainable_parameters())
+    state = [model.state, optimizer.state, optimizer.master, mx.random.state]
+    world = group.size() if group is not None else 1
+
+    def average(g: mx.array) -> mx.array:  # one all-reduce of the flat gradient
+        return (mx.distributed.all_sum(g.astype(exchange), group=group) / world).astype(g.dtype)
+
+    def step(x: mx.array, y: mx.array) -> mx.array:
+        def loss_of(leaves: dict) -> mx.array:
+            model.update(tree_unflatten(list(leaves.items())))
+            return _mean_loss(model, x, y, dtype)
+
+        leaves = optimizer.compute_leaves(optimizer.master["flat"], dtype)
+        loss, grads = mx.value_and_grad(loss_of)(leaves)
+        new = optimizer.step_master(grads, average if world > 1 else None)
+        model.update(tree_unflatten(list(new.items())))
+        return loss
+
+    fn = mx.compile(step, inputs=state, outputs=state) if compiled else step
+    read = _leaf_reader(model, optimizer.paths)  # 76 lookups: ~10x faster than a tree walk
+
+    def run(x: mx.array, y: mx.array) -> mx.array:
+        if not optimizer.is_bound(read()):
+            optimizer.bind(model.trainable_parameters())
+        loss = fn(x, y)
+        optimizer.mark(read())
+        return loss
+
+    return run
+
+
+def _leaf_reader(model: nn.Module, paths: list[str]) -> Callable[[], list[mx.array]]:
+    """A function returning the model's arrays at `paths` ("h.0.attn.c_attn.weight"), in
+    that order, by indexing the modules directly."""
+    keys = [[int(k) if k.isdigit() else k for k in path.split(".")] for path in paths]
+
+    def read() -> list[mx.array]:
+        arrays = []
+        for path in keys:
+            node = model
+            for key in path:
+                node = node[key]
+            arrays.append(node)
+        return arrays
+
+    return read
 
 
 def average_gradients(grads: dict, group, dtype: mx.Dtype = mx.float32) -> dict:

@@ -166,12 +166,13 @@ def splits(corpus_path):
 
 
 @pytest.mark.parametrize("recipe", ["adamw", "muon"])
-def test_training_with_it_learns_and_resumes_exactly(splits, tmp_path, recipe):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the master's step
+def test_training_with_it_learns_and_resumes_exactly(splits, tmp_path, recipe, dtype):
     """The GPU's backend (here on the CPU) trains with the joined optimizer, compiled; a
     stopped run resumes from its checkpoint to the uninterrupted run's numbers."""
     train_ids, val_ids = splits
     cfg = TINY.model.replace(vocab_size=65, dropout=0.1)
-    tc = TINY.train.replace(optimizer=recipe, muon_learning_rate=0.02)
+    tc = TINY.train.replace(optimizer=recipe, muon_learning_rate=0.02, compute_dtype=dtype)
     with ops.use("gpu"):
         full = train(cfg, tc, train_ids, val_ids, tmp_path / "full")
         train(cfg, tc, train_ids, val_ids, tmp_path / "resumed", stop_after=20)
@@ -211,3 +212,86 @@ def test_a_gradient_of_another_shape_or_a_state_laid_out_otherwise_is_refused():
     assert other.state["m"].shape == ours.state["m"].shape
     with pytest.raises(ValueError, match="'layout' was written for other parameters"):
         ours.state = dict(other.state)
+
+
+def _steps(recipe: str, master: bool, compiled: bool, replace_after: int | None = None):
+    """Losses and float32 parameters after 6 steps of the gpu backend's bfloat16 training
+    step on fixed windows, with the parameters kept flat in the optimizer (`master`) or
+    joined from the model's each step, in the same layout; `replace_after`: the model's
+    parameters replaced (by another model's) after that many steps."""
+    from mlx_model.model import GPT
+    from mlx_model.train import make_step
+
+    cfg = TINY.model.replace(vocab_size=65, dropout=0.1)
+    tc = TINY.train.replace(compute_dtype="bfloat16", optimizer=recipe, muon_learning_rate=0.02)
+    w = np.random.default_rng(0).integers(0, 65, (tc.batch_size, cfg.block_size + 1))
+    x, y = mx.array(w[:, :-1], dtype=mx.int32), mx.array(w[:, 1:], dtype=mx.int32)
+    with ops.use("gpu"):
+        mx.random.seed(1)
+        other = GPT(cfg).trainable_parameters()
+        mx.random.seed(0)
+        model = GPT(cfg)
+        model.train()
+        opt = make_optimizer(tc)
+        opt.init(model.trainable_parameters())  # the master's layout either way
+        if not master:
+            opt.for_compute = None  # make_step then joins the model's parameters each step
+        step = make_step(model, opt, tc, mx.bfloat16, compiled=compiled)
+        losses = []
+        for i in range(6):
+            if i == replace_after:
+                model.update(other)
+            mx.random.seed(i)
+            losses.append(step(x, y).item())
+    return losses, {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "muon"])
+def test_the_master_step_moves_the_parameters_as_the_joined_step_does(recipe):
+    """Bit for bit, compiled or not, and after parameters replaced between steps."""
+    want_losses, want = _steps(recipe, master=False, compiled=False)
+    for compiled in (False, True):
+        losses, got = _steps(recipe, master=True, compiled=compiled)
+        assert losses == want_losses
+        assert all(v.dtype == np.float32 and np.array_equal(v, want[k]) for k, v in got.items())
+    losses, got = _steps(recipe, master=True, compiled=True, replace_after=3)
+    want_losses, want = _steps(recipe, master=False, compiled=False, replace_after=3)
+    assert losses == want_losses and losses[3] != _steps(recipe, False, False)[0][3]
+    assert all(np.array_equal(v, want[k]) for k, v in got.items())
+
+
+def test_the_master_step_casts_and_joins_once_not_per_parameter():
+    """What it exists for: in the graph of one step of nanogpt-char's model, the
+    parameters' casts and joins are a few, not two or three per parameter."""
+    from mlx_model.config import NANOGPT_CHAR
+    from mlx_model.model import GPT
+    from mlx_model.train import make_step
+
+    cfg = NANOGPT_CHAR.model.replace(vocab_size=65, n_layer=2, block_size=16)
+    tc = NANOGPT_CHAR.train.replace(batch_size=2)
+    x = mx.zeros((2, 16), dtype=mx.int32)
+    counts = {}
+    for master in (False, True):
+        with ops.use("gpu"):
+            mx.random.seed(0)
+            model = GPT(cfg)
+            model.train()
+            opt = make_optimizer(tc)
+            opt.init(model.trainable_parameters())
+            mx.eval(model.parameters(), opt.state)
+            if not master:
+                opt.for_compute = None
+            step = make_step(model, opt, tc, mx.bfloat16, compiled=False)
+            mx.eval(opt.master)  # taken from the parameters once, before the first step
+            loss = step(x, x)
+            path = "/tmp/master-step-graph.dot"
+            mx.export_to_dot(path, loss, *(v for _, v in tree_flatten(model.parameters())))
+            with open(path) as f:
+                graph = f.read()
+        joins = set(re.findall(r'\{ (\w+) \[label ="Concatenate"', graph))
+        copied = sum(target in joins for target in re.findall(r"-> (\w+)", graph))
+        counts[master] = {"casts": graph.count('"AsType"'), "arrays joined": copied}
+    n = len(tree_flatten(model.trainable_parameters()))
+    linear = 4 * cfg.n_layer * 2  # four Linear layers a block, a weight and a bias each
+    assert counts[True]["casts"] <= counts[False]["casts"] - 2 * linear + 2, counts
+    assert counts[True]["arrays joined"] <= counts[False]["arrays joined"] - n + 2, counts
