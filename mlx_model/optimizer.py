@@ -26,7 +26,10 @@ in `master` (`bind`), rather than joining the model's each step: the model compu
 views of it (`compute_leaves`), those the model uses in the compute dtype as they are (its
 Linear layers', `for_compute`) cast in one operation, and their gradients come back in
 that dtype, joined and cast once (`step_master`). The model's parameters after a step are
-float32 views of the new master. The numbers are the joined form's, bit for bit.
+float32 views of the new master. The numbers are the joined form's in the same layout,
+bit for bit; that layout puts the Linear layers' parameters last among AdamW's, so
+against versions before it the clipping norm's float32 sum runs in another order (and
+their checkpoints' optimizer state is refused as another layout).
 """
 
 from __future__ import annotations

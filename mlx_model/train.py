@@ -271,10 +271,11 @@ def _master_step(model: GPT, optimizer: FlatOptimizer, dtype, group, exchange, c
     computes with `compute_leaves` (its Linear layers' weights and biases cast to `dtype`
     in one operation), the gradients come back in their dtypes and are joined and cast once
     (`step_master`), and the model's parameters become float32 views of the new master.
-    The same arithmetic as joining the model's parameters each step, without most of the
-    per-parameter casts and copies: the joins and casts of nanogpt-char's 76 parameters
-    were 303 of the 822 kernel launches of its step on an H200
-    (docs/runs/profile-char-h200-20261201i-1.txt).
+    The same arithmetic as joining the model's parameters each step in the same layout,
+    without the parameters' join and the Linear layers' casts forward and back: in one
+    step's graph of nanogpt-char's model, 336 casts become 218 and the 170 arrays joined
+    95 (`python bench/step_graph.py`); on an H200 each is a kernel launch, and copies were
+    370 of the step's 822 (docs/runs/profile-char-h200-20261201i-1.txt).
 
     Parameters replaced between steps (a checkpoint loaded into the model) are taken as
     the master again before the next step."""
@@ -299,7 +300,7 @@ def _master_step(model: GPT, optimizer: FlatOptimizer, dtype, group, exchange, c
         return loss
 
     fn = mx.compile(step, inputs=state, outputs=state) if compiled else step
-    read = _leaf_reader(model, optimizer.paths)  # 76 lookups: ~10x faster than a tree walk
+    read = _leaf_reader(model, optimizer.paths)  # faster than walking the module tree
 
     def run(x: mx.array, y: mx.array) -> mx.array:
         if not optimizer.is_bound(read()):

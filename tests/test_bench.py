@@ -455,3 +455,17 @@ def test_the_pytorch_reference_estimates_a_small_split_whole_with_a_padded_last_
     assert proc.returncode == 0, proc.stderr[-2000:]
     (estimate,) = json.loads(proc.stdout.splitlines()[-1])["history"]
     assert math.isfinite(estimate["val_loss"])
+
+
+def test_step_graph_counts_fewer_casts_and_joins_with_the_flat_master(capsys):
+    """bench/step_graph.py on the CPU: the master's step has fewer casts and fewer arrays
+    joined than the joined form's; a bad preset is named."""
+    import step_graph
+
+    report = step_graph.main(["--preset", "tiny"])
+    assert json.loads(capsys.readouterr().out) == report
+    joined, master = report["joined"], report["master"]
+    assert master["casts"] < joined["casts"] and master["arrays joined"] < joined["arrays joined"]
+    with pytest.raises(SystemExit):
+        step_graph.main(["--preset", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
