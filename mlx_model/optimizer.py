@@ -108,7 +108,8 @@ class FlatOptimizer(optim.Optimizer):
         self.for_compute = for_compute
         self._adamw: list[Slot] = []
         self._muon: list[Slot] = []
-        self._compute: set[str] = set()  # paths for_compute picked (see `compute_leaves`)
+        self._slots: list[Slot] = []  # AdamW's then Muon's: the flat vectors' order
+        self._compute_from = 0  # the first slot for_compute picked; they are the suffix
         self._decay: mx.array | None = None  # (A,) bool: AdamW's elements of matrices
         self.master: dict[str, mx.array] = {}  # "flat": the parameters (`bind`)
         self._bound: list[mx.array] = []  # the parameter arrays the master was last of
@@ -128,8 +129,10 @@ class FlatOptimizer(optim.Optimizer):
                 self._muon.append(slot)
             else:
                 (compute if picked else self._adamw).append(slot)
+        plain = len(self._adamw)
         self._adamw += compute
-        self._compute = {s.path for s in compute + self._muon} if self.for_compute else set()
+        self._slots = self._adamw + self._muon
+        self._compute_from = plain if self.for_compute is not None else len(self._slots)
         decay = [np.full(s.size, len(s.shape) >= 2) for s in self._adamw]
         self._decay = mx.array(np.concatenate(decay)) if decay else None
         for key, length in self._lengths().items():
@@ -183,7 +186,7 @@ class FlatOptimizer(optim.Optimizer):
         begin_step(self, gradients)
         grads = dict(tree_flatten(gradients))
         params = dict(tree_flatten(parameters))
-        slots = self._adamw + self._muon
+        slots = self._slots
         if set(grads) != {s.path for s in slots}:
             raise ValueError(
                 f"gradients for {sorted(set(grads) ^ {s.path for s in slots})} do not match "
@@ -256,14 +259,13 @@ class FlatOptimizer(optim.Optimizer):
         flat float32 master the training step moves; `master` keeps its dict (a compiled
         step holds it)."""
         params = dict(tree_flatten(parameters))
-        slots = self._adamw + self._muon
-        self.master["flat"] = _join([params[s.path] for s in slots])
-        self._bound = [params[s.path] for s in slots]
+        self.master["flat"] = _join([params[s.path] for s in self._slots])
+        self._bound = [params[s.path] for s in self._slots]
 
     @property
     def paths(self) -> list[str]:
         """The parameters' paths in the flat vectors' order."""
-        return [s.path for s in self._adamw + self._muon]
+        return [s.path for s in self._slots]
 
     def is_bound(self, arrays: list[mx.array]) -> bool:
         """Whether `arrays` (the model's parameters in `paths` order) are the ones the
@@ -275,28 +277,17 @@ class FlatOptimizer(optim.Optimizer):
 
     def parameter_views(self, flat: mx.array) -> dict[str, mx.array]:
         """The float32 parameters by path, as views of the flat vector (no copies)."""
-        slots = self._adamw + self._muon
-        return {s.path: piece for s, piece in zip(slots, _pieces(flat, slots), strict=True)}
-
-    def _compute_start(self) -> int:
-        """The index of the first slot `for_compute` picked (they are the layout's suffix);
-        the slot count if none."""
-        slots = self._adamw + self._muon
-        return next((i for i, s in enumerate(slots) if s.path in self._compute), len(slots))
+        return _by_path(flat, self._slots)
 
     def compute_leaves(self, flat: mx.array, dtype: mx.Dtype) -> dict[str, mx.array]:
         """The parameters as the model computes with them, by path: those `for_compute`
         picks (the suffix of the layout) cast to `dtype` in one operation, the rest float32
         views."""
-        slots, start = self._adamw + self._muon, self._compute_start()
-        offset = sum(s.size for s in slots[:start])
-        leaves = {}
-        for part, chunk in ((slots[:start], flat[:offset]), (slots[start:], flat[offset:])):
-            if part:
-                chunk = chunk if part[0].path not in self._compute else chunk.astype(dtype)
-                leaves.update(
-                    {s.path: piece for s, piece in zip(part, _pieces(chunk, part), strict=True)}
-                )
+        plain, cast = self._slots[: self._compute_from], self._slots[self._compute_from :]
+        offset = sum(s.size for s in plain)
+        leaves = _by_path(flat[:offset], plain) if plain else {}
+        if cast:
+            leaves |= _by_path(flat[offset:].astype(dtype), cast)
         return leaves
 
     def mark(self, arrays: list[mx.array]) -> None:
@@ -310,10 +301,10 @@ class FlatOptimizer(optim.Optimizer):
         through `reduce` (the data-parallel average) if given, the update applied; returns
         the new float32 parameters by path (`parameter_views`)."""
         begin_step(self, gradients)
-        slots, start = self._adamw + self._muon, self._compute_start()
-        parts = [gradients[s.path].reshape(-1).astype(mx.float32) for s in slots[:start]]
-        if start < len(slots):
-            rest = mx.concatenate([gradients[s.path].reshape(-1) for s in slots[start:]])
+        plain, cast = self._slots[: self._compute_from], self._slots[self._compute_from :]
+        parts = [gradients[s.path].reshape(-1).astype(mx.float32) for s in plain]
+        if cast:
+            rest = mx.concatenate([gradients[s.path].reshape(-1) for s in cast])
             parts.append(rest.astype(mx.float32))
         g = mx.concatenate(parts)  # (A + M,) float32
         if reduce is not None:
@@ -344,9 +335,11 @@ def _pieces(flat: mx.array, slots: list[Slot]) -> list[mx.array]:
     return [piece.reshape(s.shape) for s, piece in zip(slots, mx.split(flat, offsets), strict=True)]
 
 
+def _by_path(flat: mx.array, slots: list[Slot]) -> dict[str, mx.array]:
+    """`flat` cut back into the slots' shapes (views), by path."""
+    return {s.path: piece for s, piece in zip(slots, _pieces(flat, slots), strict=True)}
+
+
 def _split(flat: mx.array, slots: list[Slot], params: dict) -> dict:
     """`flat` cut back into the slots' shapes, in their parameters' dtypes, by path."""
-    return {
-        s.path: piece.astype(params[s.path].dtype)
-        for s, piece in zip(slots, _pieces(flat, slots), strict=True)
-    }
+    return {path: piece.astype(params[path].dtype) for path, piece in _by_path(flat, slots).items()}
