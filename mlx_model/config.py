@@ -376,7 +376,10 @@ NANOGPT_CHAR = Preset(
         # model overfits after ~1800 steps, so it is evaluated every 100 to catch the best.
         weight_decay=0.5,
         eval_interval=100,
-        eval_batches=40,
+        # 512 windows: the validation split's 435 (all of them, side by side) rounded up to
+        # whole batches, so the train split's estimate is as precise and costs 8 forward
+        # passes instead of 40 (47 to 15 an estimate); the validation loss is unchanged
+        eval_batches=8,
         # validation stops improving near step 2000 and rises after: stop 5 estimates
         # (500 steps) after the best instead of running all 5000
         patience=5,
