@@ -120,6 +120,13 @@ def train_model(
         if force:
             for folder in (LATEST, f"{LATEST}.new", f"{LATEST}.old"):  # and a cut-short swap
                 shutil.rmtree(directory / folder, ignore_errors=True)
+        if ops.half_on_cpu(training.compute_dtype):
+            stage_logger().warning(
+                "compute_dtype %s on the CPU is 13x to 62x slower than float32 (is this a GPU "
+                "preset?); on a CPU pass --set training.compute_dtype=float32, or use the "
+                "quick or seed preset",
+                training.compute_dtype,
+            )
         stage_logger().info("training on %s", ", ".join(f"{k} {v}" for k, v in runtime.items()))
         train_path, val_path = tokens.file(TRAIN), tokens.file(VAL)
         with training_reporter(training.max_iters, f"training {directory.name}") as report:

@@ -119,6 +119,14 @@ def cuda_build_pending(dtype: str, model: GPTConfig | None = None) -> bool:
     )
 
 
+def half_on_cpu(dtype: str) -> bool:
+    """Whether training in `dtype` would run in half precision on the CPU, where no backend
+    of this project's serves it and MLX's own operations ran the default job's model 13x to
+    62x slower than in float32 (docs/BENCHMARKS.md, "Why float32 on the CPU"): a GPU
+    preset run without a GPU, worth a warning before it starts."""
+    return dtype in ("bfloat16", "float16") and mx.default_device() == mx.cpu
+
+
 def native_build_pending(dtype: str) -> bool:
     """Whether choosing the backend for `dtype` here will first compile the native CPU
     kernels (10 to 30 s on 2 cores, once per MLX install): worth a line before it starts."""
