@@ -1,6 +1,6 @@
 """The operations the GPT is written in, and the one place their implementation is chosen.
 
-`mlx_model.model` calls `embed`, `linear`, `layer_norm`, `gelu`, `dropout`, `causal_attention`
+`mlx_model.model` calls `embed`, `layer_norm`, `gelu`, `dropout`, `causal_attention`
 (over the fused q/k/v projection), `cross_entropy` and, for one generation step, `decode`
 (the whole model in one kernel, where a backend has one). The training and evaluation
 steps call `loss`: the model's loss with the batch split over the backend's CPU streams
@@ -200,12 +200,6 @@ def cache_write(buffer: mx.array, new: mx.array, offset: mx.array) -> mx.array:
     """`buffer` (B, H, L, D) with positions offset..offset+T replaced by `new` (B, H, T, D);
     `offset` an int32 array (1,)."""
     return backend(buffer.dtype, False).cache_write(buffer, new, offset)
-
-
-def linear(x: mx.array, weight: mx.array, bias: mx.array | None, training: bool) -> mx.array:
-    """x W^T + b: x (..., n_in) -> (..., n_out) in x's dtype, weight (n_out, n_in) and
-    bias (n_out,) or None cast to it."""
-    return backend(x.dtype, training).linear(x, weight, bias)
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array | None, eps: float, training: bool):

@@ -36,8 +36,7 @@ def attention_weights(q: mx.array, k: mx.array, scale: float) -> mx.array:
 
 
 class Reference:
-    """MLX's matrix products, gathers, layer norm, tanh GELU, Bernoulli dropout, fused
-    attention, cross-entropy."""
+    """MLX's gathers, layer norm, tanh GELU, Bernoulli dropout, fused attention, cross-entropy."""
 
     name = "reference"
     lanes = 1
@@ -52,12 +51,6 @@ class Reference:
         """What else decides the numbers this backend computes in `dtype` when it trains
         `model` (see `mlx_model.ops.signature`)."""
         return {}
-
-    def linear(self, x, weight, bias):
-        w = weight.astype(x.dtype)
-        if bias is None:
-            return x @ w.T
-        return mx.addmm(bias.astype(x.dtype), x, w.T)
 
     def layer_norm(self, x, weight, bias, eps):
         bias = bias.astype(x.dtype) if bias is not None else None
