@@ -145,7 +145,7 @@ def fixed_windows(ids: np.ndarray, block_size: int, count: int, seed: int) -> np
     call: `count` windows at seeded random positions, or, where the split holds no more
     than `count` windows side by side, each of those: every token of the split but those
     of its last partial window. So a small split (Tiny Shakespeare's validation split at
-    context 256: 435 windows, where `nanogpt-char` asks for 2,560, leaving out 179 of its
+    context 256: 435 windows, where `nanogpt-char` asks for 512, leaving out 179 of its
     111,539 tokens) is estimated from nearly all of itself, with fewer tokens than random
     windows would take to cover it. Raises ValueError for a split
     shorter than `block_size + 1` tokens or a negative `count`."""

@@ -122,9 +122,9 @@ def train_model(
                 shutil.rmtree(directory / folder, ignore_errors=True)
         if ops.half_on_cpu(training.compute_dtype):
             stage_logger().warning(
-                "compute_dtype %s on the CPU is 13x to 62x slower than float32 (is this a GPU "
-                "preset?); on a CPU pass --set training.compute_dtype=float32, or use the "
-                "quick or seed preset",
+                "compute_dtype %s on the CPU: measured 13x to 62x slower than float32 (is "
+                "this a GPU preset?); on a CPU, pass --set training.compute_dtype=float32, or "
+                "use the quick or seed preset",
                 training.compute_dtype,
             )
         stage_logger().info("training on %s", ", ".join(f"{k} {v}" for k, v in runtime.items()))
