@@ -20,7 +20,7 @@ head (2 V C FLOPs a token), so larger vocabularies keep the gathers.
 In bfloat16 or float16 the GELU computes in float32 and rounds once, its derivative in
 closed form (`Gpu.gelu`), the same in training and evaluation: one fused kernel each way
 where MLX's `nn.gelu_approx` rounds every operation and differentiates through tanh.
-On an H200, nanogpt-char's step is 0.2 to 1.0 ms faster with it (docs/BENCHMARKS.md).
+On an H200, nanogpt-char's step was 0.58 to 0.65 ms faster with it (docs/BENCHMARKS.md).
 Sums over the batch (the bias and layer-norm gradients) as products with a row of ones
 made the step 0.5 to 1.2 ms slower, so they stay MLX's column reductions.
 """
