@@ -26,17 +26,26 @@ import mlx_model  # noqa: E402, F401  (before MLX: the BLAS it binds)
 
 
 def count(preset: str, backend: str) -> dict:
+    """The counts of `graph_counts` for `preset`'s model (context 16, batch 2)."""
+    from mlx_model.config import PRESETS
+
+    cfg = PRESETS[preset].model.replace(vocab_size=65, block_size=16)
+    return graph_counts(cfg, PRESETS[preset].train.replace(batch_size=2), backend)
+
+
+def graph_counts(cfg, tc, backend: str) -> dict[str, dict[str, int]]:
+    """For one bfloat16 step of `cfg`'s model on `tc`'s batch ("joined": the parameters
+    joined from the model each step; "master": kept flat), the graph's nodes, casts and
+    arrays joined."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from mlx_model import ops
-    from mlx_model.config import PRESETS
     from mlx_model.model import GPT
     from mlx_model.train import make_optimizer, make_step
 
-    cfg = PRESETS[preset].model.replace(vocab_size=65, block_size=16)
-    tc = PRESETS[preset].train.replace(batch_size=2, compute_dtype="bfloat16")
-    x = mx.zeros((2, 16), dtype=mx.int32)
+    tc = tc.replace(compute_dtype="bfloat16")
+    x = mx.zeros((tc.batch_size, cfg.block_size), dtype=mx.int32)
     report = {}
     for form in ("joined", "master"):
         with ops.use(backend):

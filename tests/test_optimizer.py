@@ -4,6 +4,8 @@ per-parameter optimizers, its state checked, and training with it resuming exact
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -16,6 +18,8 @@ from mlx_model.config import TINY
 from mlx_model.data import Vocab, split_tokens
 from mlx_model.optimizer import FlatOptimizer
 from mlx_model.train import AdamWMatrices, make_optimizer, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 SHAPES = {  # a block's matrices (tall, wide, two square), a bias, embeddings, a norm
     "h": {"w": (48, 16), "u": (16, 48), "s": [(16, 16), (16, 16)], "b": (16,)},
@@ -264,37 +268,19 @@ def test_the_master_step_moves_the_parameters_as_the_joined_step_does(recipe):
     assert all(np.array_equal(v, want[k]) for k, v in got.items())
 
 
-def test_the_master_step_casts_and_joins_once_not_per_parameter(tmp_path):
+def test_the_master_step_casts_and_joins_once_not_per_parameter():
     """What it exists for: in the graph of one step of nanogpt-char's model, the
-    parameters' casts and joins are a few, not two or three per parameter."""
+    parameters' casts and joins are a few, not two or three per parameter (counted by
+    `bench/step_graph.py`)."""
+    from step_graph import graph_counts
+
     from mlx_model.config import NANOGPT_CHAR
     from mlx_model.model import GPT
-    from mlx_model.train import make_step
 
     cfg = NANOGPT_CHAR.model.replace(vocab_size=65, n_layer=2, block_size=16)
-    tc = NANOGPT_CHAR.train.replace(batch_size=2)
-    x = mx.zeros((2, 16), dtype=mx.int32)
-    counts = {}
-    for master in (False, True):
-        with ops.use("gpu"):
-            mx.random.seed(0)
-            model = GPT(cfg)
-            model.train()
-            opt = make_optimizer(tc)
-            opt.init(model.trainable_parameters())
-            mx.eval(model.parameters(), opt.state)
-            if not master:
-                opt.for_compute = None
-            step = make_step(model, opt, tc, mx.bfloat16, compiled=False)
-            mx.eval(opt.master)  # taken from the parameters once, before the first step
-            loss = step(x, x)
-            path = str(tmp_path / f"step-{master}.dot")
-            mx.export_to_dot(path, loss, *(v for _, v in tree_flatten(model.parameters())))
-            with open(path) as f:
-                graph = f.read()
-        joins = set(re.findall(r'\{ (\w+) \[label ="Concatenate"', graph))
-        copied = sum(target in joins for target in re.findall(r"-> (\w+)", graph))
-        counts[master] = {"casts": graph.count('"AsType"'), "arrays joined": copied}
+    found = graph_counts(cfg, NANOGPT_CHAR.train.replace(batch_size=2), "gpu")
+    counts = {False: found["joined"], True: found["master"]}
+    model = GPT(cfg)
     n = len(tree_flatten(model.trainable_parameters()))
     linear = 4 * cfg.n_layer * 2  # four Linear layers a block, a weight and a bias each
     assert counts[True]["casts"] <= counts[False]["casts"] - 2 * linear + 2, counts
