@@ -273,7 +273,7 @@ def _master_step(model: GPT, optimizer: FlatOptimizer, dtype, group, exchange, c
     (`step_master`), and the model's parameters become float32 views of the new master.
     The same arithmetic as joining the model's parameters each step in the same layout,
     without the parameters' join and the Linear layers' casts forward and back: in one
-    step's graph of nanogpt-char's model, 336 casts become 218 and the 170 arrays joined
+    step's graph of nanogpt-char's model, 286 casts become 192 and the 170 arrays joined
     95 (`python bench/step_graph.py`); on an H200 each is a kernel launch, and copies were
     370 of the step's 822 (docs/runs/profile-char-h200-20261201i-1.txt).
 
