@@ -27,10 +27,8 @@ class Linear(nn.Module):
             self.bias = mx.zeros((n_out,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        w = self.weight.astype(x.dtype)
-        if "bias" in self:
-            return mx.addmm(self.bias.astype(x.dtype), x, w.T)
-        return x @ w.T
+        bias = self.bias if "bias" in self else None
+        return ops.linear(x, self.weight, bias, self.training)
 
 
 class LayerNorm(nn.Module):

@@ -203,3 +203,28 @@ def test_the_gpu_backends_gelu_in_half_precision_rounds_once():
         assert (err <= 0.51 * _bf16_ulp(np.maximum(np.abs(want), 1e-3))).all()
     with ops.use("gpu"):  # the same function in evaluation: a loss estimate computes training's
         assert mx.array_equal(ops.gelu(x, False), ops.gelu(x, True)).item()
+
+
+def test_the_gpu_backends_linear_sums_the_bias_gradient_over_the_batch_in_two_steps():
+    """In training the gpu backend's x W^T + b is MLX's addmm with its own gradient, whose
+    bias part sums over T and then B (`ops.gpu.batch_sum`): the same values as the
+    reference's, for 3-D inputs; 2-D inputs take the reference's."""
+    from mlx_model.ops.gpu import batch_sum
+
+    mx.random.seed(2)
+    x, w, b = mx.random.normal((4, 33, 12)), mx.random.normal((20, 12)), mx.random.normal((20,))
+    g = mx.random.normal((4, 33, 20))
+    assert mx.allclose(batch_sum(g), g.sum(axis=(0, 1)), atol=1e-5).item()
+    assert mx.allclose(batch_sum(g[0]), g[0].sum(axis=0), atol=1e-5).item()
+    for xs in (x, x[0]):
+        outs = {}
+        for name in ("reference", "gpu"):
+            with ops.use(name):
+                fn = lambda x, w, b: ops.linear(x, w, b, True)  # noqa: E731
+                outs[name] = (fn(xs, w, b), *_grads(fn, xs, w, b))
+        for got, want in zip(outs["gpu"], outs["reference"], strict=True):
+            assert got.shape == want.shape
+            assert mx.allclose(got, want, atol=1e-4, rtol=1e-5).item()
+    with ops.use("gpu"):  # bfloat16 compute from float32 weights: gradients come back float32
+        dx, dw, db = _grads(lambda x, w, b: ops.linear(x, w, b, True), x.astype(mx.bfloat16), w, b)
+    assert dx.dtype == mx.bfloat16 and dw.dtype == db.dtype == mx.float32

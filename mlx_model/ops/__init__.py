@@ -202,6 +202,12 @@ def cache_write(buffer: mx.array, new: mx.array, offset: mx.array) -> mx.array:
     return backend(buffer.dtype, False).cache_write(buffer, new, offset)
 
 
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None, training: bool) -> mx.array:
+    """x W^T + b in x's dtype: x (..., n_in), weight (n_out, n_in) and bias (n_out,) in
+    any dtype (float32 in the model), cast to x's -> (..., n_out)."""
+    return backend(x.dtype, training).linear(x, weight, bias)
+
+
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array | None, eps: float, training: bool):
     return backend(x.dtype, training).layer_norm(x, weight, bias, eps)
 

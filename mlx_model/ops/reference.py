@@ -52,6 +52,12 @@ class Reference:
         `model` (see `mlx_model.ops.signature`)."""
         return {}
 
+    def linear(self, x, weight, bias):
+        w = weight.astype(x.dtype)
+        if bias is None:
+            return x @ w.T
+        return mx.addmm(bias.astype(x.dtype), x, w.T)
+
     def layer_norm(self, x, weight, bias, eps):
         bias = bias.astype(x.dtype) if bias is not None else None
         return mx.fast.layer_norm(x, weight.astype(x.dtype), bias, eps)
