@@ -3,7 +3,7 @@
 The parent (`train_distributed`) writes the run's spec to a JSON file and starts
 `mlx.launch`, which starts one process per rank (NCCL on NVIDIA GPUs, ring over TCP on
 any machine, or MPI). Each rank runs this module's `__main__`: the ordinary training
-loop (`mlx_model.train.train`), which finds its group through `mx.distributed.init()`.
+loop (`mlx_model.train.train`), which finds its group through `process_group`.
 Rank 0 prints its progress as marked JSON lines on stdout; the parent turns them back
 into `Progress` callbacks. When a rank dies, `mlx.launch` stops the others and names
 it; the parent raises `RankFailedError` with that rank, and the latest checkpoint
@@ -32,6 +32,9 @@ from .files import write_text_atomic
 from .ops import cuda
 from .runtime.lanes import cpu_lanes
 
+# what launchers set in each process they start: mlx.launch MLX_RANK (every backend but MPI),
+# Open MPI's mpirun OMPI_COMM_WORLD_SIZE, MPICH's and PMIx's PMI_SIZE and PMIX_RANK
+LAUNCHED_ENV = ("MLX_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 PROGRESS = "@@progress "
 RESULT = "@@result "
 DIVERGED = "@@diverged "  # rank 0's TrainingDiverged, as JSON of its arguments
@@ -232,6 +235,20 @@ def _failure(errors: list[str], parallel: ParallelConfig, out_dir: Path, code: i
     )
 
 
+def process_group():
+    """This process's `mx.distributed.Group`: from MLX's backends when a launcher started
+    it (`LAUNCHED_ENV`), else a group of one without asking them. MLX's own search
+    (`mx.distributed.init()`) tries MPI too, which loads the MPI library and runs MPI_Init
+    where one is installed: 0.39 s of a single process's start on an H200 host
+    (docs/BENCHMARKS.md). Under the ring backend's name, without its environment, MLX
+    makes the group of one and loads nothing."""
+    import mlx.core as mx
+
+    if any(name in os.environ for name in LAUNCHED_ENV):
+        return mx.distributed.init()
+    return mx.distributed.init(backend="ring")
+
+
 def main(spec_path: str) -> None:
     """One rank: train on the spec's files; rank 0 reports on stdout."""
     import mlx.core as mx
@@ -242,7 +259,7 @@ def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     train_ids, _ = read_tokens(Path(spec["train"]))
     val_ids, _ = read_tokens(Path(spec["val"]))
-    rank = mx.distributed.init().rank()
+    rank = process_group().rank()
 
     def emit(progress) -> None:
         print(PROGRESS + json.dumps(dataclasses.asdict(progress)), flush=True)

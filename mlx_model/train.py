@@ -39,6 +39,7 @@ from .checkpoint import (
 )
 from .config import GPTConfig, TrainConfig
 from .data import file_sha256, fixed_windows, get_batch, train_batch
+from .distributed import process_group
 from .files import write_text_atomic
 from .model import GPT
 from .ops import cuda
@@ -653,7 +654,7 @@ def train(
     """
     out_dir = Path(out_dir)
     dtype = DTYPES[tc.compute_dtype]
-    group = mx.distributed.init()
+    group = process_group()
     world, rank = group.size(), group.rank()
     if tc.batch_size % world:
         raise ValueError(f"batch_size {tc.batch_size} does not split over {world} processes evenly")

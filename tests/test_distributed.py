@@ -309,3 +309,28 @@ def test_two_ranks_with_the_flat_master_compute_what_one_process_computes(
         assert a["step"] == b["step"] and abs(a["val_loss"] - b["val_loss"]) < 2e-2
     assert two.final_step == tc.max_iters
     assert one.history[-1]["val_loss"] < one.history[0]["val_loss"] - 0.1
+
+
+@pytest.mark.parametrize("launched", [None, "MLX_RANK", "OMPI_COMM_WORLD_SIZE"])
+def test_a_process_no_launcher_started_asks_no_backend_for_its_group(launched, monkeypatch):
+    """MLX's backend search tries MPI, whose MPI_Init cost a single process 0.39 s on an
+    H200 host: a process no launcher started takes a group of one without it."""
+    import mlx.core as mx
+
+    from mlx_model import distributed
+
+    for name in distributed.LAUNCHED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    if launched:
+        monkeypatch.setenv(launched, "0")
+    asked = []
+    real = mx.distributed.init
+
+    def spy(strict=False, backend="any"):
+        asked.append(backend)
+        return real(strict=strict, backend="ring" if launched else backend)
+
+    monkeypatch.setattr(mx.distributed, "init", spy)
+    group = distributed.process_group()
+    assert asked == (["any"] if launched else ["ring"])
+    assert (group.size(), group.rank()) == (1, 0)
