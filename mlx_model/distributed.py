@@ -251,8 +251,6 @@ def process_group():
 
 def main(spec_path: str) -> None:
     """One rank: train on the spec's files; rank 0 reports on stdout."""
-    import mlx.core as mx
-
     from .data import read_tokens
     from .train import TrainingDiverged, train
 

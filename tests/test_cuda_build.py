@@ -336,3 +336,28 @@ def test_the_wait_for_a_build_is_announced_only_where_the_run_waits(gpu_like, mo
     monkeypatch.setenv(cuda.ENV, "cudnn")
     assert ops.cuda_build_pending("bfloat16")
     assert not ops.cuda_build_pending("float32")
+
+
+def test_the_librarys_check_runs_once_per_machine_and_only_a_pass_is_recorded(tmp_path):
+    """`_import` checks the built library on a small input the first time it runs on a
+    machine (its cuDNN plan cost every warm run 0.15 s on an H200) and records the pass."""
+    record = tmp_path / "lib.so.checked"
+    h200 = {"gpu": "NVIDIA H200", "architecture": "sm_90", "driver": "580", "cudnn": "9.14"}
+    runs = []
+    cuda.checked_once(record, h200, lambda: runs.append("h200"))
+    cuda.checked_once(record, h200, lambda: runs.append("again"))
+    assert runs == ["h200"] and json.loads(record.read_text()) == [h200]
+    newer_driver = {**h200, "driver": "590"}
+
+    def fails():
+        raise cuda.Unsupported("computes a wrong result")
+
+    with pytest.raises(cuda.Unsupported):
+        cuda.checked_once(record, newer_driver, fails)
+    assert json.loads(record.read_text()) == [h200]  # the failure is not recorded
+    cuda.checked_once(record, newer_driver, lambda: runs.append("590"))
+    assert runs == ["h200", "590"]
+    assert json.loads(record.read_text()) == [h200, newer_driver]
+    record.write_text("{not json")  # damaged: checked again, then rewritten
+    cuda.checked_once(record, h200, lambda: runs.append("after damage"))
+    assert runs[-1] == "after damage" and json.loads(record.read_text()) == [h200]
