@@ -469,3 +469,40 @@ def test_step_graph_counts_fewer_casts_and_joins_with_the_flat_master(capsys):
     with pytest.raises(SystemExit):
         step_graph.main(["--preset", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_the_start_timeline_marks_each_stage_of_a_run_in_order(corpus_path):
+    """bench/start_timeline.py on the CPU: the tiny preset's start, in the order the run
+    takes it, each mark with its seconds since the process started."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "start_timeline.py"), "--corpus", str(corpus_path),
+         "--preset", "tiny", "--stop-after", "10"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    marks = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    seconds = [float(line[1:].split("]")[0]) for line in marks]
+    assert seconds == sorted(seconds) and 0 < seconds[0] < seconds[-1]
+    order = ["interpreter up", "corpus_splits #1", "process_group #1", "(_fresh) #1",
+             "(StepFunctions.__init__) #1", "step 0: call", "step 9: call", "estimate_loss #1",
+             "end"]  # fmt: skip
+    where = [next(i for i, m in enumerate(marks) if what in m) for what in order]
+    assert where == sorted(where)
+    assert json.loads(proc.stdout.splitlines()[-1])["steps"] == 10
+
+
+def test_batch_sum_times_each_form_and_measures_its_error(capsys):
+    """bench/batch_sum.py on the CPU, small: every form of every width, timed per round; the
+    float32 form is within bfloat16's rounding of the float32 sum; bad widths are named."""
+    import batch_sum
+
+    report = batch_sum.main(["--batch", "4", "--context", "8", "--widths", "16,24", "--reps",
+                             "5", "--rounds", "2"])  # fmt: skip
+    assert len(report["results"]) == 2 * 5
+    for key, result in report["results"].items():
+        assert len(result["ms"]) == 2 and all(ms > 0 for ms in result["ms"]), key
+    # sums of 32 normal values: within bfloat16's half-ulp at |x| < 32 (2^-8 * 16)
+    assert report["results"]["24:f32_sum1_sum0"]["max_error"] <= 0.0625
+    with pytest.raises(SystemExit):
+        batch_sum.main(["--widths", "3,x"])
+    assert "--widths must be integers separated by commas, got '3,x'" in capsys.readouterr().err
