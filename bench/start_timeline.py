@@ -53,6 +53,7 @@ def timed(owner, name: str, label: str | None = None) -> None:
 
 def main() -> None:
     mark("interpreter up")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
     import mlx_model  # noqa: F401  (before MLX: the BLAS it binds)
 
     mark("mlx_model (and mlx.core) imported")

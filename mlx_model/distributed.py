@@ -236,12 +236,14 @@ def _failure(errors: list[str], parallel: ParallelConfig, out_dir: Path, code: i
 
 
 def process_group():
-    """This process's `mx.distributed.Group`: from MLX's backends when a launcher started
-    it (`LAUNCHED_ENV`), else a group of one without asking them. MLX's own search
+    """This process's `mx.distributed.Group` (size, rank): from MLX's backends when a
+    launcher started it (`LAUNCHED_ENV`; MLX raises nothing and returns a group of one
+    where none answers), else a group of one without asking them. MLX's own search
     (`mx.distributed.init()`) tries MPI too, which loads the MPI library and runs MPI_Init
     where one is installed: 0.39 s of a single process's start on an H200 host
     (docs/BENCHMARKS.md). Under the ring backend's name, without its environment, MLX
-    makes the group of one and loads nothing."""
+    makes the group of one and loads nothing; MLX files it under that name only, so code
+    that needs the group calls this, not `mx.distributed.init()`."""
     import mlx.core as mx
 
     if any(name in os.environ for name in LAUNCHED_ENV):

@@ -339,8 +339,9 @@ def test_the_wait_for_a_build_is_announced_only_where_the_run_waits(gpu_like, mo
 
 
 def test_the_librarys_check_runs_once_per_machine_and_only_a_pass_is_recorded(tmp_path):
-    """`_import` checks the built library on a small input the first time it runs on a
-    machine (its cuDNN plan cost every warm run 0.15 s on an H200) and records the pass."""
+    """`_import` checks the built library on a small input the first time it runs with a
+    GPU, driver, cuDNN and build (the check cost every warm run 0.38 s on an H200) and
+    records the pass."""
     record = tmp_path / "lib.so.checked"
     h200 = {"gpu": "NVIDIA H200", "architecture": "sm_90", "driver": "580", "cudnn": "9.14"}
     runs = []
@@ -361,3 +362,30 @@ def test_the_librarys_check_runs_once_per_machine_and_only_a_pass_is_recorded(tm
     record.write_text("{not json")  # damaged: checked again, then rewritten
     cuda.checked_once(record, h200, lambda: runs.append("after damage"))
     assert runs[-1] == "after damage" and json.loads(record.read_text()) == [h200]
+
+
+def test_importing_the_library_checks_it_once_then_trusts_the_record(tmp_path, monkeypatch):
+    """`_import` runs the library's check on its first import with this GPU, driver, cuDNN
+    and build, not on later ones; a library built again (another size or time) is checked
+    again, and one that fails its check is refused."""
+    lib = tmp_path / "lib.py"  # a module file stands in for the built extension
+    good = (
+        "import mlx.core as mx\n"
+        "def causal_attention(qkv, seed, heads, scale, p):\n"
+        "    return mx.ones((1, 256, 64), mx.bfloat16)  # \n"
+    )
+    wrong = good.replace("mx.ones(", "mx.zeros(").replace("  #", " #")  # mean 0; same size
+    assert len(wrong) == len(good)
+    monkeypatch.setattr(cuda, "machine", lambda: {"gpu": "NVIDIA H200", "driver": "580"})
+    lib.write_text(good)
+    cuda._import(lib)
+    record = json.loads((tmp_path / "lib.py.checked").read_text())
+    assert len(record) == 1 and record[0]["gpu"] == "NVIDIA H200"
+    stat = lib.stat()
+    lib.write_text(wrong)  # same size, same time: the record stands, no check runs
+    os.utime(lib, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    cuda._import(lib)
+    os.utime(lib, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # built again
+    with pytest.raises(cuda.Unsupported, match="computes a wrong result"):
+        cuda._import(lib)
+    assert len(json.loads((tmp_path / "lib.py.checked").read_text())) == 1

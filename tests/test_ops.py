@@ -228,3 +228,9 @@ def test_the_gpu_backends_linear_sums_the_bias_gradient_over_the_batch_in_two_st
     with ops.use("gpu"):  # bfloat16 compute from float32 weights: gradients come back float32
         dx, dw, db = _grads(lambda x, w, b: ops.linear(x, w, b, True), x.astype(mx.bfloat16), w, b)
     assert dx.dtype == mx.bfloat16 and dw.dtype == db.dtype == mx.float32
+    sums = {}  # the bias's gradient: one sum over B and T in the reference, two in the gpu's
+    for name in ("reference", "gpu"):
+        with ops.use(name):
+            db = mx.grad(lambda b: ops.linear(x, w, b, True).sum())(b)
+        sums[name] = _primitives(db).count('label ="Sum"')
+    assert sums == {"reference": 1, "gpu": 2}

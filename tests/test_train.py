@@ -35,6 +35,29 @@ def test_training_reduces_loss(splits, tmp_path):
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"] - 0.3
 
 
+def test_a_run_no_launcher_started_asks_no_distributed_backend(splits, tmp_path, monkeypatch):
+    """A single process's training takes its group of one without MLX's backend search,
+    which runs MPI_Init where MPI is installed (`mlx_model.distributed.process_group`)."""
+    import mlx.core as mx
+
+    from mlx_model import distributed
+
+    for name in distributed.LAUNCHED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    asked = []
+    real = mx.distributed.init
+
+    def spy(strict=False, backend="any"):
+        asked.append(backend)
+        return real(strict=strict, backend=backend)
+
+    monkeypatch.setattr(mx.distributed, "init", spy)
+    train_ids, val_ids = splits
+    tc = TINY.train.replace(max_iters=2, eval_interval=2, checkpoint_interval=2)
+    train(TINY.model.replace(vocab_size=65), tc, train_ids, val_ids, tmp_path)
+    assert asked and set(asked) == {"ring"}
+
+
 def test_muon_trains_the_block_matrices_and_resumes_exactly(splits, tmp_path):
     """With optimizer=muon, Muon holds the blocks' weight matrices and AdamW the rest; it
     trains, and a stopped run resumes to the same result as an uninterrupted one."""

@@ -53,6 +53,8 @@ class Reference:
         return {}
 
     def linear(self, x, weight, bias):
+        """x (..., n_in) W^T + b in x's dtype (MLX's addmm), weight (n_out, n_in) and bias
+        (n_out,) or None cast to it -> (..., n_out)."""
         w = weight.astype(x.dtype)
         if bias is None:
             return x @ w.T
