@@ -27,8 +27,7 @@ class Linear(nn.Module):
             self.bias = mx.zeros((n_out,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        bias = self.bias if "bias" in self else None
-        return ops.linear(x, self.weight, bias, self.training)
+        return ops.linear(x, self.weight, self.bias if "bias" in self else None, self.training)
 
 
 class LayerNorm(nn.Module):

@@ -1,6 +1,6 @@
 """The operations the GPT is written in, and the one place their implementation is chosen.
 
-`mlx_model.model` calls `embed`, `layer_norm`, `gelu`, `dropout`, `causal_attention`
+`mlx_model.model` calls `embed`, `linear`, `layer_norm`, `gelu`, `dropout`, `causal_attention`
 (over the fused q/k/v projection), `cross_entropy` and, for one generation step, `decode`
 (the whole model in one kernel, where a backend has one). The training and evaluation
 steps call `loss`: the model's loss with the batch split over the backend's CPU streams

@@ -366,7 +366,7 @@ def machine() -> dict[str, str]:
 
 
 def checked_once(record: Path, here: dict[str, str], check: Callable[[], None]) -> None:
-    """Run `check` unless `record` (a JSON list of `machine()`s) holds `here`; after it
+    """Run `check` unless `record` (a JSON list of such dicts) holds `here`; after it
     passes, add `here` (atomically; a damaged record counts as empty). A failing check
     raises and records nothing."""
     try:

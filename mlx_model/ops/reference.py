@@ -36,7 +36,8 @@ def attention_weights(q: mx.array, k: mx.array, scale: float) -> mx.array:
 
 
 class Reference:
-    """MLX's gathers, layer norm, tanh GELU, Bernoulli dropout, fused attention, cross-entropy."""
+    """MLX's matrix products, gathers, layer norm, tanh GELU, Bernoulli dropout, fused
+    attention, cross-entropy."""
 
     name = "reference"
     lanes = 1
