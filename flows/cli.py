@@ -449,13 +449,19 @@ def import_flows(command: str) -> None:
         from . import pipeline  # noqa: F401
 
 
-def prepare(command: str) -> None:
+def prepare(args: argparse.Namespace, params: dict[str, Any]) -> None:
     """What a command that may train in this process loads from the GPU's libraries ahead
     of its flow (`tasks.train.prepare_device`); a sweep trains in its Dask workers, `serve`
-    in the flow runs it starts, `api` not at all."""
-    if command in ("run", "stage", "sample", "export"):
-        from tasks.train import prepare_device
+    in the flow runs it starts, `api` not at all. A command that trains (`run`, `stage
+    train`) also runs its compiled step once there when its kernels are cached."""
+    if args.command not in ("run", "stage", "sample", "export"):
+        return
+    from tasks.train import prepare_device
 
+    if args.command == "run" or getattr(args, "name", None) == "train":
+        config = RunConfig.resolve(params["preset"], params["overrides"])
+        prepare_device(config.model, config.training, config.parallel)
+    else:
         prepare_device()
 
 
@@ -587,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_as_interrupt():
             if server:  # on this core while the server boots on the other:
                 import_flows(args.command)
-                prepare(args.command)
+                prepare(args, params)
                 server.wait()
             return execute(args, params)
     except (KeyboardInterrupt, TerminationSignal) as err:

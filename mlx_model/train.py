@@ -368,10 +368,7 @@ class StepFunctions:
     def __init__(self, model, optimizer, tc: TrainConfig, dtype, group, compile_now=None):
         world = group.size() if group is not None else 1
         cfg = model.config  # its attention decides whether cuDNN's runs
-        self.signature = {
-            **warmup.signature(cfg, tc, ops.signature(tc.compute_dtype, model=cfg)),
-            "world_size": world,
-        }
+        self.signature = warmup.run_signature(cfg, tc, world)
         self.warmup = None
         if compile_now is None and world == 1:
             self.warmup = warmup.start(model.config, tc, self.signature)

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import ops
 from .config import GPTConfig, TrainConfig
 from .ops import cuda
 from .runtime import kernel_cache
@@ -66,6 +67,14 @@ def signature(cfg: GPTConfig, tc: TrainConfig, ops_signature: dict[str, Any]) ->
         "mlx": mx.__version__,
         "code": code_digest(),
     }
+
+
+def run_signature(cfg: GPTConfig, tc: TrainConfig, world_size: int = 1) -> dict[str, Any]:
+    """The signature a run of (cfg, tc) over `world_size` processes records its compiled
+    step's kernels under: `signature` with the backend this process would use (cuDNN's
+    attention or MLX's, as loaded now)."""
+    sig = signature(cfg, tc, ops.signature(tc.compute_dtype, model=cfg))
+    return {**sig, "world_size": world_size}
 
 
 @functools.cache
@@ -190,10 +199,14 @@ def _spawn(logs: Path, job: dict[str, Any]) -> tuple[subprocess.Popen, Path]:
     return proc, log
 
 
-def compile_kernels(cfg: GPTConfig, tc: TrainConfig, compiled: bool = True) -> None:
-    """Run the training step and loss estimate of (cfg, tc) once on a tiny batch: compiled
-    (every fused kernel of the run's compiled step), or op by op (`compiled=False`: only
-    the kernels MLX compiles inside its own layers, which the uncompiled steps use)."""
+def compile_kernels(
+    cfg: GPTConfig, tc: TrainConfig, compiled: bool = True, windows: int = WINDOWS
+) -> None:
+    """Run the training step and loss estimate of (cfg, tc) once on a batch of `windows`
+    sequences of cfg.block_size tokens (tiny by default): compiled (every fused kernel of
+    the run's compiled step), or op by op (`compiled=False`: only the kernels MLX compiles
+    inside its own layers, which the uncompiled steps use). The model and optimizer are
+    built here and discarded."""
     import mlx.core as mx
     import numpy as np
 
@@ -202,13 +215,35 @@ def compile_kernels(cfg: GPTConfig, tc: TrainConfig, compiled: bool = True) -> N
 
     dtype = DTYPES[tc.compute_dtype]
     model, optimizer = _fresh(cfg, tc)
-    ids = np.arange(WINDOWS * (cfg.block_size + 1)) % cfg.vocab_size
-    x, y = map(mx.array, get_batch(ids, np.arange(WINDOWS), cfg.block_size))  # as the run's
+    ids = np.arange(windows * (cfg.block_size + 1)) % cfg.vocab_size
+    x, y = map(mx.array, get_batch(ids, np.arange(windows), cfg.block_size))  # as the run's
     model.train()
     step = make_step(model, optimizer, tc, dtype, compiled=compiled)
     mx.eval(step(x, y), model.parameters(), optimizer.state)
     model.eval()
     mx.eval(make_loss_sum(model, dtype, compiled=compiled)(x, y))
+
+
+def warm_process(cfg: GPTConfig, tc: TrainConfig) -> bool:
+    """Run (cfg, tc)'s compiled training step and loss estimate once in this process, on
+    one batch of the run's shape (tc.batch_size sequences of cfg.block_size tokens), when
+    the kernel cache records that configuration's kernels as compiled (`run_signature`,
+    one process); returns whether it ran.
+
+    What the process keeps from it: the kernel modules MLX loads from its cache, cuDNN
+    attention's plans for these shapes, the matrix library's handles and choices. A warm
+    run's first step took 1.1 s on an H200, its trace, those loads and its kernels, where
+    the next took about 13 ms (`bench/start_timeline.py`,
+    docs/runs/start-timeline-h200-20261201n-1.txt), so a command that waits for something
+    else first (the CLI, while Prefect's temporary server boots) does this meanwhile. Nothing runs without a kernel cache (a CPU
+    process) or with the kernels not cached yet: compiling them here would be the
+    minutes the warm-up child exists to keep out of the way. The run's own weights and
+    losses do not change: `_fresh` seeds from tc.seed, and the loop seeds each step."""
+    cache = kernel_cache.active()
+    if cache is None or not cache.is_warm(run_signature(cfg, tc)):
+        return False
+    compile_kernels(cfg, tc, windows=tc.batch_size)
+    return True
 
 
 def main() -> int:

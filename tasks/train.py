@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from mlx_model import checkpoint, ops
+from mlx_model import checkpoint, ops, warmup
 from mlx_model.config import GPTConfig, ParallelConfig, TrainConfig
 from mlx_model.data import Vocab, read_tokens
 from mlx_model.distributed import backend, rank_lanes, train_distributed
@@ -38,13 +38,23 @@ METRICS = "metrics.json"
 WEIGHTS = f"{BEST}/{checkpoint.WEIGHTS}"  # the best model, which later stages load
 
 
-def prepare_device() -> None:
+def prepare_device(
+    model: GPTConfig | None = None,
+    training: TrainConfig | None = None,
+    parallel: ParallelConfig | None = None,
+) -> bool:
     """Load the attention this process's training runs on a GPU (`ops.cuda.for_run`:
     cuDNN's extension and its check, 0.4 s on an H200; on a fresh machine, its build is
     started), so that a command can do it while it waits for something else: the CLI does
-    it while Prefect's temporary server boots. Nothing happens on a CPU. Raises ValueError
-    for a bad SHAKESPEARE_GPT_ATTENTION."""
+    it while Prefect's temporary server boots. Given the run's model and training settings
+    and one process to train in (no mlx.launch ranks), it also runs that training's
+    compiled step once if the kernel cache holds its kernels
+    (`mlx_model.warmup.warm_process`); returns whether it did. Nothing happens on a CPU.
+    Raises ValueError for a bad SHAKESPEARE_GPT_ATTENTION."""
     cuda.for_run()
+    if model is None or training is None or (parallel is not None and parallel.distributed):
+        return False
+    return warmup.warm_process(model, training)
 
 
 def best_model(trained: StageOutput) -> Path:

@@ -102,10 +102,24 @@ def test_a_command_that_trains_loads_the_gpu_attention_while_the_server_boots(mo
 
     monkeypatch.setattr(temporary_server, "start_if_needed", lambda: Booting())
     monkeypatch.setattr(cli, "import_flows", lambda command: calls.append("imports"))
-    monkeypatch.setattr(tasks.train, "prepare_device", lambda: calls.append("attention"))
+    warmed = []
+
+    def prepare_device(model=None, training=None, parallel=None):
+        calls.append("attention")
+        warmed.append((model, training, parallel))
+
+    monkeypatch.setattr(tasks.train, "prepare_device", prepare_device)
     monkeypatch.setattr(cli, "execute", lambda args, params: calls.append("flow") or 0)
-    assert main(["run", "--preset", "tiny"]) == 0
+    assert main(["run", "--preset", "tiny", "--set", "training.batch_size=4"]) == 0
     assert calls == ["imports", "attention", "server answers", "flow"]
+    # the run's own settings, for its compiled step's warm run
+    model, training, parallel = warmed.pop()
+    assert (model.n_emb, training.batch_size, parallel.world_size) == (16, 4, 1)
+    calls.clear()
+    assert main(["stage", "train", "--preset", "tiny"]) == 0
+    assert warmed.pop()[1].max_iters == 30
+    assert main(["stage", "vocab", "--preset", "tiny"]) == 0
+    assert warmed.pop() == (None, None, None)  # a stage that does not train: no step
     calls.clear()
     assert main(["sweep", "--preset", "tiny", "--grid", "training.learning_rate=1e-3"]) == 0
     assert calls == ["imports", "server answers", "flow"]  # a sweep trains in its workers

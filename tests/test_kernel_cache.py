@@ -452,3 +452,29 @@ def test_a_failed_warm_up_is_read_once_and_asked_again_without_error(tmp_path, m
     assert child.ready() and child.close() is False
     moved = warmup.Warmup(proc, cache, tmp_path / "moved-away.log", {"model": {}})
     assert moved.ready() and moved.failed == "exit code 3"
+
+
+def test_a_warm_configurations_step_runs_once_ahead_and_leaves_the_run_unchanged(
+    fresh_cache, monkeypatch
+):
+    """`warm_process` (the CLI runs it while Prefect's server boots) runs the compiled
+    step once, on the run's batch shape, only where the cache records the configuration
+    as warm; a run after it trains to exactly the losses of a run without it."""
+    from mlx_model import warmup
+    from mlx_model.train import train
+
+    cfg, tc = _tiny()
+    runs = []
+    real = warmup.compile_kernels
+    monkeypatch.setattr(warmup, "compile_kernels", lambda *a, **k: runs.append(k) or real(*a, **k))
+    assert not warmup.warm_process(cfg, tc)  # no kernel cache: a CPU process
+    cache = kc.install("9.9.9")
+    assert not warmup.warm_process(cfg, tc) and runs == []  # cold: the warm-up child's job
+    monkeypatch.setenv(warmup.ENV, "0")  # no warm-up child for the runs below
+    without = train(cfg, tc, _ids(), _ids(1000), fresh_cache / "a")
+    cache.mark_warm(warmup.run_signature(cfg, tc))
+    assert not warmup.warm_process(cfg, tc.replace(batch_size=4)) and runs == []  # not warm
+    assert warmup.warm_process(cfg, tc) and runs == [{"windows": tc.batch_size}]
+    after = train(cfg, tc, _ids(), _ids(1000), fresh_cache / "b")
+    assert after.compiled_from == without.compiled_from == 0
+    assert _losses(after) == _losses(without)
