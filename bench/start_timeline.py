@@ -1,22 +1,32 @@
-"""Where a run's first seconds go: `bench/train_preset.py`, timed from process start.
+"""Where a run's first seconds go, timed from process start: the training alone
+(`bench/train_preset.py`) or `shakespeare-gpt run` itself (`--cli`).
 
     python bench/start_timeline.py --corpus input.txt --preset nanogpt-char-fast
         [--stop-after 100] [any other train_preset.py option]
+    python bench/start_timeline.py --cli run --preset nanogpt-char-fast
+        --source file:///path/to/input.txt --artifacts FRESH_FOLDER [any other option]
 
-Runs `bench/train_preset.py` with its arguments in this process and prints to stderr, each
-line with the seconds since the process started (the kernel's start time in /proc, so the
-interpreter's own start counts): the imports, reading the corpus, the process group
+Runs `bench/train_preset.py`, or with `--cli` the CLI (`flows.cli.main`) with the
+arguments after it, in this process, and prints to stderr, each line with the seconds
+since the process started (the kernel's start time in /proc, so the interpreter's own
+start counts): the imports, reading the corpus, the process group
 (`mlx_model.distributed.process_group`), the model's build (`_fresh`), the cuDNN attention
 library's load and check (`ops.cuda._import`, `checked_once`), the step functions' setup,
 and the first 12 training steps, each as the call (on the first, MLX's trace of the
 compiled step) and the wait for its loss (`mx.eval`); then each estimate and each weight
-snapshot. Waiting for every early step's loss holds the queue back, so the steps after
-the first run a little slower than in a plain run; the estimates and everything before
-the loop are as in one. Linux only (it reads /proc).
+snapshot. With `--cli` also the command's own phases: the temporary Prefect server's
+start and the wait for it to answer, the imports of the flows, `prepare` (the GPU's
+libraries and, warm, one compiled step: `mlx_model.warmup.warm_process`), each stage's
+work (`ArtifactStore.run`) and Prefect's flow- and task-run lines. Waiting for every early
+step's loss holds the queue back, so the steps after the first run a little slower than
+in a plain run; the estimates and everything before the loop are as in one. A CLI run
+whose stages are cached times only the cache hits: give a fresh `--artifacts` folder.
+Linux only (it reads /proc).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -34,7 +44,9 @@ BASE = time.perf_counter() - _since_process_start()
 
 
 def mark(what: str) -> None:
-    print(f"[{time.perf_counter() - BASE:7.3f}] {what}", file=sys.stderr, flush=True)
+    """One line on the process's standard error (the file itself: the CLI may have
+    pointed sys.stderr at its log)."""
+    os.write(2, f"[{time.perf_counter() - BASE:7.3f}] {what}\n".encode())
 
 
 def timed(owner, name: str, label: str | None = None) -> None:
@@ -51,24 +63,21 @@ def timed(owner, name: str, label: str | None = None) -> None:
     setattr(owner, name, wrapper)
 
 
-def main() -> None:
-    mark("interpreter up")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
-    import mlx_model  # noqa: F401  (before MLX: the BLAS it binds)
+class Marks(logging.Handler):
+    """Prefect's flow- and task-run lines (stage starts and ends) as marks."""
 
-    mark("mlx_model (and mlx.core) imported")
+    def emit(self, record: logging.LogRecord) -> None:
+        run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", "")
+        mark(f"prefect: {run}: {record.getMessage()[:100]}")
+
+
+def instrument_training() -> None:
+    """Mark the training's phases (`mlx_model.train`), its first steps and its estimates."""
     import mlx.core as mx
-    import numpy  # noqa: F401
 
-    mark("numpy imported")
     import mlx_model.train as train
     from mlx_model.ops import cuda
 
-    mark("mlx_model.train imported")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import train_preset
-
-    timed(train_preset, "corpus_splits")
     timed(train, "process_group")
     timed(mx.distributed, "init", "mx.distributed.init")
     timed(train, "_fresh", "model and optimizer built (_fresh)")
@@ -95,6 +104,79 @@ def main() -> None:
         return run, loss_sum
 
     train.StepFunctions.at = at_timed
+
+
+def instrument_cli() -> None:
+    """Mark the CLI's phases (`flows.cli.main`), each stage's work and Prefect's lines."""
+    import flows.cli as cli
+    import flows.temporary_server as temporary_server
+    from mlx_model import warmup
+
+    mark("flows.cli imported")
+    start = temporary_server.start_if_needed
+
+    def start_timed():
+        t = time.perf_counter()
+        server = start()
+        spent = time.perf_counter() - t
+        mark(f"Prefect imported, its server started (start_if_needed): {spent:.3f} s")
+        if server is not None:
+            timed(server, "wait", "the server's wait until it answers (wait)")
+        return server
+
+    temporary_server.start_if_needed = start_timed
+    timed(cli, "one_console")
+    timed(cli, "import_flows", "the flows imported (import_flows)")
+    timed(cli, "prepare", "the GPU's libraries, warm: one compiled step (prepare)")
+    timed(warmup, "warm_process", "of which the compiled step (warm_process)")
+    execute = cli.execute
+
+    def execute_marked(args, params):
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addHandler(Marks())
+        mark("execute")
+        return execute(args, params)
+
+    cli.execute = execute_marked
+    from tasks.store import ArtifactStore
+
+    run = ArtifactStore.run
+
+    def run_timed(self, stage, *args, **kwargs):
+        t = time.perf_counter()
+        out = run(self, stage, *args, **kwargs)
+        mark(f"stage {stage}'s work (ArtifactStore.run): {time.perf_counter() - t:.3f} s")
+        return out
+
+    ArtifactStore.run = run_timed
+
+
+def main() -> None:
+    mark("interpreter up")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
+    cli = sys.argv[1:2] == ["--cli"]
+    if cli:
+        instrument_cli()
+    import mlx_model  # noqa: F401  (before MLX: the BLAS it binds)
+
+    mark("mlx_model (and mlx.core) imported")
+    import numpy  # noqa: F401
+
+    mark("numpy imported")
+    import mlx_model.train  # noqa: F401
+
+    mark("mlx_model.train imported")
+    instrument_training()
+    if cli:
+        import flows.cli
+
+        code = flows.cli.main(sys.argv[2:])
+        mark("end")
+        raise SystemExit(code)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import train_preset
+
+    timed(train_preset, "corpus_splits")
     sys.argv = [str(Path(__file__).with_name("train_preset.py")), *sys.argv[1:]]
     train_preset.main()
     mark("end")

@@ -491,6 +491,30 @@ def test_the_start_timeline_marks_each_stage_of_a_run_in_order(corpus_path):
     assert json.loads(proc.stdout.splitlines()[-1])["steps"] == 10
 
 
+def test_the_cli_timeline_marks_the_commands_phases_in_order(corpus_path, tmp_path):
+    """bench/start_timeline.py --cli on the CPU: `shakespeare-gpt run --preset tiny` with
+    its own temporary Prefect server, each phase marked in the order the command takes it,
+    from the server's start to the training's first estimate."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "start_timeline.py"), "--cli", "run", "--preset", "tiny",
+         "--source", corpus_path.as_uri(), "--artifacts", str(tmp_path / "artifacts")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    marks = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    seconds = [float(line[1:].split("]")[0]) for line in marks]
+    assert seconds == sorted(seconds) and 0 < seconds[0] < seconds[-1]
+    order = ["interpreter up", "flows.cli imported", "(start_if_needed)", "(import_flows) #1",
+             "(warm_process) #1", "(prepare) #1", "(wait) #1", "execute",
+             "prefect: tiny-a5084231: Beginning flow run", "stage download's work",
+             "stage tokenize's work", "prefect: train-", "(_fresh) #1", "step 0: call",
+             "estimate_loss #1", "stage train's work", "] end"]  # fmt: skip
+    where = [next(i for i, m in enumerate(marks) if what in m) for what in order]
+    assert where == sorted(where)
+
+
 def test_batch_sum_times_each_form_and_measures_its_error(capsys):
     """bench/batch_sum.py on the CPU, small: every form of every width, timed per round; the
     float32 form is within bfloat16's rounding of the float32 sum; bad widths are named."""
