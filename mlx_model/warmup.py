@@ -231,14 +231,15 @@ def warm_process(cfg: GPTConfig, tc: TrainConfig) -> bool:
     one process); returns whether it ran.
 
     What the process keeps from it: the kernel modules MLX loads from its cache, cuDNN
-    attention's plans for these shapes, the matrix library's handles and choices. A warm
-    run's first step took 1.1 s on an H200, its trace, those loads and its kernels, where
-    the next took about 13 ms (`bench/start_timeline.py`,
-    docs/runs/start-timeline-h200-20261201n-1.txt), so a command that waits for something
-    else first (the CLI, while Prefect's temporary server boots) does this meanwhile. Nothing runs without a kernel cache (a CPU
-    process) or with the kernels not cached yet: compiling them here would be the
-    minutes the warm-up child exists to keep out of the way. The run's own weights and
-    losses do not change: `_fresh` seeds from tc.seed, and the loop seeds each step."""
+    attention's plans for these shapes, the matrix library's handles and choices. A
+    command that waits for something else first (the CLI, while Prefect's temporary
+    server boots) does this meanwhile: on an H200 it took 0.97 to 1.45 s there, and the
+    run's first step then took 0.018 to 0.026 s against 1.0 to 1.1 s without it
+    (`bench/start_timeline.py --cli`, docs/runs/cli-timeline-h200-20261201n-*.txt).
+    Nothing runs without a kernel cache (a CPU process) or with the kernels not cached
+    yet: compiling them here would be the minutes the warm-up child exists to keep out
+    of the way. The run's own weights and losses do not change: `_fresh` seeds from
+    tc.seed, and the loop seeds each step."""
     cache = kernel_cache.active()
     if cache is None or not cache.is_warm(run_signature(cfg, tc)):
         return False
