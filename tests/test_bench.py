@@ -515,6 +515,23 @@ def test_the_cli_timeline_marks_the_commands_phases_in_order(corpus_path, tmp_pa
     assert where == sorted(where)
 
 
+def test_the_arrow_bench_sees_which_form_imports_pandas(corpus_path, tmp_path, monkeypatch):
+    """bench/arrow_first_write.py with a stand-in pandas importable (one pyarrow takes for
+    too old, and so leaves alone after importing it): pyarrow's `pa.array` form imports
+    it, the project's `write_tokens` and `read_tokens` never do."""
+    import arrow_first_write
+
+    fake = tmp_path / "site" / "pandas"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "0.0.1"\n')
+    monkeypatch.setenv("PYTHONPATH", f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    report = arrow_first_write.main(["--corpus", str(corpus_path), "--rounds", "1"])
+    assert report["imported_pandas"] == {"project": [False], "pa.array": [True]}
+    assert all(s > 0 for form in report["seconds"].values() for s in form)
+    with pytest.raises(SystemExit):
+        arrow_first_write.main(["--corpus", str(corpus_path), "--rounds", "0"])
+
+
 def test_batch_sum_times_each_form_and_measures_its_error(capsys):
     """bench/batch_sum.py on the CPU, small: every form of every width, timed per round; the
     float32 form is within bfloat16's rounding of the float32 sum; bad widths are named."""

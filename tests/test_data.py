@@ -66,6 +66,56 @@ def test_arrow_round_trip_is_memory_mapped(tmp_path):
     assert schema.field("tokens").type == pa.uint8()
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int64])
+def test_arrow_round_trip_of_views_and_wider_ids(tmp_path, dtype):
+    """The column is built from the array's buffer: a strided view and an offset slice
+    are written as their own values, in their own dtype."""
+    ids = (np.arange(3000) % 300).astype(dtype)
+    for name, view in (("strided", ids[::3]), ("tail", ids[1001:])):
+        write_tokens(tmp_path / f"{name}.arrow", view, {})
+        back, _ = read_tokens(tmp_path / f"{name}.arrow")
+        np.testing.assert_array_equal(back, view)
+        assert back.dtype == dtype
+
+
+def test_a_token_file_of_floats_or_nulls_is_refused_naming_its_type(tmp_path):
+    for name, column in (("floats", pa.array([1.0, 2.0])), ("nulls", pa.array([1, None]))):
+        path = tmp_path / f"{name}.arrow"
+        table = pa.table({"tokens": column})
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        with pytest.raises(ValueError, match=f"{name}.arrow: tokens must be integers without "
+                           f"nulls, got {column.type}"):  # fmt: skip
+            read_tokens(path)
+
+
+def test_writing_and_reading_tokens_never_imports_pandas(tmp_path):
+    """pyarrow asks pandas about a numpy array given to `pa.array`, importing it where it is
+    installed (0.37 s of a first write on a GPU machine). A stand-in pandas records any
+    import."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fake = tmp_path / "site" / "pandas"
+    fake.mkdir(parents=True)
+    marker = tmp_path / "pandas-imported"
+    (fake / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise ImportError('a stand-in')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import numpy as np, sys\n"
+        "from mlx_model.data import read_tokens, write_tokens\n"
+        f"write_tokens({str(tmp_path / 't.arrow')!r}, np.arange(100, dtype=np.uint8), {{}})\n"
+        f"assert read_tokens({str(tmp_path / 't.arrow')!r})[0].sum() == 4950\n"
+    )
+    env = {"PYTHONPATH": f"{fake.parent}:{root}", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not marker.exists()
+
+
 def test_train_batch_is_a_function_of_seed_and_step():
     ids = np.arange(500) % 50
     x1, y1 = train_batch(ids, 8, 4, seed=1, step=7)
