@@ -98,14 +98,23 @@ def split_tokens(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.n
 
 
 def write_tokens(path: Path, ids: np.ndarray, metadata: dict[str, str]) -> None:
-    """Write one integer column `tokens` as an Arrow IPC file, atomically.
+    """Write `ids`, a 1-D array of integer token ids of any integer dtype, as the one
+    column `tokens` of an Arrow IPC file at `path`, atomically, with `metadata` (values
+    written as strings) in the file's schema. Raises ValueError for an array that is not
+    1-D or not of integers.
 
     The column is made from the array's buffer, not by `pa.array`, which asks pandas
     whether a numpy array is one of its objects and so imports pandas wherever it is
-    installed: 0.37 to 0.38 s of a first write against 0.004 s on an H200 machine with
-    pandas 3.0 and pyarrow 25 (`python bench/arrow_first_write.py --corpus input.txt`,
-    docs/runs/arrow-first-write-h200-20261201n.txt), on the CLI's way to training."""
-    ids = np.ascontiguousarray(ids)
+    installed: 0.37 to 0.38 s of a first write and read against 0.004 s on an H200
+    machine with pandas 3.0 and pyarrow 25 (`python bench/arrow_first_write.py --corpus
+    input.txt`, docs/runs/arrow-first-write-h200-20261201n.txt), on the CLI's way to
+    training."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(
+            f"token ids must be a 1-D integer array, got shape {ids.shape} {ids.dtype}"
+        )
+    ids = np.ascontiguousarray(ids, dtype=ids.dtype.newbyteorder("="))  # Arrow's native order
     column = pa.Array.from_buffers(
         pa.from_numpy_dtype(ids.dtype), len(ids), [None, pa.py_buffer(ids)]
     )
@@ -117,11 +126,15 @@ def write_tokens(path: Path, ids: np.ndarray, metadata: dict[str, str]) -> None:
 
 
 def read_tokens(path: Path) -> tuple[np.ndarray, dict[str, str]]:
-    """Memory-map an Arrow token file; returns a zero-copy numpy view of its `tokens`
-    column (read-only, the column's integer dtype) and the file's metadata. Raises
-    ValueError naming the file when the column holds nulls or no integers."""
+    """Memory-map an Arrow token file; returns its `tokens` column as a read-only 1-D
+    numpy array of the column's integer dtype (a view of the mapped file when the column
+    is one chunk, as `write_tokens` writes it) and the file's metadata. Raises ValueError
+    naming the file when it has no `tokens` column or the column holds nulls or no
+    integers."""
     source = pa.memory_map(str(path), "r")
     table = pa.ipc.open_file(source).read_all()
+    if "tokens" not in table.column_names:
+        raise ValueError(f"{path}: no tokens column (columns: {table.column_names})")
     column = table.column("tokens")
     if column.num_chunks != 1:
         column = pa.chunked_array([pa.concat_arrays(column.chunks)])
@@ -136,6 +149,7 @@ def read_tokens(path: Path) -> tuple[np.ndarray, dict[str, str]]:
     ids = np.frombuffer(
         array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize
     )
+    ids.flags.writeable = False  # also where chunks were joined into a copy
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     return ids, meta
 

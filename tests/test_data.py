@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -76,6 +78,34 @@ def test_arrow_round_trip_of_views_and_wider_ids(tmp_path, dtype):
         back, _ = read_tokens(tmp_path / f"{name}.arrow")
         np.testing.assert_array_equal(back, view)
         assert back.dtype == dtype
+
+
+def test_token_ids_that_are_not_1d_integers_are_refused_and_byte_order_is_kept(tmp_path):
+    path = tmp_path / "t.arrow"
+    for bad in (np.arange(6).reshape(2, 3), np.arange(3, dtype=np.float32)):
+        shape = re.escape(f"got shape {bad.shape} {bad.dtype}")
+        with pytest.raises(ValueError, match=f"1-D integer array, {shape}"):
+            write_tokens(path, bad, {})
+    assert not path.exists()
+    big_endian = np.arange(300, dtype=">u2")
+    write_tokens(path, big_endian, {})
+    back, _ = read_tokens(path)
+    assert back.tolist() == list(range(300)) and back.dtype == np.uint16
+
+
+def test_a_file_of_chunks_reads_whole_and_read_only_and_one_without_tokens_is_refused(
+    tmp_path,
+):
+    chunked = pa.table({"tokens": pa.chunked_array([[1, 2], [3]], type=pa.uint8())})
+    other = pa.table({"ids": pa.array([1, 2], type=pa.uint8())})
+    for name, table in (("chunked", chunked), ("other", other)):
+        with pa.OSFile(str(tmp_path / f"{name}.arrow"), "wb") as sink:
+            with pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+    back, _ = read_tokens(tmp_path / "chunked.arrow")
+    assert back.tolist() == [1, 2, 3] and not back.flags.writeable
+    with pytest.raises(ValueError, match=r"other.arrow: no tokens column \(columns: \['ids'\]\)"):
+        read_tokens(tmp_path / "other.arrow")
 
 
 def test_a_token_file_of_floats_or_nulls_is_refused_naming_its_type(tmp_path):
