@@ -452,13 +452,18 @@ def import_flows(command: str) -> None:
 def prepare(args: argparse.Namespace, params: dict[str, Any]) -> None:
     """What a command that may train in this process loads from the GPU's libraries ahead
     of its flow (`tasks.train.prepare_device`); a sweep trains in its Dask workers, `serve`
-    in the flow runs it starts, `api` not at all. A command that trains (`run`, `stage
-    train`) also runs its compiled step once there when its kernels are cached."""
+    in the flow runs it starts, `api` not at all. A command whose stages include training
+    (`run`, `sample`, `export`, `stage` train or later; not a sweep's trial, `--model`)
+    also runs the run's compiled step once there when its kernels are cached (a cached
+    train stage then trains nothing, and the step ran for nothing while the server
+    booted)."""
     if args.command not in ("run", "stage", "sample", "export"):
         return
     from tasks.train import prepare_device
 
-    if args.command == "run" or getattr(args, "name", None) == "train":
+    stage = getattr(args, "name", None) if args.command == "stage" else None
+    trains = stage is None or STAGES.index(stage) >= STAGES.index("train")
+    if trains and not getattr(args, "model", None):
         config = RunConfig.resolve(params["preset"], params["overrides"])
         prepare_device(config.model, config.training, config.parallel)
     else:

@@ -234,15 +234,20 @@ def warm_process(cfg: GPTConfig, tc: TrainConfig) -> bool:
     attention's plans for these shapes, the matrix library's handles and choices. A
     command that waits for something else first (the CLI, while Prefect's temporary
     server boots) does this meanwhile: on an H200 it took 0.97 to 1.45 s there, and the
-    run's first step then took 0.018 to 0.026 s against 1.0 to 1.1 s without it
-    (`bench/start_timeline.py --cli`, docs/runs/cli-timeline-h200-20261201n-*.txt).
+    run's first step then took 0.018 to 0.026 s to its loss, the next following at once,
+    against 0.57 to 0.64 s to its loss and about 0.46 s more to the next without it
+    (`bench/start_timeline.py --cli`, docs/runs/cli-timeline-h200-20261201n-*warm-*.txt).
     Nothing runs without a kernel cache (a CPU process) or with the kernels not cached
     yet: compiling them here would be the minutes the warm-up child exists to keep out
-    of the way. The run's own weights and losses do not change: `_fresh` seeds from
-    tc.seed, and the loop seeds each step."""
+    of the way. The signature holds the model's vocabulary size, which the train stage
+    sets from the corpus: a corpus whose vocabulary is not cfg.vocab_size's size (the
+    presets': 65, Tiny Shakespeare's) is not run ahead. The run's own weights and losses
+    do not change (bit for bit on the CPU, `tests/test_kernel_cache.py`): `_fresh` seeds
+    from tc.seed, and the loop seeds each step."""
     cache = kernel_cache.active()
     if cache is None or not cache.is_warm(run_signature(cfg, tc)):
         return False
+    cache.refresh()  # modules a warm-up child published after this process started
     compile_kernels(cfg, tc, windows=tc.batch_size)
     return True
 

@@ -87,9 +87,25 @@ def test_export_command_trains_if_needed_then_writes_gpt2_layout(
     }
 
 
-def test_a_command_that_trains_loads_the_gpu_attention_while_the_server_boots(monkeypatch):
+def test_the_step_run_ahead_has_the_model_the_train_stage_trains(corpus_path):
+    """The compiled step runs ahead only where its signature is the one the train stage's
+    run records as warm, and the train stage sets the model's vocabulary size from the
+    corpus: for Tiny Shakespeare every GPU preset's own size is the corpus's, so the
+    configuration the CLI runs ahead is the one the stage trains."""
+    from mlx_model.config import PRESETS
+    from mlx_model.data import Vocab
+
+    size = Vocab.from_text(corpus_path.read_text()).size
+    for name, preset in PRESETS.items():
+        assert preset.model.replace(vocab_size=size) == preset.model, name
+
+
+def test_a_command_that_trains_loads_the_gpu_attention_while_the_server_boots(
+    monkeypatch, tmp_path
+):
     import flows.cli as cli
     import flows.temporary_server as temporary_server
+    import tasks.sweep
     import tasks.train
 
     calls = []
@@ -116,10 +132,14 @@ def test_a_command_that_trains_loads_the_gpu_attention_while_the_server_boots(mo
     model, training, parallel = warmed.pop()
     assert (model.n_emb, training.batch_size, parallel.world_size) == (16, 4, 1)
     calls.clear()
-    assert main(["stage", "train", "--preset", "tiny"]) == 0
-    assert warmed.pop()[1].max_iters == 30
-    assert main(["stage", "vocab", "--preset", "tiny"]) == 0
-    assert warmed.pop() == (None, None, None)  # a stage that does not train: no step
+    export = ["export", "--out", str(tmp_path / "hf")]
+    for command in (["stage", "train"], ["stage", "evaluate"], ["sample"], export):
+        assert main([*command, "--preset", "tiny"]) == 0
+        assert warmed.pop()[1].max_iters == 30, command  # may train: the step runs ahead
+    monkeypatch.setattr(tasks.sweep, "best_trial", lambda root, model: None)
+    for command in (["stage", "vocab"], ["sample", "--model", "best-of:s"]):
+        assert main([*command, "--preset", "tiny"]) == 0
+        assert warmed.pop() == (None, None, None), command  # trains nothing: no step
     calls.clear()
     assert main(["sweep", "--preset", "tiny", "--grid", "training.learning_rate=1e-3"]) == 0
     assert calls == ["imports", "server answers", "flow"]  # a sweep trains in its workers

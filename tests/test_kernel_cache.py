@@ -478,3 +478,18 @@ def test_a_warm_configurations_step_runs_once_ahead_and_leaves_the_run_unchanged
     after = train(cfg, tc, _ids(), _ids(1000), fresh_cache / "b")
     assert after.compiled_from == without.compiled_from == 0
     assert _losses(after) == _losses(without)
+
+
+def test_the_step_runs_ahead_for_a_run_of_one_process_only(monkeypatch):
+    """`prepare_device` (the CLI's, while the server boots) hands the run's settings to
+    `warm_process` only for one process: mlx.launch's ranks train elsewhere."""
+    import tasks.train
+    from mlx_model import warmup
+    from mlx_model.config import ParallelConfig
+
+    ran = []
+    monkeypatch.setattr(warmup, "warm_process", lambda cfg, tc: ran.append(tc) or True)
+    cfg, tc = _tiny()
+    assert tasks.train.prepare_device(cfg, tc, ParallelConfig()) and ran == [tc]
+    assert not tasks.train.prepare_device(cfg, tc, ParallelConfig(processes=2))
+    assert not tasks.train.prepare_device() and ran == [tc]
