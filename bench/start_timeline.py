@@ -3,7 +3,7 @@
 
     python bench/start_timeline.py --corpus input.txt --preset nanogpt-char-fast
         [--stop-after 100] [any other train_preset.py option]
-    python bench/start_timeline.py --cli run --preset nanogpt-char-fast
+    python bench/start_timeline.py --cli [--no-warm-ahead] run --preset nanogpt-char-fast
         --source file:///path/to/input.txt --artifacts FRESH_FOLDER [any other option]
 
 Runs `bench/train_preset.py`, or with `--cli` the CLI (`flows.cli.main`) with the
@@ -16,8 +16,10 @@ and the first 12 training steps, each as the call (on the first, MLX's trace of 
 compiled step) and the wait for its loss (`mx.eval`); then each estimate and each weight
 snapshot. With `--cli` also the command's own phases: the temporary Prefect server's
 start and the wait for it to answer, the imports of the flows, `prepare` (the GPU's
-libraries and, warm, one compiled step: `mlx_model.warmup.warm_process`), each stage's
-work (`ArtifactStore.run`) and Prefect's flow- and task-run lines. Waiting for every early
+libraries and, warm, one compiled step: `mlx_model.warmup.warm_process`, marked as ran
+or skipped; `--no-warm-ahead` skips it, for the other side of an A/B), each stage's work
+(`ArtifactStore.run`) and Prefect's flow- and task-run lines (the CLI prints the train
+stage's own lines too). Waiting for every early
 step's loss holds the queue back, so the steps after the first run a little slower than
 in a plain run; the estimates and everything before the loop are as in one. A CLI run
 whose stages are cached times only the cache hits: give a fresh `--artifacts` folder.
@@ -106,8 +108,9 @@ def instrument_training() -> None:
     train.StepFunctions.at = at_timed
 
 
-def instrument_cli() -> None:
-    """Mark the CLI's phases (`flows.cli.main`), each stage's work and Prefect's lines."""
+def instrument_cli(warm_ahead: bool) -> None:
+    """Mark the CLI's phases (`flows.cli.main`), each stage's work and Prefect's lines;
+    without `warm_ahead`, the compiled step is not run while the server boots."""
     import flows.cli as cli
     import flows.temporary_server as temporary_server
     from mlx_model import warmup
@@ -127,8 +130,17 @@ def instrument_cli() -> None:
     temporary_server.start_if_needed = start_timed
     timed(cli, "one_console")
     timed(cli, "import_flows", "the flows imported (import_flows)")
-    timed(cli, "prepare", "the GPU's libraries, warm: one compiled step (prepare)")
-    timed(warmup, "warm_process", "of which the compiled step (warm_process)")
+    timed(cli, "prepare", "the GPU's libraries and the step run ahead (prepare)")
+    warm = warmup.warm_process if warm_ahead else (lambda cfg, tc: False)
+
+    def warm_marked(cfg, tc):
+        t = time.perf_counter()
+        ran = warm(cfg, tc)
+        what = "ran" if ran else "skipped" + ("" if warm_ahead else " (--no-warm-ahead)")
+        mark(f"the compiled step run ahead (warm_process): {what}, {time.perf_counter() - t:.3f} s")
+        return ran
+
+    warmup.warm_process = warm_marked
     execute = cli.execute
 
     def execute_marked(args, params):
@@ -153,10 +165,17 @@ def instrument_cli() -> None:
 
 def main() -> None:
     mark("interpreter up")
+    argv = sys.argv[1:]
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return
+    cli = argv[:1] == ["--cli"]
+    if "--cli" in argv[1:] or ("--no-warm-ahead" in argv and argv[1:2] != ["--no-warm-ahead"]):
+        raise SystemExit("error: --cli comes first, then --no-warm-ahead if given (see --help)")
+    warm_ahead = argv[1:2] != ["--no-warm-ahead"]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
-    cli = sys.argv[1:2] == ["--cli"]
     if cli:
-        instrument_cli()
+        instrument_cli(warm_ahead)
     import mlx_model  # noqa: F401  (before MLX: the BLAS it binds)
 
     mark("mlx_model (and mlx.core) imported")
@@ -170,7 +189,7 @@ def main() -> None:
     if cli:
         import flows.cli
 
-        code = flows.cli.main(sys.argv[2:])
+        code = flows.cli.main(argv[1 if warm_ahead else 2 :])
         mark("end")
         raise SystemExit(code)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
