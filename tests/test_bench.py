@@ -474,21 +474,28 @@ def test_step_graph_counts_fewer_casts_and_joins_with_the_flat_master(capsys):
 def test_the_start_timeline_marks_each_stage_of_a_run_in_order(corpus_path):
     """bench/start_timeline.py on the CPU: the tiny preset's start, in the order the run
     takes it, each mark with its seconds since the process started."""
+    order = ["interpreter up", "corpus_splits #1", "process_group #1", "(_fresh) #1",
+             "(StepFunctions.__init__) #1", "step 0: call", "step 9: call", "estimate_loss #1",
+             "] end"]  # fmt: skip
+    proc = _timeline(["--corpus", str(corpus_path), "--preset", "tiny", "--stop-after", "10"],
+                     order)  # fmt: skip
+    assert json.loads(proc.stdout.splitlines()[-1])["steps"] == 10
+
+
+def _timeline(args: list[str], order: list[str], env=None) -> subprocess.CompletedProcess:
+    """Run bench/start_timeline.py with `args`; check that its marks count up from process
+    start and that a mark holding each of `order`'s strings comes in that order."""
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "start_timeline.py"), "--corpus", str(corpus_path),
-         "--preset", "tiny", "--stop-after", "10"],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, str(BENCH / "start_timeline.py"), *args],
+        capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     marks = [line for line in proc.stderr.splitlines() if line.startswith("[")]
     seconds = [float(line[1:].split("]")[0]) for line in marks]
     assert seconds == sorted(seconds) and 0 < seconds[0] < seconds[-1]
-    order = ["interpreter up", "corpus_splits #1", "process_group #1", "(_fresh) #1",
-             "(StepFunctions.__init__) #1", "step 0: call", "step 9: call", "estimate_loss #1",
-             "end"]  # fmt: skip
     where = [next(i for i, m in enumerate(marks) if what in m) for what in order]
     assert where == sorted(where)
-    assert json.loads(proc.stdout.splitlines()[-1])["steps"] == 10
+    return proc
 
 
 def test_the_cli_timeline_marks_the_commands_phases_in_order(corpus_path, tmp_path):
@@ -497,22 +504,13 @@ def test_the_cli_timeline_marks_the_commands_phases_in_order(corpus_path, tmp_pa
     from the server's start to the training's first estimate."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "start_timeline.py"), "--cli", "run", "--preset", "tiny",
-         "--source", corpus_path.as_uri(), "--artifacts", str(tmp_path / "artifacts")],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    marks = [line for line in proc.stderr.splitlines() if line.startswith("[")]
-    seconds = [float(line[1:].split("]")[0]) for line in marks]
-    assert seconds == sorted(seconds) and 0 < seconds[0] < seconds[-1]
     order = ["interpreter up", "flows.cli imported", "(start_if_needed)", "(import_flows) #1",
              "(warm_process): skipped", "(prepare) #1", "(wait) #1", "execute",
              "Beginning flow run", "stage download's work",
              "stage tokenize's work", "prefect: train-", "(_fresh) #1", "step 0: call",
              "estimate_loss #1", "stage train's work", "] end"]  # fmt: skip
-    where = [next(i for i, m in enumerate(marks) if what in m) for what in order]
-    assert where == sorted(where)
+    _timeline(["--cli", "run", "--preset", "tiny", "--source", corpus_path.as_uri(),
+               "--artifacts", str(tmp_path / "artifacts")], order, env)  # fmt: skip
 
 
 def test_the_arrow_bench_sees_which_form_imports_pandas(corpus_path, tmp_path, monkeypatch):
