@@ -314,6 +314,14 @@ def quiet_prefect_console() -> None:
                 handler.addFilter(_ProjectLinesOnly())
 
 
+def last_stage(args: argparse.Namespace) -> str | None:
+    """The last stage a command runs (None: every stage): `stage NAME`'s name, `sample`'s
+    sample, and train for every other command (`export`, `serve`, `api`: a trained model)."""
+    return {"run": None, "stage": getattr(args, "name", None), "sample": "sample"}.get(
+        args.command, "train"
+    )
+
+
 def checked(args: argparse.Namespace) -> dict[str, Any]:
     """The flow's parameters, everything that can be checked from them checked."""
     params = flow_parameters(args)
@@ -330,9 +338,7 @@ def checked(args: argparse.Namespace) -> dict[str, Any]:
         check_serve(args)
     if args.model and args.command != "api":  # api also takes a run name (flows.api checks)
         best_trial(Path(args.artifacts) if args.artifacts else default_root(), args.model)
-    until = {"run": None, "stage": getattr(args, "name", None), "sample": "sample"}.get(
-        args.command, "train"
-    )
+    until = last_stage(args)
     if until:
         check_stage(until)
     fresh_stages(until, args.from_stage, args.force)
@@ -461,8 +467,8 @@ def prepare(args: argparse.Namespace, params: dict[str, Any]) -> None:
         return
     from tasks.train import prepare_device
 
-    stage = getattr(args, "name", None) if args.command == "stage" else None
-    trains = stage is None or STAGES.index(stage) >= STAGES.index("train")
+    until = last_stage(args)
+    trains = until is None or STAGES.index(until) >= STAGES.index("train")
     if trains and not getattr(args, "model", None):
         config = RunConfig.resolve(params["preset"], params["overrides"])
         prepare_device(config.model, config.training, config.parallel)
@@ -498,8 +504,7 @@ def execute(args: argparse.Namespace, params: dict[str, Any]) -> int:
         )
         print(f"exported the trained model as GPT2LMHeadModel to {out}")
         return 0
-    until = {"run": None, "stage": getattr(args, "name", None), "sample": "sample"}[args.command]
-    report(pipeline(**params, until=until, stream=True))
+    report(pipeline(**params, until=last_stage(args), stream=True))
     return 0
 
 
