@@ -154,3 +154,79 @@ def test_the_temporary_server_starts_on_the_seeded_database(tmp_path):
     finally:
         server.stop()
     assert seeded == gzip.decompress(ts.TEMPLATE.read_bytes())
+
+
+def _automation(database: Path, enabled: bool) -> None:
+    db = sqlite3.connect(database)
+    db.execute(
+        'INSERT INTO automation (name, description, enabled, "trigger", actions) '
+        "VALUES ('notify', '', ?, '{}', '[]')",
+        (enabled,),
+    )
+    db.commit()
+    db.close()
+
+
+def test_the_temporary_server_runs_without_automations_services_only_when_none_exist(tmp_path):
+    """Off (`PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED=false` in the server's environment)
+    for a new database and for one whose automations are all disabled; kept for an
+    enabled automation, a file that cannot be read as Prefect's database, the user's own
+    setting, and settings that may name another database."""
+    off = {ts.AUTOMATIONS: "false"}
+    home = tmp_path / "home"
+    env = prefect_env(home)
+    assert ts.automations_off(env) == {**env, **off}  # no database yet
+    assert ts.seed_database(env) == home / "prefect.db"
+    assert ts.automations_off(env) == {**env, **off}
+    _automation(home / "prefect.db", enabled=False)
+    assert not ts.has_automations(home / "prefect.db")
+    _automation(home / "prefect.db", enabled=True)
+    assert ts.has_automations(home / "prefect.db")
+    assert ts.automations_off(env) == env
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "prefect.db").write_bytes(b"not a database" * 100)
+    assert ts.automations_off(prefect_env(damaged)) == prefect_env(damaged)
+    fresh = prefect_env(tmp_path / "fresh")
+    assert ts.automations_off({**fresh, ts.AUTOMATIONS: "true"})[ts.AUTOMATIONS] == "true"
+    url = {"PREFECT_API_DATABASE_CONNECTION_URL": "postgresql+asyncpg://db/prefect"}
+    assert ts.AUTOMATIONS not in ts.automations_off({**fresh, **url})
+
+
+def test_the_automations_setting_is_the_one_prefects_triggers_and_actions_read():
+    import prefect.settings
+    from prefect.server.events.services.actions import Actions
+    from prefect.server.events.services.triggers import ReactiveTriggers
+
+    setting = getattr(prefect.settings, ts.AUTOMATIONS)
+    assert ReactiveTriggers.enabled() and Actions.enabled()  # Prefect's default
+    with prefect.settings.temporary_settings(updates={setting: False}):
+        assert not ReactiveTriggers.enabled() and not Actions.enabled()
+
+
+def test_a_temporary_server_without_automations_services_records_a_flows_task_runs(tmp_path):
+    """The services left on are the ones that record runs: a flow with a task, run against
+    a temporary server started on a new database, leaves its flow run and task run in it."""
+    home = tmp_path / "home"
+    script = (
+        "from prefect import flow, task\n"
+        "from flows.temporary_server import start_if_needed\n"
+        "server = start_if_needed()\n"
+        "assert server.env['PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED'] == 'false'\n"
+        "server.wait()\n"
+        "@task\n"
+        "def double(x): return 2 * x\n"
+        "@flow\n"
+        "def f(): return double(21)\n"
+        "assert f() == 42\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=prefect_env(home), check=True, timeout=180
+    )
+    db = sqlite3.connect(home / "prefect.db")
+    runs = [
+        db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        for table in ("flow_run", "task_run")
+    ]
+    db.close()
+    assert runs == [1, 1]
