@@ -6,24 +6,24 @@
     python bench/start_timeline.py --cli [--no-warm-ahead] run --preset nanogpt-char-fast
         --source file:///path/to/input.txt --artifacts FRESH_FOLDER [any other option]
 
-Runs `bench/train_preset.py`, or with `--cli` the CLI (`flows.cli.main`) with the
-arguments after it, in this process, and prints to stderr, each line with the seconds
-since the process started (the kernel's start time in /proc, so the interpreter's own
-start counts): the imports, reading the corpus, the process group
-(`mlx_model.distributed.process_group`), the model's build (`_fresh`), the cuDNN attention
-library's load and check (`ops.cuda._import`, `checked_once`), the step functions' setup,
-and the first 12 training steps, each as the call (on the first, MLX's trace of the
-compiled step) and the wait for its loss (`mx.eval`); then each estimate and each weight
-snapshot. With `--cli` also the command's own phases: the temporary Prefect server's
-start and the wait for it to answer, the imports of the flows, `prepare` (the GPU's
-libraries and, warm, one compiled step: `mlx_model.warmup.warm_process`, marked as ran
-or skipped; `--no-warm-ahead` skips it, for the other side of an A/B), each stage's work
+Runs `bench/train_preset.py`, or with `--cli` the CLI (`flows.entry.main`, the
+`shakespeare-gpt` command) with the arguments after it, in this process, and prints to
+stderr, each line with the seconds since the process started (the kernel's start time in
+/proc, so the interpreter's own start counts): the imports, reading the corpus, the
+process group (`mlx_model.distributed.process_group`), the model's build (`_fresh`), the
+cuDNN attention library's load and check (`ops.cuda._import`, `checked_once`), the step
+functions' setup, and the first 12 training steps, each as the call (on the first, MLX's
+trace of the compiled step) and the wait for its loss (`mx.eval`); then each estimate and
+each weight snapshot. With `--cli` also the command's own phases: the temporary Prefect
+server's start (`start_early`, before the command's imports; `start_if_needed` takes it
+over) and the wait for it to answer, the imports of the flows, `prepare` (the GPU's
+libraries and, warm, one compiled step: `mlx_model.warmup.warm_process`, marked as ran or
+skipped; `--no-warm-ahead` skips it, for the other side of an A/B), each stage's work
 (`ArtifactStore.run`) and Prefect's flow- and task-run lines (the CLI prints the train
-stage's own lines too). Waiting for every early
-step's loss holds the queue back, so the steps after the first run a little slower than
-in a plain run; the estimates and everything before the loop are as in one. A CLI run
-whose stages are cached times only the cache hits: give a fresh `--artifacts` folder.
-Linux only (it reads /proc).
+stage's own lines too). Waiting for every early step's loss holds the queue back, so the
+steps after the first run a little slower than in a plain run; the estimates and
+everything before the loop are as in one. A CLI run whose stages are cached times only
+the cache hits: give a fresh `--artifacts` folder. Linux only (it reads /proc).
 """
 
 from __future__ import annotations
@@ -116,13 +116,20 @@ def instrument_cli(warm_ahead: bool) -> None:
     from mlx_model import warmup
 
     mark("flows.cli imported")
+    import numpy  # noqa: F401
+
+    mark("numpy imported")
+    import mlx_model.train  # noqa: F401
+
+    mark("mlx_model.train imported")
+    instrument_training()
     start = temporary_server.start_if_needed
 
     def start_timed():
         t = time.perf_counter()
         server = start()
         spent = time.perf_counter() - t
-        mark(f"Prefect imported, its server started (start_if_needed): {spent:.3f} s")
+        mark(f"Prefect imported, the server taken over or started (start_if_needed): {spent:.3f} s")
         if server is not None:
             timed(server, "wait", "the server's wait until it answers (wait)")
         return server
@@ -175,7 +182,22 @@ def main() -> None:
     warm_ahead = argv[1:2] != ["--no-warm-ahead"]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
     if cli:
-        instrument_cli(warm_ahead)
+        import flows.entry as entry
+
+        start_early = entry.start_early
+
+        def start_early_timed(argv):
+            t = time.perf_counter()
+            server = start_early(argv)
+            what = "started" if server is not None else "not started"
+            mark(f"the server {what} (start_early): {time.perf_counter() - t:.3f} s")
+            instrument_cli(warm_ahead)  # the command's imports, as `entry.main` takes them
+            return server
+
+        entry.start_early = start_early_timed
+        code = entry.main(argv[1 if warm_ahead else 2 :])
+        mark("end")
+        raise SystemExit(code)
     import mlx_model  # noqa: F401  (before MLX: the BLAS it binds)
 
     mark("mlx_model (and mlx.core) imported")
@@ -186,12 +208,6 @@ def main() -> None:
 
     mark("mlx_model.train imported")
     instrument_training()
-    if cli:
-        import flows.cli
-
-        code = flows.cli.main(argv[1 if warm_ahead else 2 :])
-        mark("end")
-        raise SystemExit(code)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import train_preset
 

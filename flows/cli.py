@@ -8,35 +8,23 @@ a traceback for anything else.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import logging
 import os
-
-# The temporary Prefect server the CLI starts must not try to send telemetry from an
-# offline machine (it logs an error when it cannot); a user's own setting wins.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Nor Prefect's client: it prints a three-line telemetry notice on a terminal's first run
-os.environ.setdefault("DO_NOT_TRACK", "1")
-# Dask's workers log at INFO on their own stderr (the terminal) unless told otherwise;
-# `--verbose` sets it back (see `main`)
-DASK_LOGGING = "DASK_LOGGING__DISTRIBUTED"
-DASK_QUIETED = DASK_LOGGING not in os.environ
-os.environ.setdefault(DASK_LOGGING, "error")
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import traceback  # noqa: E402
-import urllib.request  # noqa: E402
-from collections.abc import Iterator, Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import signal
+import sys
+import threading
+import traceback
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 # Only light modules here: `--help` and a bad flag answer before Prefect, NumPy and the
 # pipeline are imported (each command imports them in `execute`)
-from tasks.config import (  # noqa: E402
+from tasks.config import (
     DEFAULT_PRESET,
     PRESETS,
     SECTIONS,
@@ -45,10 +33,11 @@ from tasks.config import (  # noqa: E402
     help_text,
     parse_value,
 )
-from tasks.preflight import check_export_target, check_run  # noqa: E402
-from tasks.store import default_root  # noqa: E402
+from tasks.preflight import check_export_target, check_run
+from tasks.store import default_root
 
-from .stages import STAGES, check_stage, fresh_stages  # noqa: E402
+from .command_env import DASK_LOGGING, DASK_QUIETED
+from .stages import STAGES, check_stage, fresh_stages
 
 DEPLOYMENT = "scheduled"
 DEBUG_ENV = "SHAKESPEARE_GPT_DEBUG"

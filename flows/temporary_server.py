@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 ADDRESS_IN_USE = 3  # uvicorn's exit status when its port was taken meanwhile
@@ -273,17 +274,51 @@ class TemporaryServer:
         self.process = None
 
 
+# commands that never use a temporary server: `serve` needs a long-lived one
+NO_SERVER = ("serve",)
+_early: list[TemporaryServer] = []  # the one `start_early` started, until `start_if_needed`
+
+
+def start_early(argv: Sequence[str]) -> TemporaryServer | None:
+    """Start the temporary server for the command line `argv` before the command imports
+    anything else (`flows.entry`), when it names a command that will ask for one
+    (`start_if_needed`): a first argument that is a command other than those in
+    `NO_SERVER`, no `-h`/`--help`, no PREFECT_API_URL, Prefect not imported. The command
+    line is checked after; a refused one leaves the server to stop at exit."""
+    argv = list(argv)
+    if (
+        not argv
+        or argv[0].startswith("-")
+        or argv[0] in NO_SERVER
+        or {"-h", "--help"} & set(argv)
+        or os.environ.get("PREFECT_API_URL")
+        or "prefect" in sys.modules
+    ):
+        return None
+    server = TemporaryServer({**os.environ, **EPHEMERAL})
+    _early.append(server)
+    return server
+
+
+def discard_early() -> None:
+    """Stop the server `start_early` started if no command took it (a refused command
+    line), so that nothing outlives `flows.entry.main`."""
+    while _early:
+        _early.pop().stop()
+
+
 def start_if_needed() -> TemporaryServer | None:
     """Start a temporary server when Prefect has no API URL and may start one (its
     `server.ephemeral.enabled` setting), and point this process and its children at it;
     None when an API is configured (or Prefect is to raise its own error).
 
     Without PREFECT_API_URL in the environment, and Prefect not imported yet, the server is
-    started first and Prefect imported while it boots; if Prefect's settings then name an
-    API after all (a profile, prefect.toml, a test harness), it is stopped again.
+    started first (or was, by `start_early`) and Prefect imported while it boots; if
+    Prefect's settings then name an API after all (a profile, prefect.toml, a test
+    harness), it is stopped again.
     """
-    server = None
-    if not os.environ.get("PREFECT_API_URL") and "prefect" not in sys.modules:
+    server = _early.pop() if _early else None
+    if server is None and not os.environ.get("PREFECT_API_URL") and "prefect" not in sys.modules:
         server = TemporaryServer({**os.environ, **EPHEMERAL})
     from prefect.context import refresh_global_settings_context
     from prefect.settings import get_current_settings

@@ -504,7 +504,8 @@ def test_the_cli_timeline_marks_the_commands_phases_in_order(corpus_path, tmp_pa
     from the server's start to the training's first estimate."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    order = ["interpreter up", "flows.cli imported", "(start_if_needed)", "(import_flows) #1",
+    order = ["interpreter up", "server started (start_early)", "flows.cli imported",
+             "(start_if_needed)", "(import_flows) #1",
              "(warm_process): skipped", "(prepare) #1", "(wait) #1", "execute",
              "Beginning flow run", "stage download's work",
              "stage tokenize's work", "prefect: train-", "(_fresh) #1", "step 0: call",
