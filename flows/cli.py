@@ -437,11 +437,18 @@ def report_sweep_result(record: dict[str, Any]) -> None:
 
 
 def import_flows(command: str) -> None:
-    """Import the flow `command` runs (Prefect, MLX, the tasks: most of a run's start)."""
+    """Import the flow `command` runs (Prefect, MLX, the tasks: most of a run's start) and
+    what Prefect imports only at a flow's and a task's first call, after its server
+    answers: its flow and task engines, FastAPI's encoder for the flow's parameters (with
+    Starlette) and its graph drawing (graphviz)."""
     if command == "sweep":
         from . import sweep  # noqa: F401
     else:
         from . import pipeline  # noqa: F401
+    import fastapi.encoders  # noqa: F401
+    import prefect.flow_engine  # noqa: F401
+    import prefect.task_engine  # noqa: F401
+    import prefect.utilities.visualization  # noqa: F401
 
 
 def prepare(args: argparse.Namespace, params: dict[str, Any]) -> None:

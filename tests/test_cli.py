@@ -87,6 +87,27 @@ def test_export_command_trains_if_needed_then_writes_gpt2_layout(
     }
 
 
+def test_what_a_flows_first_call_imports_is_imported_while_the_server_boots():
+    """`import_flows` (run while the temporary server boots) also imports what Prefect
+    imports only at a flow's and a task's first call, after the server answers; in a
+    fresh interpreter, none of it is loaded by importing the pipeline alone."""
+    import subprocess
+    import sys
+
+    late = ["prefect.flow_engine", "prefect.task_engine", "fastapi.encoders",
+            "prefect.utilities.visualization"]  # fmt: skip
+    code = (
+        "import sys\nimport flows.cli as cli\nfrom flows import pipeline\n"
+        f"print([m in sys.modules for m in {late!r}])\n"
+        "cli.import_flows('run')\n"
+        f"print([m in sys.modules for m in {late!r}])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = proc.stdout.splitlines()[-2:]
+    assert before == str([False] * len(late)) and after == str([True] * len(late))
+
+
 def test_the_step_run_ahead_has_the_model_the_train_stage_trains(corpus_path):
     """The compiled step runs ahead only where its signature is the one the train stage's
     run records as warm, and the train stage sets the model's vocabulary size from the
