@@ -76,9 +76,21 @@ def _names_database(setting: str) -> bool:
     return setting.startswith("PREFECT_") and "DATABASE" in setting
 
 
+def _prefect_package() -> Path:
+    """Prefect's package folder, found and not imported; ModuleNotFoundError naming the
+    install command where it is missing."""
+    spec = importlib.util.find_spec("prefect")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "Prefect is not installed in this environment: pip install -e . (from the "
+            "project's checkout)",
+            name="prefect",
+        )
+    return Path(spec.origin).parent
+
+
 def _migrations() -> Path:
-    prefect = Path(importlib.util.find_spec("prefect").origin).parent  # found, not imported
-    return prefect / "server" / "database" / "_migrations" / "versions" / "sqlite"
+    return _prefect_package() / "server" / "database" / "_migrations" / "versions" / "sqlite"
 
 
 def default_database(env: dict[str, str]) -> Path | None:
@@ -214,11 +226,11 @@ class TemporaryServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def _spawn(self) -> None:
-        prefect = importlib.util.find_spec("prefect").origin  # found, not imported
+        prefect = _prefect_package()
         self.port = _free_port()
         command = [
             sys.executable, "-m", "uvicorn",
-            "--app-dir", str(Path(prefect).parent.parent),
+            "--app-dir", str(prefect.parent),
             "--factory", "prefect.server.api.server:create_app",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--log-level", "error", "--lifespan", "on",

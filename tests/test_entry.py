@@ -107,3 +107,9 @@ def test_a_refused_command_line_says_so_in_one_line_and_leaves_no_server(tmp_pat
     ]
     (spawn,) = [line.split() for line in proc.stdout.splitlines() if line.startswith("spawned")]
     assert not _alive(int(spawn[2]))
+
+
+def test_a_missing_prefect_is_named_with_the_install_command(monkeypatch):
+    monkeypatch.setattr(ts.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"Prefect is not installed.*pip install -e \."):
+        ts._prefect_package()
