@@ -158,3 +158,21 @@ def test_help_and_a_bad_flag_load_no_heavy_module():
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert "heavy: []" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_quiet_sweep_worker_drops_only_the_closed_schedulers_heartbeat_line():
+    """At a sweep's end Dask's worker may log "Failed to communicate with scheduler during
+    heartbeat" with a traceback (its scheduler closed first); the quiet workers' preload
+    drops that record and no other of Dask's worker logger."""
+    import logging
+
+    from flows.quiet_worker import ClosedSchedulerHeartbeat
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, message,
+                                 None, None)  # fmt: skip
+
+    keep = ClosedSchedulerHeartbeat().filter
+    assert not keep(record("Failed to communicate with scheduler during heartbeat."))
+    assert keep(record("Unexpected exception during heartbeat. Closing worker."))
+    assert keep(record("Worker stream died during communication: tcp://127.0.0.1:1"))
