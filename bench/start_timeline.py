@@ -171,11 +171,11 @@ def instrument_cli(warm_ahead: bool) -> None:
 
 
 def main() -> None:
-    mark("interpreter up")
     argv = sys.argv[1:]
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return
+    mark("interpreter up")
     cli = argv[:1] == ["--cli"]
     if "--cli" in argv[1:] or ("--no-warm-ahead" in argv and argv[1:2] != ["--no-warm-ahead"]):
         raise SystemExit("error: --cli comes first, then --no-warm-ahead if given (see --help)")

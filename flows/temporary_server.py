@@ -26,10 +26,11 @@ name another database, or a Prefect that does not know the template's revision i
 to Prefect.
 
 Prefect's automations services (its reactive and proactive triggers and their actions)
-start with the server and take its event loop for a while before it answers (0.1 to 1.0 s
-on a 2-core AMD EPYC). With no automation in the database they have nothing to do, so the
-temporary server runs without them (`automations_off`); a database that holds one, or
-`PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED` set by the user, keeps them.
+start with the server and take its event loop for a while before it answers: without
+them it answered 0.09 to 0.96 s sooner on a 2-core AMD EPYC, alternating 4 rounds
+(`docs/runs/automations-off-cpu-20261201.txt`). With no automation in the database they
+have nothing to do, so the temporary server runs without them (`automations_off`); a
+database that holds one, or the user's own setting of them, keeps them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import gzip
 import importlib.util
 import os
@@ -93,22 +95,32 @@ def _migrations() -> Path:
     return _prefect_package() / "server" / "database" / "_migrations" / "versions" / "sqlite"
 
 
-def default_database(env: dict[str, str]) -> Path | None:
-    """The SQLite file Prefect's server will use under `env`: `$PREFECT_HOME/prefect.db`
-    (`~/.prefect` by default); None when the settings may name another database (a
-    `PREFECT_*DATABASE*` variable, or "database" in the profiles file, `prefect.toml`,
-    `.env` or `pyproject.toml`'s `[tool.prefect]` of this folder)."""
-    if any(_names_database(k) for k, v in env.items() if v):
-        return None
+def _settings_mention(env: dict[str, str], word: str) -> bool:
+    """Whether one of the files where Prefect's settings live under `env` mentions `word`
+    (lower case): the profiles file, and this folder's `prefect.toml`, `.env` and
+    `pyproject.toml`'s `[tool.prefect]`. A mention is taken as a setting, so that a doubt
+    leaves the matter to Prefect."""
     home = Path(env.get("PREFECT_HOME") or "~/.prefect").expanduser()
     profiles = Path(env.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
     for settings in (profiles, *map(Path, SETTINGS_FILES)):
         with contextlib.suppress(OSError, UnicodeDecodeError):
             text = settings.read_text().lower()
             prefect_part = settings.name != "pyproject.toml" or "tool.prefect" in text
-            if prefect_part and "database" in text:
-                return None
-    return home / "prefect.db"
+            if prefect_part and word in text:
+                return True
+    return False
+
+
+def default_database(env: dict[str, str]) -> Path | None:
+    """The SQLite file Prefect's server will use under `env`: `$PREFECT_HOME/prefect.db`
+    (`~/.prefect` by default); None when the settings may name another database or home
+    (a `PREFECT_*DATABASE*` variable, or "database" or "home" in one of Prefect's
+    settings files, `_settings_mention`)."""
+    if any(_names_database(k) for k, v in env.items() if v):
+        return None
+    if _settings_mention(env, "database") or _settings_mention(env, "home"):
+        return None
+    return Path(env.get("PREFECT_HOME") or "~/.prefect").expanduser() / "prefect.db"
 
 
 def seed_database(env: dict[str, str]) -> Path | None:
@@ -160,8 +172,10 @@ def has_automations(database: Path) -> bool:
 def automations_off(env: dict[str, str]) -> dict[str, str]:
     """`env` with Prefect's automations services off (`AUTOMATIONS`: its triggers and their
     actions) when the server's database is the default SQLite file and holds no
-    automation; unchanged when the user set `AUTOMATIONS` or the database may hold one."""
-    if AUTOMATIONS in env:
+    automation; unchanged when the user set `AUTOMATIONS` (in the environment, or
+    "triggers" in one of Prefect's settings files, which the variable would override) or
+    the database may hold one."""
+    if AUTOMATIONS in env or _settings_mention(env, "triggers"):
         return env
     database = default_database(env)
     if database is None or has_automations(database):
@@ -196,11 +210,14 @@ def make_template(out: Path) -> None:
     print(revision)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """In the child, before exec: on Linux, ask for SIGTERM when the parent dies (out of
-    the parent's process group, a SIGKILLed command would otherwise leave it running)."""
+    the parent's process group, a SIGKILLed command would otherwise leave it running);
+    and exit at once if the parent (process id `parent`) died before the request."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _free_port() -> int:
@@ -218,8 +235,8 @@ class TemporaryServer:
         self.port = 0
         seed_database(env)
         self.env = automations_off(env)
+        atexit.register(self.stop)  # first: a signal during the spawn still stops it
         self._spawn()
-        atexit.register(self.stop)
 
     @property
     def api_url(self) -> str:
@@ -246,7 +263,7 @@ class TemporaryServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,  # no signal from the terminal (Ctrl-C)
-            preexec_fn=_die_with_parent if linux_main else None,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()) if linux_main else None,
         )
 
     def _answers(self) -> bool:
@@ -295,14 +312,15 @@ def start_early(argv: Sequence[str]) -> TemporaryServer | None:
     """Start the temporary server for the command line `argv` before the command imports
     anything else (`flows.entry`), when it names a command that will ask for one
     (`start_if_needed`): a first argument that is a command other than those in
-    `NO_SERVER`, no `-h`/`--help`, no PREFECT_API_URL, Prefect not imported. The command
-    line is checked after; a refused one leaves the server to stop at exit."""
+    `NO_SERVER`, no `-h`/`--help` (nor an abbreviation argparse takes for it), no
+    PREFECT_API_URL, Prefect not imported. The command line is checked after; a refused
+    one stops the server (`discard_early`), which may have made Prefect's database."""
     argv = list(argv)
     if (
         not argv
         or argv[0].startswith("-")
         or argv[0] in NO_SERVER
-        or {"-h", "--help"} & set(argv)
+        or any(a == "-h" or (len(a) > 2 and "--help".startswith(a)) for a in argv)
         or os.environ.get("PREFECT_API_URL")
         or "prefect" in sys.modules
     ):

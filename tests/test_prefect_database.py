@@ -193,6 +193,24 @@ def test_the_temporary_server_runs_without_automations_services_only_when_none_e
     assert ts.AUTOMATIONS not in ts.automations_off({**fresh, **url})
 
 
+def test_settings_files_that_set_the_automations_or_prefects_home_are_left_to_prefect(
+    tmp_path, monkeypatch
+):
+    """`[server.services.triggers]` in ./prefect.toml: the environment variable would
+    override it, so none is added; `home` in ./prefect.toml: the database is elsewhere
+    (where it may hold automations), so neither is it seeded nor are the services off."""
+    monkeypatch.chdir(tmp_path)
+    env = prefect_env(tmp_path / "home")
+    (tmp_path / "prefect.toml").write_text("[server.services.triggers]\nenabled = true\n")
+    assert ts.automations_off(env) == env
+    (tmp_path / "prefect.toml").write_text(f'home = "{tmp_path / "elsewhere"}"\n')
+    assert ts.default_database(env) is None
+    assert ts.automations_off(env) == env
+    assert ts.seed_database(env) is None and not (tmp_path / "home").exists()
+    (tmp_path / "prefect.toml").unlink()
+    assert ts.automations_off(env) == {**env, ts.AUTOMATIONS: "false"}
+
+
 def test_the_automations_setting_is_the_one_prefects_triggers_and_actions_read():
     import prefect.settings
     from prefect.server.events.services.actions import Actions
