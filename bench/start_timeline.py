@@ -108,6 +108,17 @@ def instrument_training() -> None:
     train.StepFunctions.at = at_timed
 
 
+def import_training() -> None:
+    """Import numpy and `mlx_model.train`, marking each, and instrument the training."""
+    import numpy  # noqa: F401
+
+    mark("numpy imported")
+    import mlx_model.train  # noqa: F401
+
+    mark("mlx_model.train imported")
+    instrument_training()
+
+
 def instrument_cli(warm_ahead: bool) -> None:
     """Mark the CLI's phases (`flows.cli.main`), each stage's work and Prefect's lines;
     without `warm_ahead`, the compiled step is not run while the server boots."""
@@ -116,13 +127,7 @@ def instrument_cli(warm_ahead: bool) -> None:
     from mlx_model import warmup
 
     mark("flows.cli imported")
-    import numpy  # noqa: F401
-
-    mark("numpy imported")
-    import mlx_model.train  # noqa: F401
-
-    mark("mlx_model.train imported")
-    instrument_training()
+    import_training()
     start = temporary_server.start_if_needed
 
     def start_timed():
@@ -201,13 +206,7 @@ def main() -> None:
     import mlx_model  # noqa: F401  (before MLX: the BLAS it binds)
 
     mark("mlx_model (and mlx.core) imported")
-    import numpy  # noqa: F401
-
-    mark("numpy imported")
-    import mlx_model.train  # noqa: F401
-
-    mark("mlx_model.train imported")
-    instrument_training()
+    import_training()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import train_preset
 

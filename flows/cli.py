@@ -37,6 +37,7 @@ from tasks.preflight import check_export_target, check_run
 from tasks.store import default_root
 
 from .command_env import DASK_LOGGING, DASK_QUIETED
+from .entry import RESUME, terminate
 from .stages import STAGES, check_stage, fresh_stages
 
 DEPLOYMENT = "scheduled"
@@ -543,28 +544,16 @@ def interrupted(err: BaseException) -> tuple[str, int]:
     if step is None and TrainingInterrupted.last is not None:
         step = TrainingInterrupted.last.step  # a second signal cut the chain
     at = f" at step {step}" if step is not None else ""
-    return f"interrupted{at}; rerun the same command to resume", 128 + int(number)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, met like Ctrl-C: the run stops, Prefect's temporary server is stopped at
-    exit, one line is printed. (Prefect's own SIGTERM bridge, during a flow run, hands
-    the signal back to the handler it found: this one.)"""
-
-    signal_number = signal.SIGTERM
-
-
-def _terminate(number: int, frame: Any) -> None:
-    raise Terminated()
+    return f"interrupted{at}; {RESUME}", 128 + int(number)
 
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises `Terminated` while the command runs (in the main thread)."""
+    """SIGTERM raises `flows.entry.Terminated` while the command runs (in the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
     finally:

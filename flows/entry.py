@@ -22,28 +22,32 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from . import command_env  # noqa: F401  (the environment the server inherits)
 from .temporary_server import discard_early, start_early
 
-INTERRUPTED = "interrupted; rerun the same command to resume"  # flows.cli.interrupted's
+RESUME = "rerun the same command to resume"  # the end of an interrupted command's line
 
 
-class EarlyTermination(KeyboardInterrupt):
-    """SIGTERM before `flows.cli.main` handles it itself."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, met like Ctrl-C: the run stops, Prefect's temporary server is stopped at
+    exit, one line is printed. (Prefect's own SIGTERM bridge, during a flow run, hands
+    the signal back to the handler it found: `terminate`, here and in `flows.cli`.)"""
 
     signal_number = signal.SIGTERM
 
 
-def _terminate(signum, frame) -> None:
-    raise EarlyTermination
+def terminate(number: int, frame: Any) -> None:
+    """The SIGTERM handler: raise `Terminated`."""
+    raise Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `shakespeare-gpt` with `argv` (`sys.argv[1:]` when None); its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         try:
             start_early(argv)
@@ -53,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return cli_main(argv)
     except KeyboardInterrupt as err:
-        print(INTERRUPTED, file=sys.stderr)
+        print(f"interrupted; {RESUME}", file=sys.stderr)
         return 128 + int(getattr(err, "signal_number", signal.SIGINT))
     finally:
         discard_early()

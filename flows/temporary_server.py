@@ -95,18 +95,22 @@ def _migrations() -> Path:
     return _prefect_package() / "server" / "database" / "_migrations" / "versions" / "sqlite"
 
 
-def _settings_mention(env: dict[str, str], word: str) -> bool:
-    """Whether one of the files where Prefect's settings live under `env` mentions `word`
-    (lower case): the profiles file, and this folder's `prefect.toml`, `.env` and
+def _home(env: dict[str, str]) -> Path:
+    """Prefect's home folder under `env` (`PREFECT_HOME`, `~/.prefect` by default)."""
+    return Path(env.get("PREFECT_HOME") or "~/.prefect").expanduser()
+
+
+def _settings_mention(env: dict[str, str], *words: str) -> bool:
+    """Whether one of the files where Prefect's settings live under `env` mentions one of
+    `words` (lower case): the profiles file, and this folder's `prefect.toml`, `.env` and
     `pyproject.toml`'s `[tool.prefect]`. A mention is taken as a setting, so that a doubt
     leaves the matter to Prefect."""
-    home = Path(env.get("PREFECT_HOME") or "~/.prefect").expanduser()
-    profiles = Path(env.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
-    for settings in (profiles, *map(Path, SETTINGS_FILES)):
+    profiles = Path(env.get("PREFECT_PROFILES_PATH") or _home(env) / "profiles.toml")
+    for settings in (profiles.expanduser(), *map(Path, SETTINGS_FILES)):
         with contextlib.suppress(OSError, UnicodeDecodeError):
             text = settings.read_text().lower()
             prefect_part = settings.name != "pyproject.toml" or "tool.prefect" in text
-            if prefect_part and word in text:
+            if prefect_part and any(word in text for word in words):
                 return True
     return False
 
@@ -118,9 +122,9 @@ def default_database(env: dict[str, str]) -> Path | None:
     settings files, `_settings_mention`)."""
     if any(_names_database(k) for k, v in env.items() if v):
         return None
-    if _settings_mention(env, "database") or _settings_mention(env, "home"):
+    if _settings_mention(env, "database", "home"):
         return None
-    return Path(env.get("PREFECT_HOME") or "~/.prefect").expanduser() / "prefect.db"
+    return _home(env) / "prefect.db"
 
 
 def seed_database(env: dict[str, str]) -> Path | None:
@@ -303,6 +307,14 @@ class TemporaryServer:
         self.process = None
 
 
+def _start_before_prefect() -> TemporaryServer | None:
+    """A server started from the environment alone, before Prefect is imported, when no
+    PREFECT_API_URL names one; None otherwise (`start_if_needed` then asks Prefect)."""
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return None
+    return TemporaryServer({**os.environ, **EPHEMERAL})
+
+
 # commands that never use a temporary server: `serve` needs a long-lived one
 NO_SERVER = ("serve",)
 _early: list[TemporaryServer] = []  # the one `start_early` started, until `start_if_needed`
@@ -321,12 +333,11 @@ def start_early(argv: Sequence[str]) -> TemporaryServer | None:
         or argv[0].startswith("-")
         or argv[0] in NO_SERVER
         or any(a == "-h" or (len(a) > 2 and "--help".startswith(a)) for a in argv)
-        or os.environ.get("PREFECT_API_URL")
-        or "prefect" in sys.modules
     ):
         return None
-    server = TemporaryServer({**os.environ, **EPHEMERAL})
-    _early.append(server)
+    server = _start_before_prefect()
+    if server is not None:
+        _early.append(server)
     return server
 
 
@@ -347,9 +358,7 @@ def start_if_needed() -> TemporaryServer | None:
     Prefect's settings then name an API after all (a profile, prefect.toml, a test
     harness), it is stopped again.
     """
-    server = _early.pop() if _early else None
-    if server is None and not os.environ.get("PREFECT_API_URL") and "prefect" not in sys.modules:
-        server = TemporaryServer({**os.environ, **EPHEMERAL})
+    server = _early.pop() if _early else _start_before_prefect()
     from prefect.context import refresh_global_settings_context
     from prefect.settings import get_current_settings
 
