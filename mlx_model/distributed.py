@@ -41,6 +41,9 @@ DIVERGED = "@@diverged "  # rank 0's TrainingDiverged, as JSON of its arguments
 SPEC = "launch.json"
 _LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
 _RANK_FAILED = re.compile(r"Node with rank (\d+) (exited with code (-?\d+)|was killed)")
+# terminal colour codes in the launcher's stderr: a line of them alone (a colour's reset
+# after a rank's traceback) is no error line
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class RankFailedError(RuntimeError):
@@ -211,6 +214,7 @@ def _launch(parallel: ParallelConfig, spec: Path, callback: Callable | None):
 
 
 def _failure(errors: list[str], parallel: ParallelConfig, out_dir: Path, code: int) -> str:
+    errors = [_ANSI.sub("", e) for e in errors]
     failed = [m for m in map(_RANK_FAILED.search, errors) if m]
     # the first rank to fail is the cause; the others were stopped by the launcher
     cause = next((m for m in failed if m.group(3) not in ("-15", "143")), None) or (

@@ -145,6 +145,25 @@ def test_resuming_with_another_layout_is_refused(token_files, tmp_path):
         train_distributed(cfg, tc, ParallelConfig(processes=2), train_path, val_path, tmp_path)
 
 
+def test_a_failed_launch_names_the_ranks_last_error_line_not_a_colour_code(tmp_path):
+    """The launcher's stderr as CI once caught it: the rank's error, then a line holding
+    only a terminal colour's reset, then the launcher's own coloured line about the rank.
+    The message names the error, with no escape code (it had read "last error line: \x1b[0m")."""
+    from mlx_model.distributed import _failure
+
+    errors = [
+        "ValueError: checkpoint written by 1 processes, not 2\n",
+        "\x1b[0m\n",
+        "\x1b[31m[ERROR] Node with rank 0 exited with code 1\x1b[0m\n",
+    ]
+    line = _failure(errors, ParallelConfig(processes=2), tmp_path, 1)
+    assert line.startswith(
+        "data-parallel training failed: rank 0 of 2 exited with code 1 (last error line: "
+        "ValueError: checkpoint written by 1 processes, not 2)."
+    )
+    assert "\x1b" not in line
+
+
 def test_the_launch_line_uses_mlx_launch(tmp_path):
     from mlx_model.distributed import launch_command
 
